@@ -1,0 +1,42 @@
+# The two commands a newcomer runs: `make demo` and `make test`.
+# Both build .venv from nothing but this clone and the package index.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test lint typecheck unit demo stack bench clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.py pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[hub,test]'
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: lint typecheck
+	$(BIN)/pytest
+
+unit: $(STAMP)
+	$(BIN)/pytest -m "not integration"
+
+demo: $(STAMP)
+	$(BIN)/python -m devel.demo
+
+stack: $(STAMP)
+	$(BIN)/python -m devel.stack up
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/upload.py
+	$(BIN)/python benchmarks/promote.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

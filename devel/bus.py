@@ -1,0 +1,388 @@
+"""A real fedmsg bus on loopback: fedmsg-relay, fedmsg-hub, a publisher and a tap.
+
+Used by ``devel/stack.py`` and the integration tests. Every port is picked
+free at start; every process is started in its own process group and killed
+with it on exit; every wait has a deadline and raises ``WaitTimeout``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pprint
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import zmq
+
+log = logging.getLogger(__name__)
+
+BIN = Path(sys.executable).parent
+
+
+class WaitTimeout(TimeoutError):
+    """A condition did not hold before its deadline."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(
+    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05
+) -> Any:
+    """Poll ``predicate`` until it returns a truthy value or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise WaitTimeout(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def wait_for_port(host: str, port: int, timeout: float, what: str) -> None:
+    """Wait until something accepts TCP connections on host:port."""
+
+    def accepting() -> bool:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    wait_until(accepting, timeout, what)
+
+
+@dataclass
+class ManagedProcess:
+    """A child process in its own process group, logged to a file, always stopped."""
+
+    name: str
+    argv: list[str]
+    cwd: Path
+    env: dict[str, str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    _log_file: IO[bytes] | None = None
+
+    def start(self) -> ManagedProcess:
+        self._log_file = open(self.log_path, "ab")  # closed in stop()
+        self.proc = subprocess.Popen(
+            self.argv,
+            cwd=self.cwd,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.debug("started %s pid %s: %s", self.name, self.proc.pid, self.argv)
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def signal(self, signum: int) -> None:
+        if self.alive and self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def stop(self, grace: float = 10.0) -> int | None:
+        """SIGTERM the group, then SIGKILL after ``grace`` seconds; return the exit code."""
+        if self.proc is None:
+            return None
+        self.signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        # Anything left in the group (grandchildren) goes too.
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the whole group now (a crash, for fault tests)."""
+        self.signal(signal.SIGKILL)
+        if self.proc is not None:
+            self.proc.wait(timeout=10)
+
+    def output(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One message seen on the relay's outbound socket."""
+
+    topic: str
+    body: dict[str, Any]
+    envelope: dict[str, Any]
+    at: float
+
+
+class Tap:
+    """Subscribes to the relay's outbound socket and records every message."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self._ctx: zmq.Context[Any] = zmq.Context.instance()
+        self._seen: list[Seen] = []
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bus-tap", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        sock = self._ctx.socket(zmq.SUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+        sock.connect(self.endpoint)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                if not dict(poller.poll(100)):
+                    continue
+                topic, payload = sock.recv_multipart()[:2]
+                try:
+                    envelope = json.loads(payload)
+                except ValueError:
+                    continue
+                seen = Seen(topic.decode(), envelope.get("msg", {}), envelope, time.time())
+                with self._cond:
+                    self._seen.append(seen)
+                    self._cond.notify_all()
+        finally:
+            sock.close()
+
+    def messages(self, suffix: str | None = None) -> list[Seen]:
+        with self._cond:
+            return [m for m in self._seen if suffix is None or m.topic.endswith(suffix)]
+
+    def wait_for(
+        self,
+        suffix: str,
+        predicate: Callable[[dict[str, Any]], bool] = lambda body: True,
+        timeout: float = 60.0,
+    ) -> Seen:
+        """The first message whose topic ends with ``suffix`` and whose body matches."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for m in self._seen:
+                    if m.topic.endswith(suffix) and predicate(m.body):
+                        return m
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    topics = sorted({m.topic for m in self._seen})
+                    raise WaitTimeout(f"no {suffix} message within {timeout:.0f}s; saw {topics}")
+                self._cond.wait(left)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def write_fedmsg_config(directory: Path, config: Mapping[str, Any]) -> Path:
+    """Write ``config`` as ``directory/fedmsg.d/base.py``; return the fedmsg.d path."""
+    confd = directory / "fedmsg.d"
+    confd.mkdir(parents=True, exist_ok=True)
+    text = "# Generated by devel/bus.py for a loopback bus.\nconfig = " + pprint.pformat(
+        dict(config), width=100
+    )
+    (confd / "base.py").write_text(text + "\n")
+    return confd
+
+
+@dataclass
+class LocalBus:
+    """A relay (and optionally hubs) on free loopback ports, in a temp dir."""
+
+    settings: dict[str, Any] = field(default_factory=dict)
+    prefix: str = "org.fedoraproject"
+    environment: str = "dev"
+    workdir: Path | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+    processes: list[ManagedProcess] = field(default_factory=list)
+    _own_workdir: bool = False
+    _pub: Any = None
+    _pub_lock: threading.Lock = field(default_factory=threading.Lock)
+    tap: Tap | None = None
+
+    def __post_init__(self) -> None:
+        self.inbound = f"tcp://127.0.0.1:{free_port()}"
+        self.outbound = f"tcp://127.0.0.1:{free_port()}"
+
+    # -- configuration ----------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """The fedmsg config every process of this bus reads."""
+        base: dict[str, Any] = {
+            "topic_prefix": self.prefix,
+            "environment": self.environment,
+            "active": True,
+            "relay_inbound": [self.inbound],
+            "endpoints": {"relay_outbound": [self.outbound]},
+            "fedmsg.consumers.relay.enabled": True,
+            "sign_messages": False,
+            "validate_signatures": False,
+            "zmq_enabled": True,
+            "post_init_sleep": 0.3,
+            "moksha.workers_per_consumer": 4,
+            "fedimg.health.enabled": True,
+        }
+        base.update(self.settings)
+        return base
+
+    def topic(self, modname: str, name: str) -> str:
+        return f"{self.prefix}.{self.environment}.{modname}.{name}"
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.pop("VIRTUAL_ENV", None)  # fedmsg would read $VIRTUAL_ENV/etc/fedmsg.d
+        assert self.workdir is not None
+        env["FEDMSG_CONFIG"] = str(self.workdir / "fedmsg.d")
+        env["PYTHONUNBUFFERED"] = "1"
+        env.update(self.extra_env)
+        return env
+
+    # -- lifecycle --------------------------------------------------------
+    def __enter__(self) -> LocalBus:
+        if self.workdir is None:
+            self.workdir = Path(tempfile.mkdtemp(prefix="fedimg-bus-"))
+            self._own_workdir = True
+        write_fedmsg_config(self.workdir, self.config())
+        try:
+            self.spawn("relay", [str(BIN / "fedmsg-relay")])
+            self.tap = Tap(self.outbound)
+            self._wait_relay()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for proc in reversed(self.processes):
+            proc.stop()
+        self.processes.clear()
+        if self.tap is not None:
+            self.tap.close()
+            self.tap = None
+        if self._pub is not None:
+            self._pub.close()
+            self._pub = None
+        if self._own_workdir and self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def spawn(
+        self, name: str, argv: list[str], env: dict[str, str] | None = None
+    ) -> ManagedProcess:
+        assert self.workdir is not None
+        proc = ManagedProcess(
+            name=name,
+            argv=argv,
+            cwd=self.workdir,
+            env=env or self.env(),
+            log_path=self.workdir / f"{name}-{len(self.processes)}.log",
+        ).start()
+        self.processes.append(proc)
+        return proc
+
+    def start_hub(self, name: str = "hub", timeout: float = 60.0) -> ManagedProcess:
+        """Start ``fedmsg-hub`` (consumers from their entry points) and wait until it answers."""
+        hub = self.spawn(name, [str(BIN / "fedmsg-hub")])
+        self.wait_hub(hub, timeout)
+        return hub
+
+    def wait_hub(self, hub: ManagedProcess, timeout: float = 60.0) -> None:
+        """Ping the hub's health consumer until it pongs (its subscriptions are live)."""
+        token = uuid.uuid4().hex
+        assert self.tap is not None
+        tap = self.tap
+        deadline = time.monotonic() + timeout
+        while True:
+            if not hub.alive:
+                raise RuntimeError(f"{hub.name} exited:\n{hub.output()[-4000:]}")
+            self.publish("fedimg", "hub.ping", {"token": token})
+            try:
+                tap.wait_for("fedimg.hub.pong", lambda b: b.get("token") == token, timeout=0.5)
+                return
+            except WaitTimeout:
+                if time.monotonic() >= deadline:
+                    raise WaitTimeout(
+                        f"{hub.name} did not answer within {timeout:.0f}s:\n{hub.output()[-4000:]}"
+                    ) from None
+
+    def _wait_relay(self, timeout: float = 30.0) -> None:
+        token = uuid.uuid4().hex
+        assert self.tap is not None
+        tap = self.tap
+        deadline = time.monotonic() + timeout
+        while True:
+            self.publish("devel", "bus.probe", {"token": token})
+            try:
+                tap.wait_for("devel.bus.probe", lambda b: b.get("token") == token, timeout=0.3)
+                return
+            except WaitTimeout:
+                if time.monotonic() >= deadline:
+                    relay = self.processes[0]
+                    raise WaitTimeout(f"relay not relaying:\n{relay.output()[-4000:]}") from None
+
+    # -- publishing -------------------------------------------------------
+    def publish(self, modname: str, name: str, body: dict[str, Any]) -> None:
+        """Publish like fedmsg.publish does: a fedmsg envelope to relay_inbound."""
+        topic = self.topic(modname, name)
+        envelope = {
+            "topic": topic,
+            "msg": body,
+            "msg_id": f"{time.strftime('%Y')}-{uuid.uuid4()}",
+            "timestamp": time.time(),
+            "i": 1,
+            "username": "devel",
+            "crypto": None,
+        }
+        with self._pub_lock:
+            if self._pub is None:
+                self._pub = zmq.Context.instance().socket(zmq.PUB)
+                self._pub.setsockopt(zmq.LINGER, 0)
+                self._pub.connect(self.inbound)
+            self._pub.send_multipart([topic.encode(), json.dumps(envelope).encode()])
+
+
+@contextmanager
+def local_bus(**kwargs: Any) -> Iterator[LocalBus]:
+    with LocalBus(**kwargs) as bus:
+        yield bus

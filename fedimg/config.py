@@ -1,0 +1,85 @@
+"""fedimg's settings, read once from the fedmsg config and validated.
+
+Every key lives in the fedmsg config (``fedmsg.d/fedimg.py`` documents each);
+``FedimgConfig.from_fedmsg(hub.config)`` is called once at start-up.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from fedimg.settings import ConfigError, load, setting
+
+REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")
+VOLUME_TYPES = frozenset({"gp2", "gp3", "io1", "io2", "standard", "st1", "sc1"})
+ARCHES = frozenset({"x86_64", "aarch64"})
+
+
+def check_region(name: str) -> str:
+    """Return ``name`` if it looks like an AWS region name, else raise ValueError."""
+    if not isinstance(name, str) or not REGION_RE.match(name):
+        raise ValueError(f"not an AWS region name: {name!r}")
+    return name
+
+
+@dataclass(frozen=True)
+class FedimgConfig:
+    """Every ``fedimg.*`` setting, typed."""
+
+    resultsdb_url: str = setting("fedimg.resultsdb_url", doc="ResultsDB API v2.0 base URL")
+    stage_enabled: bool = setting("fedimg.stage.enabled", False)
+    promote_enabled: bool = setting("fedimg.promote.enabled", False)
+    health_enabled: bool = setting("fedimg.health.enabled", False)
+    staging_region: str = setting("fedimg.aws.staging_region", "us-east-1")
+    regions: list[str] = setting("fedimg.aws.regions", [])
+    volume_types: list[str] = setting("fedimg.aws.volume_types", ["gp3"])
+    upload_workers: int = setting("fedimg.aws.upload_workers", 16)
+    aws_max_attempts: int = setting("fedimg.aws.max_attempts", 10)
+    variants: list[str] = setting("fedimg.compose.variants", ["Cloud", "AtomicHost", "CloudImages"])
+    arches: list[str] = setting("fedimg.compose.arches", ["x86_64", "aarch64"])
+    allowed_hosts: list[str] = setting("fedimg.compose.allowed_hosts", [])
+    stage_workers: int = setting("fedimg.stage.workers", 2)
+    http_timeout: float = setting("fedimg.http.timeout", 60.0)
+    http_retries: int = setting("fedimg.http.retries", 5)
+    required_testcases: list[str] = setting("fedimg.gate.required_testcases", ["autocloud.ami.all"])
+    reject_outcomes: list[str] = setting(
+        "fedimg.gate.reject_outcomes", ["FAILED", "NEEDS_INSPECTION"]
+    )
+    gate_deadline: float = setting("fedimg.gate.deadline", 6 * 3600.0)
+    delete_rejected: bool = setting("fedimg.gate.delete_rejected", False)
+    copy_concurrency: int = setting("fedimg.promote.max_concurrent_copies", 25)
+    copy_timeout: float = setting("fedimg.promote.copy_timeout", 3 * 3600.0)
+    publish_retry_timeout: float = setting("fedimg.promote.publish_retry_timeout", 1800.0)
+    reconcile_interval: float = setting("fedimg.reconcile.interval", 300.0)
+
+    def __post_init__(self) -> None:
+        check_region(self.staging_region)
+        for region in self.regions:
+            check_region(region)
+        if not self.volume_types:
+            raise ValueError("fedimg.aws.volume_types: at least one volume type is needed")
+        bad = sorted(set(self.volume_types) - VOLUME_TYPES)
+        if bad:
+            raise ValueError(f"fedimg.aws.volume_types: unknown volume types {bad}")
+        bad = sorted(set(self.arches) - ARCHES)
+        if bad:
+            raise ValueError(f"fedimg.compose.arches: unsupported arches {bad}")
+        if urlsplit(self.resultsdb_url).scheme not in ("http", "https"):
+            raise ValueError(f"fedimg.resultsdb_url: not an http(s) URL: {self.resultsdb_url!r}")
+        for name in ("upload_workers", "stage_workers", "copy_concurrency", "aws_max_attempts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if not self.required_testcases:
+            raise ValueError("fedimg.gate.required_testcases: at least one testcase is needed")
+
+    @classmethod
+    def from_fedmsg(cls, raw: Mapping[str, Any]) -> FedimgConfig:
+        """Validate and return the ``fedimg.*`` part of a fedmsg config."""
+        return load(cls, raw, "fedimg")
+
+
+__all__ = ["ConfigError", "FedimgConfig", "check_region"]

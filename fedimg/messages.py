@@ -1,0 +1,583 @@
+"""The message contract between pungi, fedimg, autocloud_ami and ResultsDB.
+
+One place defines every topic the project consumes or emits, builds the
+bodies it emits (compatible with upstream fedimg 2.x and Autocloud, see
+``messages.md``) and validates the bodies it receives. Both ``fedimg`` and
+``autocloud_ami`` import this module, and nothing else from each other.
+
+A ``MessageType`` names a topic (``modname`` + ``name``) and carries a JSON
+``body_schema``; ``Topics`` turns it into the full fedmsg topic for the local
+``topic_prefix`` and ``environment``. Parsers return small frozen dataclasses
+and raise ``InvalidMessage`` with a clear reason for anything malformed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import jsonschema
+
+SCHEMA_VERSION: Final = 1
+MAX_BODY_BYTES: Final = 64 * 1024
+
+AMI_ID_RE: Final = re.compile(r"^ami-(?:[0-9a-f]{8}|[0-9a-f]{17})$")
+REGION_RE: Final = re.compile(r"^[a-z]{2}(?:-[a-z]+)+-\d{1,2}$")
+COMPOSE_ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,199}$")
+IMAGE_NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,254}$")
+SHA256_RE: Final = re.compile(r"^[0-9a-f]{64}$")
+TESTCASE_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+ARCHES: Final = ("x86_64", "aarch64")
+FINISHED_STATUSES: Final = ("FINISHED", "FINISHED_INCOMPLETE")
+OUTCOMES: Final = ("PASSED", "INFO", "FAILED", "NEEDS_INSPECTION")
+SERVICE: Final = "EC2"
+VIRT_TYPE: Final = "hvm"
+
+
+class InvalidMessage(ValueError):
+    """A message body that breaks the contract; the text says why."""
+
+
+# -- schemas ---------------------------------------------------------------
+
+_STR = {"type": "string", "maxLength": 2048}
+_ID = {"type": "string", "maxLength": 255}
+_AMI = {"type": "string", "pattern": AMI_ID_RE.pattern}
+_REGION = {"type": "string", "pattern": REGION_RE.pattern}
+_COMPOSE = {"type": "string", "pattern": COMPOSE_ID_RE.pattern}
+_IMAGE = {"type": "string", "pattern": IMAGE_NAME_RE.pattern}
+_ARCH = {"type": "string", "enum": list(ARCHES)}
+_URL = {"type": "string", "maxLength": 2048, "pattern": "^https?://[^\\s]+$"}
+_EXTRA = {
+    "type": "object",
+    "properties": {
+        "id": _AMI,
+        "virt_type": {"const": VIRT_TYPE},
+        "vol_type": {"type": "string", "maxLength": 16},
+        "source_image_id": _AMI,
+    },
+}
+
+
+def _obj(required: list[str], **props: Any) -> dict[str, Any]:
+    return {"type": "object", "required": required, "properties": props}
+
+
+_IMAGE_EVENT = _obj(
+    ["image_name", "destination", "service", "status", "compose", "architecture"],
+    image_url=_URL,
+    image_name=_IMAGE,
+    destination=_REGION,
+    service={"const": SERVICE},
+    status={"enum": ["started", "completed", "failed"]},
+    compose=_COMPOSE,
+    compose_id=_COMPOSE,
+    architecture=_ARCH,
+    subvariant=_ID,
+    release=_ID,
+    image_sha256={"type": "string", "pattern": SHA256_RE.pattern},
+    reason=_STR,
+    extra=_EXTRA,
+)
+
+
+@dataclass(frozen=True)
+class MessageType:
+    """A topic of the contract and the JSON schema of its body."""
+
+    modname: str
+    name: str
+    body_schema: Mapping[str, Any]
+    summary: str = ""
+
+    def validate(self, body: Any) -> dict[str, Any]:
+        """Return ``body`` if it satisfies the schema, else raise InvalidMessage."""
+        if not isinstance(body, dict):
+            raise InvalidMessage(f"{self}: body is {type(body).__name__}, not an object")
+        try:
+            size = len(json.dumps(body))
+        except (TypeError, ValueError) as exc:
+            raise InvalidMessage(f"{self}: body is not JSON-serialisable: {exc}") from exc
+        if size > MAX_BODY_BYTES:
+            raise InvalidMessage(f"{self}: body is {size} bytes, over {MAX_BODY_BYTES}")
+        error = jsonschema.exceptions.best_match(
+            jsonschema.Draft7Validator(self.body_schema).iter_errors(body)
+        )
+        if error is not None:
+            where = "/".join(str(p) for p in error.absolute_path) or "body"
+            raise InvalidMessage(f"{self}: {where}: {error.message[:300]}")
+        return body
+
+    def __str__(self) -> str:
+        return f"{self.modname}.{self.name}"
+
+
+COMPOSE_STATUS = MessageType(
+    "pungi",
+    "compose.status.change",
+    _obj(
+        ["status", "compose_id"],
+        status=_ID,
+        compose_id=_COMPOSE,
+        location=_URL,
+        release_version=_ID,
+        release_short=_ID,
+        compose_date=_ID,
+        compose_type=_ID,
+        compose_respin={"type": "integer"},
+    ),
+    "a pungi compose changed status",
+)
+IMAGE_UPLOAD = MessageType("fedimg", "image.upload", _IMAGE_EVENT, "an AMI upload")
+IMAGE_TEST = MessageType("fedimg", "image.test", _IMAGE_EVENT, "an AMI test request or verdict")
+IMAGE_COPY = MessageType(
+    "fedimg",
+    "image.copy",
+    _obj(
+        ["image_name", "destination", "architecture", "service", "compose_id", "extra"],
+        image_name=_IMAGE,
+        destination=_REGION,
+        architecture=_ARCH,
+        service={"const": SERVICE},
+        compose_id=_COMPOSE,
+        extra=_EXTRA,
+    ),
+    "an AMI copy to one region was started",
+)
+IMAGE_PUBLISH = MessageType(
+    "fedimg",
+    "image.publish",
+    _obj(
+        ["image_name", "destination", "architecture", "service", "compose", "extra"],
+        image_name=_IMAGE,
+        image_url=_URL,
+        destination=_REGION,
+        architecture=_ARCH,
+        service={"const": SERVICE},
+        compose=_COMPOSE,
+        extra=_EXTRA,
+    ),
+    "an AMI was made public in one region",
+)
+IMAGE_RELEASE = MessageType(
+    "fedimg",
+    "image.release",
+    _obj(
+        ["compose_id", "image_name", "architecture", "regions"],
+        compose_id=_COMPOSE,
+        image_name=_IMAGE,
+        architecture=_ARCH,
+        subvariant=_ID,
+        release={"type": ["integer", "string"]},
+        regions={"type": "object", "additionalProperties": _AMI},
+        failed_regions={"type": "object", "additionalProperties": _STR},
+    ),
+    "an image is public in every region it could reach",
+)
+
+_AMI_EVENT = _obj(
+    ["compose_id", "ami_id", "region", "status", "job_id"],
+    compose_id=_COMPOSE,
+    ami_id=_AMI,
+    region=_REGION,
+    image_name=_IMAGE,
+    architecture=_ARCH,
+    status={"enum": ["queued", "running", "success", "failed"]},
+    job_id=_ID,
+    passed={"type": "integer", "minimum": 0},
+    failed={"type": "integer", "minimum": 0},
+    results_url=_URL,
+    reason=_STR,
+)
+AMI_QUEUED = MessageType("autocloud", "ami.queued", _AMI_EVENT, "an AMI test is queued")
+AMI_RUNNING = MessageType("autocloud", "ami.running", _AMI_EVENT, "an AMI test is running")
+AMI_SUCCESS = MessageType("autocloud", "ami.success", _AMI_EVENT, "an AMI passed its gating tests")
+AMI_FAILED = MessageType("autocloud", "ami.failed", _AMI_EVENT, "an AMI failed its tests")
+
+_LISTED = {"type": "array", "items": _STR, "maxItems": 64}
+RESULT_NEW = MessageType(
+    "resultsdb",
+    "result.new",
+    _obj(
+        ["id", "testcase", "outcome", "data"],
+        id={"type": "integer"},
+        testcase=_obj(["name"], name=_ID),
+        outcome=_ID,
+        data={"type": "object", "additionalProperties": _LISTED},
+        groups={"type": "array", "items": _ID},
+        note={"type": ["string", "null"]},
+        ref_url={"type": ["string", "null"]},
+    ),
+    "ResultsDB stored a result (API v2.0 body)",
+)
+TASKOTRON_RESULT_NEW = MessageType(
+    "taskotron",
+    "result.new",
+    _obj(
+        ["task", "result"],
+        task=_obj(["item", "type", "name"], item=_ID, type=_ID, name=_ID),
+        result=_obj(["outcome"], id={"type": "integer"}, outcome=_ID),
+    ),
+    "ResultsDB 2017 notification (sent only on outcome changes)",
+)
+
+HUB_PING = MessageType(
+    "fedimg", "hub.ping", _obj(["token"], token=_ID), "asks every fedimg hub to answer"
+)
+HUB_PONG = MessageType(
+    "fedimg",
+    "hub.pong",
+    _obj(["token", "host"], token=_ID, host=_ID),
+    "a fedimg hub is subscribed and can publish",
+)
+
+ALL_TYPES: Final = (
+    HUB_PING,
+    HUB_PONG,
+    COMPOSE_STATUS,
+    IMAGE_UPLOAD,
+    IMAGE_TEST,
+    IMAGE_COPY,
+    IMAGE_PUBLISH,
+    IMAGE_RELEASE,
+    AMI_QUEUED,
+    AMI_RUNNING,
+    AMI_SUCCESS,
+    AMI_FAILED,
+    RESULT_NEW,
+    TASKOTRON_RESULT_NEW,
+)
+
+
+# -- topics -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Full topic names for one bus (``topic_prefix`` + ``environment``)."""
+
+    prefix: str = "org.fedoraproject"
+    environment: str = "dev"
+
+    @classmethod
+    def from_fedmsg(cls, raw: Mapping[str, Any]) -> Topics:
+        """Read ``topic_prefix`` and ``environment`` from a fedmsg config."""
+        return cls(str(raw.get("topic_prefix", cls.prefix)), str(raw.get("environment", "dev")))
+
+    def of(self, mtype: MessageType) -> str:
+        """The full topic of ``mtype`` on this bus."""
+        return f"{self.prefix}.{self.environment}.{mtype.modname}.{mtype.name}"
+
+    def which(self, topic: str) -> MessageType | None:
+        """The contract type a full topic belongs to, or None."""
+        for mtype in ALL_TYPES:
+            if topic == self.of(mtype):
+                return mtype
+        return None
+
+
+# -- the bus seam -------------------------------------------------------------
+
+Publisher = Callable[[str, str, dict[str, Any]], None]
+"""``publish(modname, topic, body)``: fedmsg.publish in the hub, a list in tests."""
+
+
+def fedmsg_publisher(**fedmsg_overrides: Any) -> Publisher:
+    """A Publisher that sends with ``fedmsg.publish`` (one context per thread)."""
+    import fedmsg
+
+    def publish(modname: str, topic: str, body: dict[str, Any]) -> None:
+        fedmsg.publish(modname=modname, topic=topic, msg=body, **fedmsg_overrides)
+
+    return publish
+
+
+@dataclass
+class Emitter:
+    """Validates a body against its type, then hands it to the Publisher."""
+
+    publish: Publisher
+
+    def emit(self, mtype: MessageType, body: dict[str, Any]) -> dict[str, Any]:
+        mtype.validate(body)
+        self.publish(mtype.modname, mtype.name, body)
+        return body
+
+
+def unwrap(message: Mapping[str, Any]) -> tuple[str, Any]:
+    """Return ``(topic, body)`` from what a moksha/fedmsg consumer receives.
+
+    A hub hands consumers ``{"topic": ..., "body": <fedmsg envelope>}``, the
+    envelope holding the body under ``msg``; tests and the CLI may hand the
+    envelope itself.
+    """
+    envelope = message.get("body", message)
+    if not isinstance(envelope, Mapping):
+        raise InvalidMessage("message envelope is not an object")
+    topic = envelope.get("topic") or message.get("topic")
+    if not isinstance(topic, str):
+        raise InvalidMessage("message has no topic")
+    if "msg" not in envelope:
+        raise InvalidMessage(f"{topic}: envelope has no 'msg'")
+    return topic, envelope["msg"]
+
+
+# -- what is consumed ----------------------------------------------------------
+
+
+def check_http_url(url: str, allowed_hosts: tuple[str, ...] | list[str] = ()) -> str:
+    """Return ``url`` if it is http(s) with a host, and the host is allowed."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidMessage(f"not an http(s) URL: {url[:200]!r}")
+    if parts.username or parts.password:
+        raise InvalidMessage("URL must not carry credentials")
+    if allowed_hosts and parts.hostname not in allowed_hosts:
+        raise InvalidMessage(f"host {parts.hostname!r} is not in the allowed compose hosts")
+    return url
+
+
+@dataclass(frozen=True)
+class ComposeStatus:
+    """A ``pungi.compose.status.change`` body, checked."""
+
+    compose_id: str
+    status: str
+    location: str | None
+    release_version: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED_STATUSES
+
+
+def parse_compose_status(body: Any) -> ComposeStatus:
+    """Validate a pungi status body; ``location`` must be http(s) when finished."""
+    COMPOSE_STATUS.validate(body)
+    status = ComposeStatus(
+        compose_id=body["compose_id"],
+        status=body["status"],
+        location=body.get("location"),
+        release_version=body.get("release_version"),
+    )
+    if status.finished and not status.location:
+        raise InvalidMessage(f"{status.compose_id}: finished compose without a location")
+    return status
+
+
+@dataclass(frozen=True)
+class StagedImage:
+    """One staged AMI: what fedimg tags on it and what a test request carries."""
+
+    compose_id: str
+    image_name: str
+    image_url: str
+    architecture: str
+    region: str
+    ami_id: str | None = None
+    vol_type: str = "gp3"
+    subvariant: str = ""
+    release: str = ""
+    sha256: str = ""
+
+    def __post_init__(self) -> None:
+        for value, regex, what in (
+            (self.compose_id, COMPOSE_ID_RE, "compose id"),
+            (self.image_name, IMAGE_NAME_RE, "image name"),
+            (self.region, REGION_RE, "region"),
+        ):
+            if not regex.match(value):
+                raise InvalidMessage(f"invalid {what}: {value[:200]!r}")
+        if self.architecture not in ARCHES:
+            raise InvalidMessage(f"unknown architecture {self.architecture!r}")
+        if self.ami_id is not None and not AMI_ID_RE.match(self.ami_id):
+            raise InvalidMessage(f"invalid AMI id {self.ami_id[:200]!r}")
+        if self.sha256 and not SHA256_RE.match(self.sha256):
+            raise InvalidMessage("invalid sha256")
+
+
+def image_event(image: StagedImage, status: str, reason: str | None = None) -> dict[str, Any]:
+    """Body of ``fedimg.image.upload`` / ``fedimg.image.test`` (upstream fields)."""
+    extra: dict[str, Any] = {"virt_type": VIRT_TYPE, "vol_type": image.vol_type}
+    if image.ami_id:
+        extra["id"] = image.ami_id
+    body: dict[str, Any] = {
+        "image_url": image.image_url,
+        "image_name": image.image_name,
+        "destination": image.region,
+        "service": SERVICE,
+        "status": status,
+        "compose": image.compose_id,
+        "compose_id": image.compose_id,
+        "architecture": image.architecture,
+        "subvariant": image.subvariant,
+        "release": image.release,
+        "extra": extra,
+    }
+    if image.sha256:
+        body["image_sha256"] = image.sha256
+    if reason is not None:
+        body["reason"] = reason[:2000]
+    return body
+
+
+def parse_image_event(body: Any, mtype: MessageType = IMAGE_TEST) -> tuple[str, StagedImage]:
+    """Return ``(status, image)`` from a ``fedimg.image.upload|test`` body."""
+    mtype.validate(body)
+    ami_id = body.get("extra", {}).get("id")
+    image = StagedImage(
+        compose_id=body["compose"],
+        image_name=body["image_name"],
+        image_url=body.get("image_url", ""),
+        architecture=body["architecture"],
+        region=body["destination"],
+        ami_id=ami_id,
+        vol_type=body.get("extra", {}).get("vol_type", "gp3"),
+        subvariant=body.get("subvariant", ""),
+        release=str(body.get("release", "")),
+        sha256=body.get("image_sha256", ""),
+    )
+    return body["status"], image
+
+
+def parse_test_request(body: Any) -> StagedImage:
+    """A ``fedimg.image.test`` ``started`` body: the image to test (AMI id required)."""
+    status, image = parse_image_event(body, IMAGE_TEST)
+    if status != "started":
+        raise InvalidMessage(f"fedimg.image.test status {status!r} is not a test request")
+    if image.ami_id is None:
+        raise InvalidMessage(f"{image.compose_id}: test request without extra.id (AMI id)")
+    return image
+
+
+def copy_event(image: StagedImage, region: str, new_ami: str) -> dict[str, Any]:
+    """Body of ``fedimg.image.copy`` for one destination region."""
+    return {
+        "image_name": image.image_name,
+        "destination": region,
+        "architecture": image.architecture,
+        "service": SERVICE,
+        "compose_id": image.compose_id,
+        "extra": {
+            "id": new_ami,
+            "virt_type": VIRT_TYPE,
+            "vol_type": image.vol_type,
+            "source_image_id": image.ami_id,
+        },
+    }
+
+
+def publish_event(image: StagedImage, region: str, ami_id: str) -> dict[str, Any]:
+    """Body of ``fedimg.image.publish`` for one region."""
+    return {
+        "image_name": image.image_name,
+        "image_url": image.image_url,
+        "architecture": image.architecture,
+        "destination": region,
+        "service": SERVICE,
+        "compose": image.compose_id,
+        "extra": {"id": ami_id, "virt_type": VIRT_TYPE, "vol_type": image.vol_type},
+    }
+
+
+def release_event(
+    image: StagedImage, regions: Mapping[str, str], failed: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """Body of ``fedimg.image.release`` (the successor's one-per-image shape)."""
+    release: int | str = int(image.release) if image.release.isdigit() else image.release
+    body: dict[str, Any] = {
+        "compose_id": image.compose_id,
+        "image_name": image.image_name,
+        "architecture": image.architecture,
+        "subvariant": image.subvariant,
+        "release": release,
+        "regions": dict(sorted(regions.items())),
+    }
+    if failed:
+        body["failed_regions"] = {k: v[:2000] for k, v in sorted(failed.items())}
+    return body
+
+
+@dataclass(frozen=True)
+class AmiTestEvent:
+    """Fields of ``autocloud.ami.*``."""
+
+    compose_id: str
+    ami_id: str
+    region: str
+    job_id: str
+    image_name: str = ""
+    architecture: str = "x86_64"
+    passed: int = 0
+    failed: int = 0
+    results_url: str | None = None
+    reason: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def body(self, status: str) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "compose_id": self.compose_id,
+            "ami_id": self.ami_id,
+            "region": self.region,
+            "image_name": self.image_name,
+            "architecture": self.architecture,
+            "status": status,
+            "job_id": self.job_id,
+            "passed": self.passed,
+            "failed": self.failed,
+        }
+        if self.results_url:
+            body["results_url"] = self.results_url
+        if self.reason:
+            body["reason"] = self.reason[:2000]
+        return body
+
+
+@dataclass(frozen=True)
+class ResultNotice:
+    """What a ResultsDB message says happened; a hint to look again, never a verdict."""
+
+    item: str
+    item_type: str
+    testcase: str
+    outcome: str
+    result_id: int | None
+
+
+def _first(value: Any, what: str) -> str:
+    if isinstance(value, list):
+        if not value:
+            raise InvalidMessage(f"result data {what} is an empty list")
+        value = value[0]
+    if not isinstance(value, str):
+        raise InvalidMessage(f"result data {what} is not a string")
+    return value
+
+
+def parse_result_notice(mtype: MessageType, body: Any) -> ResultNotice:
+    """Read a ``resultsdb.result.new`` (v2.0) or ``taskotron.result.new`` (2017) body."""
+    mtype.validate(body)
+    if mtype is RESULT_NEW:
+        data = body["data"]
+        if "item" not in data or "type" not in data:
+            raise InvalidMessage("resultsdb.result.new: data has no item/type")
+        return ResultNotice(
+            item=_first(data["item"], "item"),
+            item_type=_first(data["type"], "type"),
+            testcase=body["testcase"]["name"],
+            outcome=body["outcome"],
+            result_id=body["id"],
+        )
+    if mtype is TASKOTRON_RESULT_NEW:
+        return ResultNotice(
+            item=body["task"]["item"],
+            item_type=body["task"]["type"],
+            testcase=body["task"]["name"],
+            outcome=body["result"]["outcome"],
+            result_id=body["result"].get("id"),
+        )
+    raise InvalidMessage(f"{mtype} is not a result message")

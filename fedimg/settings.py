@@ -1,0 +1,109 @@
+"""Read a namespace of the fedmsg config into a typed, validated dataclass.
+
+Each project package declares its settings as a frozen dataclass whose fields
+carry the fedmsg config key in their metadata::
+
+    @dataclass(frozen=True)
+    class Cfg:
+        staging_region: str = setting("fedimg.aws.staging_region", "us-east-1")
+
+``load(Cfg, raw, namespace="fedimg")`` then checks every key under the
+namespace: unknown keys, missing required keys and wrong types all raise
+``ConfigError`` at start-up, naming the key. Nothing is read at import time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+_MISSING = dataclasses.MISSING
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """The fedmsg config does not describe a runnable setup."""
+
+
+def setting(key: str, default: Any = _MISSING, *, doc: str = "") -> Any:
+    """Declare a dataclass field read from the fedmsg config key ``key``."""
+    meta = {"key": key, "doc": doc}
+    if default is _MISSING:
+        return dataclasses.field(metadata=meta)
+    if isinstance(default, list | dict):
+        factory: Callable[[], Any] = lambda: type(default)(default)  # noqa: E731
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def keys_of(cls: type) -> dict[str, str]:
+    """Map each config key declared by ``cls`` to its field name."""
+    return {f.metadata["key"]: f.name for f in dataclasses.fields(cls) if "key" in f.metadata}
+
+
+def _check_type(key: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            try:
+                return _check_type(key, value, arg)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {hint}, got {type(value).__name__} {value!r}")
+    if hint is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key}: expected null, got {value!r}")
+    if hint is Any:
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        item = args[0] if args else Any
+        checked = [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+        return tuple(checked) if origin is tuple else checked
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        kt, vt = args or (Any, Any)
+        return {
+            _check_type(f"{key} key", k, kt): _check_type(f"{key}[{k!r}]", v, vt)
+            for k, v in value.items()
+        }
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected int, got bool {value!r}")
+    if isinstance(hint, type) and not isinstance(value, hint):
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def load(cls: type[T], raw: Mapping[str, Any], namespace: str) -> T:
+    """Build ``cls`` from the fedmsg config mapping ``raw``.
+
+    Every key starting with ``namespace + "."`` must be declared by ``cls``.
+    """
+    known = keys_of(cls)
+    prefix = namespace + "."
+    unknown = sorted(k for k in raw if k.startswith(prefix) and k not in known)
+    if unknown:
+        raise ConfigError(f"unknown {namespace} settings: {', '.join(unknown)}")
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        key = field.metadata.get("key")
+        if key is None:
+            continue
+        if key in raw:
+            values[field.name] = _check_type(key, raw[key], hints[field.name])
+        elif field.default is _MISSING and field.default_factory is _MISSING:
+            raise ConfigError(f"missing required setting {key}")
+    try:
+        return cls(**values)
+    except ValueError as exc:  # __post_init__ checks
+        raise ConfigError(str(exc)) from exc

@@ -1,0 +1,85 @@
+"""fedimg's record on AWS: the tags on the staging AMI and its snapshot.
+
+``fedimg:state`` moves  (none) -> testing -> promoting -> released, or
+testing -> rejected. Everything else needed to resume is in the other tags.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from enum import StrEnum
+from typing import Any
+
+from fedimg.messages import StagedImage
+
+COMPOSE_ID = "fedimg:compose-id"
+IMAGE_NAME = "fedimg:image-name"
+IMAGE_URL = "fedimg:image-url"
+SHA256 = "fedimg:sha256"
+ARCH = "fedimg:arch"
+SUBVARIANT = "fedimg:subvariant"
+RELEASE = "fedimg:release"
+VOL_TYPE = "fedimg:vol-type"
+STATE = "fedimg:state"
+STAGED_AT = "fedimg:staged-at"
+SOURCE_AMI = "fedimg:source-ami"  # on copies: the staging AMI they came from
+
+
+class State(StrEnum):
+    TESTING = "testing"
+    PROMOTING = "promoting"
+    RELEASED = "released"
+    REJECTED = "rejected"
+
+
+def as_dict(tags: Iterable[Mapping[str, str]] | None) -> dict[str, str]:
+    """AWS's ``[{"Key": k, "Value": v}]`` as a dict."""
+    return {t["Key"]: t["Value"] for t in tags or ()}
+
+
+def as_list(tags: Mapping[str, str]) -> list[dict[str, str]]:
+    """A dict as AWS's ``[{"Key": k, "Value": v}]``, values cut to AWS's 256 chars."""
+    return [{"Key": k, "Value": str(v)[:256]} for k, v in tags.items()]
+
+
+def image_tags(image: StagedImage, state: State, staged_at: str) -> dict[str, str]:
+    """Every fedimg tag of a staged image."""
+    return {
+        COMPOSE_ID: image.compose_id,
+        IMAGE_NAME: image.image_name,
+        IMAGE_URL: image.image_url,
+        SHA256: image.sha256,
+        ARCH: image.architecture,
+        SUBVARIANT: image.subvariant,
+        RELEASE: image.release,
+        VOL_TYPE: image.vol_type,
+        STATE: state.value,
+        STAGED_AT: staged_at,
+    }
+
+
+def staged_image(ami: Mapping[str, Any], region: str) -> StagedImage | None:
+    """The StagedImage recorded on a described AMI, or None if it is not fedimg's."""
+    tags = as_dict(ami.get("Tags"))
+    if COMPOSE_ID not in tags or IMAGE_NAME not in tags or ARCH not in tags:
+        return None
+    return StagedImage(
+        compose_id=tags[COMPOSE_ID],
+        image_name=tags[IMAGE_NAME],
+        image_url=tags.get(IMAGE_URL, ""),
+        architecture=tags[ARCH],
+        region=region,
+        ami_id=ami["ImageId"],
+        vol_type=tags.get(VOL_TYPE, "gp3"),
+        subvariant=tags.get(SUBVARIANT, ""),
+        release=tags.get(RELEASE, ""),
+        sha256=tags.get(SHA256, ""),
+    )
+
+
+def state_of(ami: Mapping[str, Any]) -> State | None:
+    value = as_dict(ami.get("Tags")).get(STATE)
+    try:
+        return State(value) if value else None
+    except ValueError:
+        return None

@@ -1,0 +1,60 @@
+"""Packaging for fedimg (stage/promote) and autocloud_ami (test) consumers."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="fedimg",
+    version="3.0.0.dev0",
+    description="Stage Fedora cloud images as AMIs, test them, and release only what passed",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="AGPL-3.0-or-later",
+    python_requires=">=3.11",
+    packages=find_packages(include=["fedimg", "fedimg.*", "autocloud_ami", "autocloud_ami.*"]),
+    include_package_data=True,
+    install_requires=[
+        "fedmsg>=1.1.7,<1.2",
+        "psutil>=5.9",  # fedmsg.consumers imports it without declaring it
+        "boto3>=1.34,<2",
+        "botocore>=1.34,<2",
+        "requests>=2.31,<3",
+        "resultsdb_api>=2.1,<3",
+        "productmd>=1.38,<2",
+        "paramiko>=3.4,<6",
+        "jsonschema>=4.17,<5",
+    ],
+    extras_require={
+        # moksha loads consumers with pkg_resources, which resolves the entry
+        # point's distribution requirements and cannot find dotted names such as
+        # "moksha.hub"/"moksha.common" against their underscore dist-info. So the
+        # hub runtime is an extra: `pip install fedimg[hub]` (the Makefile does).
+        "hub": ["moksha.hub>=1.5.17,<1.6"],
+        "test": [
+            "pytest>=8,<10",
+            "hypothesis>=6.100,<7",
+            "moto[server,ec2,ebs]>=5.2,<5.3",
+            "flask>=3,<4",
+            "ruff>=0.6",
+            "mypy>=1.10",
+            "types-requests",
+            "types-paramiko",
+        ],
+    },
+    entry_points={
+        "moksha.consumer": [
+            "fedimg_stage = fedimg.consumers:StageConsumer",
+            "fedimg_promote = fedimg.consumers:PromoteConsumer",
+            "fedimg_health = fedimg.consumers:HealthConsumer",
+            "autocloud_ami = autocloud_ami.consumer:AmiTestConsumer",
+        ],
+        "console_scripts": [
+            "fedimg = fedimg.cli:main",
+            "autocloud-ami = autocloud_ami.cli:main",
+        ],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+    ],
+)

@@ -1,0 +1,51 @@
+"""Fixtures shared by the test layers.
+
+Unit tests use fakes at the seams and moto in process; integration tests
+(marked ``integration``) start real processes on free loopback ports.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+# moto and boto3 must never reach a real AWS account from the tests.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_SECURITY_TOKEN", "testing")
+os.environ.setdefault("AWS_SESSION_TOKEN", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.pop("AWS_PROFILE", None)
+
+
+class Recorder:
+    """The bus seam in unit tests: a Publisher that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str, dict[str, Any]]] = []
+
+    def __call__(self, modname: str, topic: str, body: dict[str, Any]) -> None:
+        self.sent.append((modname, topic, body))
+
+    def topics(self) -> list[str]:
+        return [f"{m}.{t}" for m, t, _ in self.sent]
+
+    def bodies(self, topic: str) -> list[dict[str, Any]]:
+        return [b for m, t, b in self.sent if f"{m}.{t}" == topic]
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+def local_bus() -> Iterator[Any]:
+    """A real fedmsg-relay on free loopback ports with a tap on its outbound socket."""
+    from devel.bus import LocalBus
+
+    with LocalBus() as bus:
+        yield bus
