@@ -523,13 +523,14 @@ class AmiTestEvent:
             "compose_id": self.compose_id,
             "ami_id": self.ami_id,
             "region": self.region,
-            "image_name": self.image_name,
             "architecture": self.architecture,
             "status": status,
             "job_id": self.job_id,
             "passed": self.passed,
             "failed": self.failed,
         }
+        if self.image_name:
+            body["image_name"] = self.image_name
         if self.results_url:
             body["results_url"] = self.results_url
         if self.reason:
