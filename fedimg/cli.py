@@ -1,0 +1,108 @@
+"""``fedimg``: the same domain functions the consumers call, by hand.
+
+    fedimg stage --compose-location URL [--compose-id ID]
+    fedimg promote AMI_ID
+    fedimg status [--compose ID]
+    fedimg reconcile
+
+Settings come from the fedmsg config (``./fedmsg.d``, ``/etc/fedmsg.d`` or
+``$FEDMSG_CONFIG``); messages are published on the configured bus exactly as
+the consumers publish them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from fedimg.config import FedimgConfig
+from fedimg.messages import Emitter, Publisher, Topics, fedmsg_publisher
+from fedimg.settings import ConfigError
+
+log = logging.getLogger("fedimg")
+
+
+def load_fedmsg_config() -> dict[str, Any]:
+    """The merged fedmsg config, as fedmsg-hub would read it."""
+    import fedmsg.config
+
+    return dict(fedmsg.config.load_config([], None, invalidate_cache=True))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedimg", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--no-publish", action="store_true", help="do not publish messages on the bus"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    stage = sub.add_parser("stage", help="stage the cloud images of a compose")
+    stage.add_argument("--compose-location", required=True, help="the compose's compose/ URL")
+    stage.add_argument("--compose-id", help="compose id (default: from composeinfo.json)")
+
+    promote = sub.add_parser("promote", help="run the gate for a staged AMI and release it")
+    promote.add_argument("ami_id")
+
+    status = sub.add_parser("status", help="every staged AMI, its state, tests and copies")
+    status.add_argument("--compose", help="only this compose id")
+
+    sub.add_parser("reconcile", help="resume unfinished work from AWS tags and ResultsDB")
+    return parser
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    raw = load_fedmsg_config()
+    try:
+        cfg = FedimgConfig.from_fedmsg(raw)
+    except ConfigError as exc:
+        log.error("bad fedmsg config: %s", exc)
+        return 2
+    publisher: Publisher
+    if args.no_publish:
+
+        def publisher(modname: str, topic: str, body: dict[str, Any]) -> None:
+            log.info("not published: %s.%s %s", modname, topic, body)
+
+    else:
+        publisher = fedmsg_publisher()
+    emitter = Emitter(publisher)
+    topics = Topics.from_fedmsg(raw)
+    log.debug("publishing under %s", topics.of)
+
+    if args.command == "stage":
+        from fedimg.stage import cli_stage
+
+        return cli_stage(cfg, emitter, args.compose_location, args.compose_id)
+    if args.command == "promote":
+        from fedimg.promote import cli_promote
+
+        return cli_promote(cfg, emitter, args.ami_id)
+    if args.command == "status":
+        from fedimg.status import cli_status
+
+        return cli_status(cfg, args.compose)
+    if args.command == "reconcile":
+        from fedimg.promote import cli_reconcile
+
+        return cli_reconcile(cfg, emitter)
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
