@@ -14,6 +14,7 @@ from typing import Any
 
 import requests
 
+from devel.awscalls import AwsCall, parse_recording
 from devel.bus import BIN, ManagedProcess, free_port, wait_until
 
 FAKE_CREDENTIALS = {
@@ -27,8 +28,11 @@ FAKE_CREDENTIALS = {
 class MotoServer:
     """Start ``moto_server`` and stop it (and its temp dir) on exit."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int | None = None) -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", port: int | None = None, record: bool = False
+    ) -> None:
         self.host = host
+        self.record = record
         self.port = port or free_port()
         self.url = f"http://{host}:{self.port}"
         self._dir: Path | None = None
@@ -42,6 +46,9 @@ class MotoServer:
         self._dir = Path(tempfile.mkdtemp(prefix="fedimg-moto-"))
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         env.update(FAKE_CREDENTIALS)
+        if self.record:  # moto's recorder logs every request it answers
+            env["MOTO_ENABLE_RECORDING"] = "1"
+            env["MOTO_RECORDER_FILEPATH"] = str(self.recording_path)
         self._proc = ManagedProcess(
             name="moto_server",
             argv=[str(BIN / "moto_server"), "-H", self.host, "-p", str(self.port)],
@@ -59,6 +66,18 @@ class MotoServer:
             return requests.get(f"{self.url}/moto-api/", timeout=2).ok
         except requests.RequestException:
             return False
+
+    @property
+    def recording_path(self) -> Path:
+        assert self._dir is not None, "start() first"
+        return self._dir / "requests.jsonl"
+
+    def recorded_calls(self) -> list[AwsCall]:
+        """Every AWS API call answered so far (needs ``record=True``)."""
+        if not self.recording_path.exists():
+            return []
+        with self.recording_path.open() as lines:
+            return parse_recording(lines)
 
     def reset(self) -> None:
         """Forget every resource (and every uploaded block) moto holds."""

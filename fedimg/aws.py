@@ -28,12 +28,17 @@ class AwsClients:
     def __init__(
         self,
         max_attempts: int = 10,
+        *,
         max_pool_connections: int = 64,
         connect_timeout: float = 10.0,
         read_timeout: float = 60.0,
         session: boto3.session.Session | None = None,
+        component: str = "fedimg",
     ) -> None:
+        # The component shows in the User-Agent, so CloudTrail (and the IAM
+        # policy test, through moto's recorder) can tell fedimg from autocloud_ami.
         self._config = botocore.config.Config(
+            user_agent_extra=f"{component}/3",
             retries={"mode": "adaptive", "max_attempts": max_attempts},
             max_pool_connections=max_pool_connections,
             connect_timeout=connect_timeout,
