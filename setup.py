@@ -47,6 +47,9 @@ setup(
             "fedimg_health = fedimg.consumers:HealthConsumer",
             "autocloud_ami = autocloud_ami.consumer:AmiTestConsumer",
         ],
+        "moksha.producer": [
+            "fedimg_reconcile = fedimg.consumers:ReconcileProducer",
+        ],
         "console_scripts": [
             "fedimg = fedimg.cli:main",
             "autocloud-ami = autocloud_ami.cli:main",

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import socket
-from typing import Any, ClassVar
+import threading
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from fedmsg.consumers import FedmsgConsumer
+from moksha.hub.api.producer import PollingProducer
 
 from fedimg.config import FedimgConfig
 from fedimg.messages import (
@@ -31,7 +33,23 @@ from fedimg.messages import (
     unwrap,
 )
 
+if TYPE_CHECKING:
+    from fedimg.promote import Promoter
+
 log = logging.getLogger(__name__)
+
+_promoters: dict[int, Promoter] = {}
+_promoters_lock = threading.Lock()
+
+
+def shared_promoter(hub: Any, cfg: FedimgConfig, emitter: Emitter) -> Promoter:
+    """One Promoter per hub: the listener and the reconcile pass share its locks and slots."""
+    from fedimg.promote import Promoter
+
+    with _promoters_lock:
+        if id(hub) not in _promoters:
+            _promoters[id(hub)] = Promoter.from_config(cfg, emitter)
+        return _promoters[id(hub)]
 
 
 class FedimgConsumer(FedmsgConsumer):
@@ -42,6 +60,7 @@ class FedimgConsumer(FedmsgConsumer):
     needs_settings: ClassVar[bool] = True
 
     def __init__(self, hub: Any) -> None:
+        self.hub_ref = hub
         self.topics = Topics.from_fedmsg(hub.config)
         self.topic = [self.topics.of(mtype) for mtype in self.consumes]
         if hub.config.get(self.config_key):
@@ -110,10 +129,40 @@ class PromoteConsumer(FedimgConsumer):
     consumes = (RESULT_NEW, TASKOTRON_RESULT_NEW)
 
     def setup(self) -> None:
-        from fedimg.promote import Promoter
-
-        self.promoter = Promoter.from_config(self.cfg, self.emitter)
+        self.promoter = shared_promoter(self.hub_ref, self.cfg, self.emitter)
 
     def handle(self, mtype: MessageType, body: Any) -> None:
         notice = parse_result_notice(mtype, body)
         self.promoter.on_result(notice)
+
+
+class ReconcileProducer(PollingProducer):
+    """At start-up and every ``fedimg.reconcile.interval`` seconds, resume unfinished work.
+
+    AMIs ``testing`` whose results are complete (or whose deadline passed) are
+    gated; AMIs ``promoting`` get their missing regions. This is what makes a
+    lost ResultsDB message or a hub killed mid-copy harmless.
+    """
+
+    now = True
+
+    def __init__(self, hub: Any) -> None:
+        if not hub.config.get(PromoteConsumer.config_key):
+            self.die = True  # the polling thread returns at once
+            self.frequency = 60.0
+            super().__init__(hub)
+            return
+        cfg = FedimgConfig.from_fedmsg(hub.config)
+        self.frequency = cfg.reconcile_interval
+        self.promoter = shared_promoter(hub, cfg, Emitter(fedmsg_publisher()))
+        super().__init__(hub)
+
+    def poll(self) -> None:
+        from fedimg.promote import reconcile
+
+        try:
+            outcomes = reconcile(self.promoter)
+        except Exception:
+            log.exception("reconcile pass failed")
+            return
+        log.info("reconcile pass looked at %d AMIs", len(outcomes))
