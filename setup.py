@@ -21,6 +21,7 @@ setup(
         "resultsdb_api>=2.1,<3",
         "productmd>=1.38,<2",
         "paramiko>=3.4,<6",
+        "cryptography>=42",  # throwaway test-instance keys (autocloud_ami.instance)
         "jsonschema>=4.17,<5",
     ],
     extras_require={
@@ -49,6 +50,7 @@ setup(
         ],
         "moksha.producer": [
             "fedimg_reconcile = fedimg.consumers:ReconcileProducer",
+            "autocloud_ami_sweep = autocloud_ami.consumer:SweepProducer",
         ],
         "console_scripts": [
             "fedimg = fedimg.cli:main",

@@ -1,0 +1,465 @@
+"""One AMI test run, end to end: ``test_ami(request, deps) -> JobResult``.
+
+    queued -> (a free slot) -> running -> instance -> SSH -> suite -> cleanup
+           -> every result to ResultsDB (summary last) -> success | failed
+
+``Deps`` bundles the seams (AWS clients, the ResultsDB reporter, the message
+emitter, the SSH session factory, the output store), so tests swap any of
+them. The consumer and ``autocloud-ami test`` call exactly this function.
+
+Whatever goes wrong once the request is accepted - the AMI missing or not
+available, run_instances refused, the instance never running, SSH never
+answering, a wrong host key, a bug - every applicable test is reported
+FAILED with a note saying why, the summary is FAILED, the instance is
+cleaned up and ``autocloud.ami.failed`` is emitted. Only a malformed request
+(``InvalidRequest``: no AMI id, a bad id, a region or architecture this
+runner does not test) is refused before any AWS call, with no result and no
+message.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import paramiko
+
+from autocloud_ami.config import AutocloudConfig
+from autocloud_ami.instance import (
+    InstanceError,
+    TestInstance,
+    Timeouts,
+    launch_spec,
+    new_job_id,
+    wait_for_ssh_port,
+)
+from autocloud_ami.report import (
+    PASSED,
+    Delivery,
+    OutputStore,
+    Result,
+    ResultsReporter,
+    build_results,
+    make_reporter,
+    outcome_name,
+)
+from autocloud_ami.runner import SuiteReport, TestOutcome, detect_family, not_run, run_suite
+from autocloud_ami.ssh import CommandResult, ParamikoSession, SshError
+from autocloud_ami.suite import SUITE, Check, Family, family_for
+from fedimg.aws import AwsClients
+from fedimg.messages import (
+    AMI_FAILED,
+    AMI_ID_RE,
+    AMI_QUEUED,
+    AMI_RUNNING,
+    AMI_SUCCESS,
+    REGION_RE,
+    AmiTestEvent,
+    Emitter,
+    MessageType,
+    StagedImage,
+)
+
+log = logging.getLogger(__name__)
+
+
+class InvalidRequest(ValueError):
+    """A test request this runner refuses before touching AWS."""
+
+
+class QueueTimeout(TimeoutError):
+    """No test slot became free before ``autocloud_ami.queue_timeout``."""
+
+
+# -- seams ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SshTarget:
+    """Where and as whom to log in; the key is never shown."""
+
+    host: str
+    port: int
+    user: str
+    key: paramiko.PKey = field(repr=False)
+    fingerprints: tuple[str, ...] | None = None
+
+
+class Session(Protocol):
+    """An ``ssh.SshSession`` that can also make its first login."""
+
+    def connect(self, timeout: float) -> None: ...
+    def run(self, command: str, timeout: float) -> CommandResult: ...
+    def reconnect(self, timeout: float) -> None: ...
+    def close(self) -> None: ...
+
+
+SessionFactory = Callable[[SshTarget], Session]
+
+
+def paramiko_session(target: SshTarget) -> Session:
+    """Production factory: paramiko, host key checked against the console's fingerprints."""
+    return ParamikoSession(
+        target.host,
+        target.port,
+        target.user,
+        target.key,
+        expected_fingerprints=frozenset(target.fingerprints) if target.fingerprints else None,
+    )
+
+
+PortProbe = Callable[[str, int, float], object]
+"""``probe(host, port, timeout)``: return once sshd answers, else raise an InstanceError."""
+
+
+class Reporter(Protocol):
+    def report(self, results: Sequence[Result]) -> Delivery: ...
+
+
+@dataclass
+class Deps:
+    """Everything ``test_ami`` talks to."""
+
+    cfg: AutocloudConfig
+    aws: Any  # anything with .ec2(region): fedimg.aws.AwsClients
+    reporter: Reporter
+    emitter: Emitter
+    session_factory: SessionFactory = paramiko_session
+    port_probe: PortProbe = wait_for_ssh_port
+    output: OutputStore | None = None
+    suite: Sequence[Check] = SUITE
+    slots: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(4))
+    retry_backoff: float = 10.0
+
+    @classmethod
+    def from_config(cls, cfg: AutocloudConfig, emitter: Emitter) -> Deps:
+        """The production wiring for ``cfg``."""
+        return cls(
+            cfg=cfg,
+            aws=AwsClients(max_attempts=cfg.aws_max_attempts, component="autocloud_ami"),
+            reporter=reporter_for(cfg),
+            emitter=emitter,
+            output=output_for(cfg),
+            slots=threading.BoundedSemaphore(cfg.max_concurrent),
+            retry_backoff=min(10.0, cfg.poll_interval * 2),
+        )
+
+
+def reporter_for(cfg: AutocloudConfig) -> ResultsReporter:
+    return make_reporter(
+        cfg.resultsdb_url,
+        cfg.resultsdb_spool,
+        retries=cfg.resultsdb_retries,
+        backoff=cfg.resultsdb_backoff,
+        timeout=cfg.resultsdb_timeout,
+    )
+
+
+def output_for(cfg: AutocloudConfig) -> OutputStore | None:
+    return OutputStore(Path(cfg.output_dir), cfg.output_url) if cfg.output_dir else None
+
+
+# -- the pure parts -------------------------------------------------------------------
+
+
+def check_request(request: StagedImage, cfg: AutocloudConfig) -> str:
+    """The instance type to use for ``request``, or InvalidRequest saying why not."""
+    if not request.ami_id:
+        raise InvalidRequest(f"{request.compose_id} {request.image_name}: no AMI id to test")
+    if not AMI_ID_RE.match(request.ami_id):
+        raise InvalidRequest(f"{request.compose_id}: not an AMI id: {request.ami_id[:100]!r}")
+    if not REGION_RE.match(request.region) or request.region not in cfg.regions:
+        raise InvalidRequest(
+            f"{request.compose_id} {request.ami_id}: region {request.region[:50]!r} is not "
+            f"one this runner tests ({', '.join(cfg.regions)})"
+        )
+    itype = cfg.instance_types.get(request.architecture)
+    if itype is None:
+        raise InvalidRequest(
+            f"{request.compose_id} {request.ami_id}: no instance type for architecture "
+            f"{request.architecture[:30]!r} (have {', '.join(sorted(cfg.instance_types))})"
+        )
+    return itype
+
+
+def declared_family(subvariant: str) -> Family | None:
+    try:
+        return family_for(subvariant)
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What one run did."""
+
+    job_id: str
+    image: StagedImage
+    report: SuiteReport
+    results: tuple[Result, ...]
+    delivery: Delivery | None
+    reason: str | None = None
+    results_url: str | None = None
+    cleanup_errors: tuple[str, ...] = ()
+    timings: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        """The summary result's verdict (what fedimg's gate reads)."""
+        return bool(self.results) and self.results[-1].outcome == PASSED
+
+    def counts(self) -> tuple[int, int]:
+        return self.report.counts()
+
+
+def output_text(outcome: TestOutcome) -> str:
+    head = [
+        f"test:     {outcome.test_id}",
+        f"outcome:  {outcome_name(outcome.outcome)}",
+        f"gating:   {'yes' if outcome.gating else 'no'}",
+        f"note:     {outcome.note}",
+        f"duration: {outcome.duration:.2f}s",
+        "",
+    ]
+    return "\n".join(head) + (outcome.output or "(no output)\n")
+
+
+def index_lines(image: StagedImage, job_id: str, report: SuiteReport, verdict: str) -> list[str]:
+    lines = [
+        f"AMI {image.ami_id} in {image.region}: {image.image_name} ({image.architecture})",
+        f"compose {image.compose_id}, job {job_id}, family {report.family}: {verdict}",
+        "",
+    ]
+    for o in report.outcomes:
+        gate = "gating" if o.gating else "non-gating"
+        lines.append(f"{outcome_name(o.outcome):8} {o.test_id:32} {gate:10} {o.note}")
+    return lines
+
+
+# -- the job --------------------------------------------------------------------------
+
+
+class _Job:
+    def __init__(self, request: StagedImage, deps: Deps, job_id: str, itype: str) -> None:
+        self.request = request
+        self.deps = deps
+        self.cfg = deps.cfg
+        self.job_id = job_id
+        self.itype = itype
+        assert request.ami_id is not None
+        self.ami_id: str = request.ami_id
+        self.ctx = f"{request.compose_id} {request.ami_id} ({request.region}, job {job_id})"
+        self.results_url = (
+            deps.output.url(self.ami_id, job_id, "index.txt") if deps.output else None
+        )
+        self.timings: dict[str, float] = {}
+        self.cleanup_errors: tuple[str, ...] = ()
+        self.t0 = time.monotonic()
+
+    def mark(self, what: str) -> None:
+        self.timings[what] = round(time.monotonic() - self.t0, 3)
+
+    def event(self, passed: int = 0, failed: int = 0, reason: str | None = None) -> AmiTestEvent:
+        r = self.request
+        return AmiTestEvent(
+            compose_id=r.compose_id,
+            ami_id=self.ami_id,
+            region=r.region,
+            job_id=self.job_id,
+            image_name=r.image_name,
+            architecture=r.architecture,
+            passed=passed,
+            failed=failed,
+            results_url=self.results_url,
+            reason=reason,
+        )
+
+    def emit(self, mtype: MessageType, body: dict[str, Any]) -> None:
+        try:
+            self.deps.emitter.emit(mtype, body)
+        except Exception:
+            # Messages are hints; ResultsDB is the record. Never fail a run for them.
+            log.exception("%s: could not publish %s", self.ctx, mtype)
+
+    def run_tests(self) -> tuple[SuiteReport, str | None]:
+        """Instance, SSH, suite, cleanup: always a report, never an exception."""
+        cfg = self.cfg
+        declared = declared_family(self.request.subvariant)
+        spec = launch_spec(
+            region=self.request.region,
+            ami_id=self.ami_id,
+            job_id=self.job_id,
+            instance_type=self.itype,
+            ssh_cidr=cfg.ssh_cidr,
+            lifetime=cfg.deadline,
+            subnet_id=cfg.subnet_id,
+            self_destruct=cfg.self_destruct,
+        )
+        timeouts = Timeouts(
+            boot=cfg.boot_timeout,
+            host_key_wait=cfg.host_key_wait,
+            cleanup=cfg.cleanup_timeout,
+            launch_retry=cfg.launch_retry_timeout,
+            poll=cfg.poll_interval,
+        )
+        hard_stop = time.monotonic() + cfg.deadline
+        instance: TestInstance | None = None
+        try:
+            instance = TestInstance(
+                self.deps.aws.ec2(self.request.region),
+                spec,
+                timeouts,
+                ssh_override=cfg.ssh_override_address,
+                require_host_key=cfg.require_host_key,
+            )
+            with instance:
+                self.mark("instance_running")
+                assert instance.key is not None
+                target = SshTarget(
+                    instance.host, instance.port, cfg.ssh_user, instance.key, instance.fingerprints
+                )
+                report = self.run_suite(target, declared, hard_stop)
+            return report, None
+        except (InstanceError, SshError) as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            log.error("%s: tests could not run: %s", self.ctx, reason)
+        except Exception as exc:
+            reason = f"internal error: {type(exc).__name__}: {exc}"
+            log.exception("%s: tests could not run", self.ctx)
+        finally:
+            if instance is not None:
+                self.cleanup_errors = tuple(instance.cleanup_errors)
+            self.mark("cleaned_up")
+        return not_run(self.deps.suite, reason[:500], family=declared), reason
+
+    def run_suite(
+        self, target: SshTarget, declared: Family | None, hard_stop: float
+    ) -> SuiteReport:
+        cfg = self.cfg
+        session = self.deps.session_factory(target)
+        try:
+            ssh_deadline = time.monotonic() + min(
+                cfg.ssh_timeout, max(1.0, hard_stop - time.monotonic())
+            )
+            self.deps.port_probe(target.host, target.port, ssh_deadline - time.monotonic())
+            self.mark("ssh_port")
+            session.connect(max(1.0, ssh_deadline - time.monotonic()))
+            self.mark("ssh_connected")
+            log.info("%s: SSH to %s:%s works", self.ctx, target.host, target.port)
+            family = detect_family(session, declared) if declared is not None else None
+            report = run_suite(
+                session,
+                self.deps.suite,
+                reboot_timeout=cfg.reboot_timeout,
+                log_context=self.ctx,
+                family=family,
+                reconnect_timeout=min(cfg.ssh_timeout, cfg.reboot_timeout),
+                retry_backoff=self.deps.retry_backoff,
+                reboot_poll=cfg.poll_interval,
+            )
+            self.mark("suite_done")
+            return report
+        finally:
+            session.close()
+
+    def keep_outputs(self, report: SuiteReport, verdict: str) -> tuple[dict[str, str], str | None]:
+        store = self.deps.output
+        if store is None:
+            return {}, None
+        urls: dict[str, str] = {}
+        try:
+            for o in report.outcomes:
+                url = store.write(self.ami_id, self.job_id, o.test_id, output_text(o))
+                if url:
+                    urls[o.test_id] = url
+            index = store.write_index(
+                self.ami_id, self.job_id, index_lines(self.request, self.job_id, report, verdict)
+            )
+        except OSError as exc:
+            log.error("%s: could not keep test output in %s: %s", self.ctx, store.root, exc)
+            return {}, None
+        return urls, index
+
+    def deliver(self, results: Sequence[Result]) -> Delivery | None:
+        try:
+            delivery = self.deps.reporter.report(results)
+        except Exception:
+            log.exception(
+                "%s: results could not be posted nor spooled; they were: %s",
+                self.ctx,
+                [(r.testcase, r.outcome, r.note) for r in results],
+            )
+            return None
+        if not delivery.complete:
+            log.warning(
+                "%s: %d results spooled until ResultsDB is back (%d pending in all)",
+                self.ctx,
+                delivery.spooled,
+                delivery.pending,
+            )
+        return delivery
+
+
+def test_ami(request: StagedImage, deps: Deps, *, job_id: str | None = None) -> JobResult:
+    """Test one staged AMI on one EC2 instance and report every result."""
+    itype = check_request(request, deps.cfg)
+    job = _Job(request, deps, job_id or new_job_id(), itype)
+    log.info("%s: queued (%s, %s)", job.ctx, request.image_name, itype)
+    job.emit(AMI_QUEUED, job.event().body("queued"))
+    if not deps.slots.acquire(timeout=deps.cfg.queue_timeout):
+        why = f"no test slot free within {deps.cfg.queue_timeout:.0f}s"
+        log.error("%s: %s", job.ctx, why)
+        job.emit(AMI_FAILED, job.event(reason=why).body("failed"))
+        raise QueueTimeout(f"{job.ctx}: {why}")
+    try:
+        job.mark("slot")
+        job.emit(AMI_RUNNING, job.event().body("running"))
+        report, reason = job.run_tests()
+    finally:
+        deps.slots.release()
+    summary_outcome = "PASSED" if report.passed else "FAILED"
+    ref_urls, index_url = job.keep_outputs(report, summary_outcome)
+    results = build_results(
+        request,
+        report.outcomes,
+        job_id=job.job_id,
+        family=str(report.family),
+        ref_urls=ref_urls,
+        summary_url=index_url,
+    )
+    delivery = job.deliver(results)
+    job.mark("reported")
+    outcome = JobResult(
+        job_id=job.job_id,
+        image=request,
+        report=report,
+        results=tuple(results),
+        delivery=delivery,
+        reason=reason,
+        results_url=index_url,
+        cleanup_errors=job.cleanup_errors,
+        timings=dict(job.timings),
+    )
+    passed, failed = report.counts()
+    verdict = results[-1]
+    event = job.event(passed, failed, None if outcome.passed else (reason or verdict.note))
+    if outcome.passed:
+        job.emit(AMI_SUCCESS, event.body("success"))
+    else:
+        job.emit(AMI_FAILED, event.body("failed"))
+    log.log(
+        logging.INFO if outcome.passed else logging.WARNING,
+        "%s: %s: %s",
+        job.ctx,
+        verdict.outcome,
+        verdict.note,
+    )
+    return outcome
+
+
+test_ami.__test__ = False  # type: ignore[attr-defined]  # not a pytest test

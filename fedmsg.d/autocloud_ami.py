@@ -1,0 +1,78 @@
+"""autocloud_ami: test each staged AMI on a throwaway EC2 instance, report to ResultsDB.
+
+Every ``autocloud_ami.*`` key the consumer, the sweep producer and the
+``autocloud-ami`` CLI read is listed here; unknown keys are refused at
+start-up. The values below suit a developer box (loopback ResultsDB
+stand-in, moto, the SSH stand-in); production overrides them in
+/etc/fedmsg.d/. Times are seconds.
+"""
+
+config = {
+    # Run the AmiTestConsumer and the SweepProducer in this fedmsg-hub.
+    "autocloud_ami.enabled": False,
+    # ResultsDB API v2.0 base URL (required). Every test result and the
+    # autocloud.ami.all summary go there with the resultsdb_api client.
+    "autocloud_ami.resultsdb_url": "http://127.0.0.1:5001/api/v2.0",
+    # Where results that could not be posted (ResultsDB down, 5xx) wait, one
+    # JSON file each, until the next sweep re-sends them in order. Results
+    # ResultsDB refused (HTTP 400) land in <spool>/rejected/ for people.
+    "autocloud_ami.resultsdb_spool": "/var/tmp/autocloud_ami/spool",
+    # The client's retries (with exponential backoff) and per-request timeout.
+    "autocloud_ami.resultsdb_retries": 3,
+    "autocloud_ami.resultsdb_backoff": 1.0,
+    "autocloud_ami.resultsdb_timeout": 30.0,
+    # The runner's own address as a CIDR (required): the test instance's
+    # security group allows tcp/22 from this only. One host (/32 or /128)
+    # unless autocloud_ami.ssh_cidr_allow_wide is True; never 0.0.0.0/0.
+    "autocloud_ami.ssh_cidr": "127.0.0.1/32",
+    "autocloud_ami.ssh_cidr_allow_wide": False,
+    # Instance type per architecture; an AMI of an architecture not listed
+    # here is refused.
+    "autocloud_ami.instance_types": {"x86_64": "t3.small", "aarch64": "t4g.small"},
+    # The images' default user the suite logs in as.
+    "autocloud_ami.ssh_user": "fedora",
+    # Launch into this subnet (its VPC gets the security group); None: the
+    # default VPC. Without public addresses the runner must be in that VPC.
+    "autocloud_ami.subnet_id": None,
+    # DEVELOPMENT ONLY: "host:port" every instance's SSH connection goes to
+    # instead of its address (the local SSH stand-in, devel/sshhost.py).
+    # Must be None in production.
+    "autocloud_ami.ssh_override": "127.0.0.1:2222",
+    # Regions AMIs may be tested in; a request for another region is refused.
+    "autocloud_ami.regions": ["us-east-1"],
+    # At most this many AMIs are tested at once (the hub's
+    # moksha.workers_per_consumer should be at least as large); a request
+    # waits up to autocloud_ami.queue_timeout for a free slot.
+    "autocloud_ami.max_concurrent": 4,
+    "autocloud_ami.queue_timeout": 14400.0,
+    # Hard lifetime of a test instance: tagged autocloud:deadline, powered
+    # off by itself then (autocloud_ami.self_destruct: a cloud-init boot
+    # command; shutdown behaviour is terminate) and removed by the sweeper.
+    "autocloud_ami.deadline": 3600.0,
+    "autocloud_ami.self_destruct": True,
+    # How long run_instances is retried on capacity/quota errors
+    # (InsufficientInstanceCapacity, InstanceLimitExceeded, VcpuLimitExceeded...).
+    "autocloud_ami.launch_retry_timeout": 300.0,
+    # Deadlines: instance running; first SSH login (port open, key accepted);
+    # each reboot of the suite; terminating and deleting everything.
+    "autocloud_ami.boot_timeout": 600.0,
+    "autocloud_ami.ssh_timeout": 600.0,
+    "autocloud_ami.reboot_timeout": 600.0,
+    "autocloud_ami.cleanup_timeout": 900.0,
+    # How long to poll the console output for cloud-init's SSH host key
+    # fingerprints (0: read it once). Found: the host key is verified
+    # against them. Not found: refused if require_host_key, else the first
+    # key seen is pinned and logged as unverified. moto prints none: 0 here.
+    "autocloud_ami.host_key_wait": 0.0,
+    "autocloud_ami.require_host_key": False,
+    # Interval of every poll (instance state, console, group deletion, reboots).
+    "autocloud_ami.poll_interval": 2.0,
+    # Keep each test's output here, served from output_url (the results'
+    # ref_url and the messages' results_url). None: output is not kept.
+    "autocloud_ami.output_dir": None,
+    "autocloud_ami.output_url": None,
+    # The sweep producer: leaked-resource sweep and spool flush, every N s.
+    "autocloud_ami.sweep_interval": 600.0,
+    # botocore's adaptive retry attempts for every EC2 call.
+    "autocloud_ami.aws_max_attempts": 10,
+}
