@@ -1,0 +1,405 @@
+"""Stream a ``.raw.xz`` image over HTTP: its raw size from the xz index, then its bytes.
+
+``probe_raw_size`` reads only the file's tail (HTTP Range requests) and walks
+the xz stream footers and indexes backwards to add up the uncompressed sizes,
+so the snapshot can be sized before the download starts.
+
+``stream_raw`` downloads once, hashes the compressed bytes, decompresses with
+a bounded output per step and yields raw chunks. The last chunk is held back
+until the sha256 is verified: a consumer that finishes its work after the
+last chunk can never finish on a bad download.
+
+xz file format (https://tukaani.org/xz/xz-file-format.txt), as used here:
+a file is one or more streams, each optionally followed by stream padding
+(zero bytes, a multiple of 4). A stream is a 12-byte header, blocks, an index
+and a 12-byte footer. The footer is CRC32 (4) | Backward Size (4, LE, stored
+as size/4 - 1) | Stream Flags (2) | "YZ"; Backward Size is the index's size.
+The index is 0x00 | record count | records (unpadded size, uncompressed
+size) as multibyte integers | zero padding to 4 | CRC32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import lzma
+import re
+import struct
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import requests
+import urllib3.exceptions
+
+log = logging.getLogger(__name__)
+
+SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+HEADER_MAGIC = b"\xfd7zXZ\x00"
+FOOTER_MAGIC = b"YZ"
+HEADER_SIZE = 12
+FOOTER_SIZE = 12
+# Tail bytes fetched by the first Range request: holds the footer and the index
+# of every image fedimg uploads (a 4 GiB image in 1 MiB xz blocks has a ~16 KiB index).
+PROBE_WINDOW = 64 * 1024
+# The largest index believed; a bigger one is refused rather than downloaded.
+MAX_INDEX_SIZE = 16 * 1024 * 1024
+MAX_STREAMS = 1024
+# Raw bytes per decompression step. 256 KiB stays in the CPU cache, and so costs
+# less CPU than 1 MiB (benchmarks/upload.py, docs/perf-upload.md).
+DEFAULT_CHUNK = 256 * 1024
+_CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
+_IDENTITY = {"Accept-Encoding": "identity"}
+
+
+class DownloadError(Exception):
+    """The image could not be downloaded as published (HTTP error, stall, truncation)."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"{url}: {reason}")
+        self.url = url
+        self.reason = reason
+
+
+class ChecksumMismatch(DownloadError):
+    """The downloaded file's sha256 is not the published one."""
+
+
+class CorruptImage(DownloadError):
+    """The file is not a valid xz image of the declared size."""
+
+
+def check_sha256(sha256: str) -> str:
+    """The hex digest, lower-cased; ValueError unless it is 64 hex characters."""
+    if not isinstance(sha256, str) or not SHA256_RE.match(sha256):
+        raise ValueError(f"not a hex sha256 digest: {sha256!r}")
+    return sha256.lower()
+
+
+# ---------------------------------------------------------------------------
+# The xz index: pure functions on bytes
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    """One xz stream as read from its footer and index."""
+
+    start: int  # offset of the stream header in the file
+    end: int  # offset just past the stream footer
+    blocks: int
+    uncompressed_size: int
+
+
+def decode_multibyte(data: bytes, pos: int) -> tuple[int, int]:
+    """An xz multibyte integer at ``pos``: (value, position after it)."""
+    value = 0
+    for i in range(9):
+        if pos + i >= len(data):
+            raise ValueError("multibyte integer runs past the index")
+        byte = data[pos + i]
+        value |= (byte & 0x7F) << (7 * i)
+        if not byte & 0x80:
+            if byte == 0 and i > 0:
+                raise ValueError("multibyte integer is not minimally encoded")
+            return value, pos + i + 1
+    raise ValueError("multibyte integer longer than 9 bytes")
+
+
+def parse_footer(footer: bytes) -> tuple[int, bytes]:
+    """(index size, stream flags) of a 12-byte stream footer; ValueError if invalid."""
+    if len(footer) != FOOTER_SIZE or footer[10:] != FOOTER_MAGIC:
+        raise ValueError("no xz stream footer magic")
+    crc, stored = struct.unpack_from("<II", footer)
+    flags = footer[8:10]
+    if zlib.crc32(footer[4:10]) != crc:
+        raise ValueError("xz stream footer CRC32 mismatch")
+    if flags[0] != 0 or flags[1] & 0xF0:
+        raise ValueError("unsupported xz stream flags")
+    return (stored + 1) * 4, flags
+
+
+def parse_header(header: bytes) -> bytes:
+    """Stream flags of a 12-byte stream header; ValueError if invalid."""
+    if len(header) != HEADER_SIZE or header[:6] != HEADER_MAGIC:
+        raise ValueError("no xz stream header magic")
+    flags = header[6:8]
+    (crc,) = struct.unpack_from("<I", header, 8)
+    if zlib.crc32(flags) != crc:
+        raise ValueError("xz stream header CRC32 mismatch")
+    return flags
+
+
+def parse_index(index: bytes) -> tuple[int, int, int]:
+    """(record count, blocks' total padded size, total uncompressed size) of an xz index."""
+    if len(index) < 8 or len(index) % 4 or index[0] != 0:
+        raise ValueError("not an xz index")
+    (crc,) = struct.unpack_from("<I", index, len(index) - 4)
+    if zlib.crc32(index[:-4]) != crc:
+        raise ValueError("xz index CRC32 mismatch")
+    body = index[:-4]
+    count, pos = decode_multibyte(body, 1)
+    if count > len(body):  # every record takes at least two bytes
+        raise ValueError("xz index record count is impossible")
+    blocks_size = 0
+    uncompressed = 0
+    for _ in range(count):
+        unpadded, pos = decode_multibyte(body, pos)
+        size, pos = decode_multibyte(body, pos)
+        if unpadded < 5:
+            raise ValueError("xz index record with an impossible block size")
+        blocks_size += (unpadded + 3) & ~3
+        uncompressed += size
+    padding = body[pos:]
+    if len(padding) > 3 or any(padding):
+        raise ValueError("xz index padding is wrong")
+    return count, blocks_size, uncompressed
+
+
+# ---------------------------------------------------------------------------
+# Range reads
+
+
+class _RangeReader:
+    """Reads byte ranges of one URL, caching what it fetched; no whole-file fallback."""
+
+    def __init__(self, session: requests.Session, url: str, log_context: str) -> None:
+        self.session = session
+        self.url = url
+        self.log_context = log_context
+        self.size = -1
+        self.requests = 0
+        self._base = 0
+        self._cache = b""
+
+    def tail(self, length: int) -> None:
+        """Fetch the last ``length`` bytes (or the whole file if shorter); learn the size."""
+        start, _end, total, data = self._get(f"bytes=-{length}")
+        self.size = total
+        self._base, self._cache = start, data
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise CorruptImage(self.url, "xz index points outside the file")
+        if offset >= self._base and offset + length <= self._base + len(self._cache):
+            return self._cache[offset - self._base : offset - self._base + length]
+        # Fetch a window ending at the wanted range's end, so walking back is cheap.
+        start = max(0, min(offset, offset + length - PROBE_WINDOW))
+        got_start, _end, _total, data = self._get(f"bytes={start}-{offset + length - 1}")
+        if got_start != start or len(data) != offset + length - start:
+            raise DownloadError(self.url, "server answered a different byte range")
+        self._base, self._cache = start, data
+        return data[offset - start : offset - start + length]
+
+    def _get(self, byte_range: str) -> tuple[int, int, int, bytes]:
+        self.requests += 1
+        headers = {**_IDENTITY, "Range": byte_range}
+        try:
+            with self.session.get(self.url, headers=headers, stream=True) as resp:
+                if resp.status_code == 416:
+                    raise CorruptImage(self.url, "file is empty (HTTP 416 for its tail)")
+                if resp.status_code != 206:
+                    _raise_for_status(resp, self.url)
+                    raise DownloadError(
+                        self.url,
+                        f"server ignored the Range request (HTTP {resp.status_code}, "
+                        "need 206 Partial Content)",
+                    )
+                match = _CONTENT_RANGE_RE.match(resp.headers.get("Content-Range", ""))
+                if not match:
+                    raise DownloadError(self.url, "206 answer without a usable Content-Range")
+                start, end, total = (int(g) for g in match.groups())
+                if end < start or end >= total or end - start + 1 > MAX_INDEX_SIZE + PROBE_WINDOW:
+                    raise DownloadError(self.url, "206 answer with an impossible Content-Range")
+                data = resp.raw.read(end - start + 1, decode_content=False)
+        except requests.RequestException as exc:
+            raise DownloadError(self.url, f"range request failed: {exc}") from exc
+        except (OSError, urllib3.exceptions.HTTPError) as exc:  # raw reads: urllib3's errors
+            raise DownloadError(self.url, f"range request failed: {exc}") from exc
+        if len(data) != end - start + 1:
+            raise DownloadError(self.url, "range answer shorter than its Content-Range")
+        return start, end, total, data
+
+
+def _raise_for_status(resp: requests.Response, url: str) -> None:
+    if resp.status_code >= 400:
+        raise DownloadError(url, f"HTTP {resp.status_code} {resp.reason}")
+
+
+def probe_raw_size(session: requests.Session, url: str, *, log_context: str = "") -> int:
+    """The uncompressed size of the xz file at ``url``, read from its index with Range requests.
+
+    Handles several concatenated streams and stream padding. Raises
+    ``CorruptImage`` if the tail is not valid xz and ``DownloadError`` on HTTP
+    errors or a server that ignores Range (the file is never downloaded whole).
+    """
+    reader = _RangeReader(session, url, log_context)
+    reader.tail(PROBE_WINDOW)
+    streams: list[StreamInfo] = []
+    pos = reader.size
+    try:
+        while pos > 0:
+            if len(streams) >= MAX_STREAMS:
+                raise ValueError(f"more than {MAX_STREAMS} xz streams")
+            pos = _skip_padding(reader, pos)
+            streams.append(_read_stream_backwards(reader, pos))
+            pos = streams[-1].start
+    except ValueError as exc:
+        raise CorruptImage(url, f"not a valid xz file: {exc}") from exc
+    if not streams:
+        raise CorruptImage(url, "empty file")
+    total = sum(s.uncompressed_size for s in streams)
+    log.info(
+        "%s: %s is %d bytes raw (%d xz streams, %d blocks, %d range requests)",
+        log_context,
+        url,
+        total,
+        len(streams),
+        sum(s.blocks for s in streams),
+        reader.requests,
+    )
+    return total
+
+
+def _skip_padding(reader: _RangeReader, pos: int) -> int:
+    """Walk back over stream padding (zero bytes in 4-byte groups) ending at ``pos``."""
+    if pos % 4:
+        raise ValueError("file size is not a multiple of four")
+    while pos >= 4 and reader.read(pos - 4, 4) == b"\0\0\0\0":
+        pos -= 4
+    if pos < HEADER_SIZE + FOOTER_SIZE:
+        raise ValueError("no xz stream before the padding")
+    return pos
+
+
+def _read_stream_backwards(reader: _RangeReader, end: int) -> StreamInfo:
+    index_size, flags = parse_footer(reader.read(end - FOOTER_SIZE, FOOTER_SIZE))
+    if index_size > MAX_INDEX_SIZE:
+        raise ValueError(f"xz index of {index_size} bytes is larger than believable")
+    index_start = end - FOOTER_SIZE - index_size
+    if index_start < HEADER_SIZE:
+        raise ValueError("xz index would start before the file")
+    count, blocks_size, uncompressed = parse_index(reader.read(index_start, index_size))
+    start = index_start - blocks_size - HEADER_SIZE
+    if start < 0:
+        raise ValueError("xz blocks would start before the file")
+    if parse_header(reader.read(start, HEADER_SIZE)) != flags:
+        raise ValueError("xz stream header and footer flags differ")
+    return StreamInfo(start=start, end=end, blocks=count, uncompressed_size=uncompressed)
+
+
+# ---------------------------------------------------------------------------
+# Streaming download and decompression
+
+
+class _XzStreams:
+    """Decompresses concatenated xz streams with padding, at most ``max_length`` per step."""
+
+    def __init__(self, url: str, max_length: int) -> None:
+        self.url = url
+        self.max_length = max_length
+        self._dec: lzma.LZMADecompressor | None = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
+        self._padding = 0  # zero bytes seen since the last stream ended
+        self.streams = 0
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        """Yield the raw output for compressed ``data`` (each piece <= max_length)."""
+        while data:
+            if self._dec is None:
+                stripped = data.lstrip(b"\0")
+                self._padding += len(data) - len(stripped)
+                if not stripped:
+                    return
+                if self._padding % 4:
+                    raise CorruptImage(self.url, "xz stream padding is not a multiple of 4")
+                self._padding = 0
+                self._dec = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
+                data = stripped
+            dec = self._dec
+            try:
+                out = dec.decompress(data, self.max_length)
+                if out:
+                    yield out
+                while not dec.eof and not dec.needs_input:
+                    out = dec.decompress(b"", self.max_length)
+                    if out:
+                        yield out
+            except lzma.LZMAError as exc:
+                raise CorruptImage(self.url, f"xz data is corrupt: {exc}") from exc
+            if not dec.eof:
+                return
+            self.streams += 1
+            data = dec.unused_data
+            self._dec = None
+
+    def finish(self) -> None:
+        """Raise CorruptImage unless the input ended cleanly between streams."""
+        if self._dec is not None:
+            if self.streams == 0:
+                raise CorruptImage(self.url, "not an xz file, or it ends before its first stream")
+            raise CorruptImage(self.url, "xz stream is truncated")
+        if self._padding % 4:
+            raise CorruptImage(self.url, "xz stream padding is not a multiple of 4")
+
+
+def stream_raw(
+    session: requests.Session,
+    url: str,
+    sha256: str,
+    raw_size: int,
+    chunk_size: int = DEFAULT_CHUNK,
+    *,
+    log_context: str = "",
+) -> Iterator[bytes]:
+    """Download ``url`` once and yield its decompressed bytes, in chunks of <= chunk_size.
+
+    Exactly ``raw_size`` bytes are yielded, and the final chunk only after the
+    compressed file's sha256 matched ``sha256``. Raises ``DownloadError`` (HTTP
+    error, stall, cut connection), ``ChecksumMismatch`` or ``CorruptImage``
+    (not xz, corrupt or truncated xz, more or fewer raw bytes than
+    ``raw_size``). Memory stays O(chunk_size) whatever the image.
+    """
+    expected = check_sha256(sha256)
+    if raw_size <= 0:
+        raise ValueError(f"raw_size must be positive, not {raw_size}")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, not {chunk_size}")
+    digest = hashlib.sha256()
+    xz = _XzStreams(url, chunk_size)
+    produced = 0
+    compressed = 0
+    held: bytes | None = None
+    log.info("%s: downloading %s (%d bytes raw)", log_context, url, raw_size)
+    try:
+        with session.get(url, headers=_IDENTITY, stream=True) as resp:
+            _raise_for_status(resp, url)
+            if resp.status_code != 200:
+                raise DownloadError(url, f"unexpected HTTP {resp.status_code} for a GET")
+            for piece in resp.iter_content(chunk_size):
+                digest.update(piece)
+                compressed += len(piece)
+                for out in xz.feed(piece):
+                    produced += len(out)
+                    if produced > raw_size:
+                        raise CorruptImage(
+                            url, f"decompresses to more than the declared {raw_size} bytes"
+                        )
+                    if held is not None:
+                        yield held
+                    held = out
+    except requests.RequestException as exc:
+        raise DownloadError(url, f"download failed after {compressed} bytes: {exc}") from exc
+    actual = digest.hexdigest()
+    if actual != expected:
+        raise ChecksumMismatch(url, f"sha256 is {actual}, expected {expected}")
+    xz.finish()
+    if produced != raw_size or held is None:
+        raise CorruptImage(url, f"decompresses to {produced} bytes, declared {raw_size}")
+    log.info(
+        "%s: downloaded %s: %d bytes compressed, %d raw, %d xz streams, sha256 ok",
+        log_context,
+        url,
+        compressed,
+        produced,
+        xz.streams,
+    )
+    yield held
