@@ -1,0 +1,83 @@
+"""fedimg's settings (every ``fedimg.*`` key of fedimg/config.py), for a developer box.
+
+fedmsg-hub and the ``fedimg`` CLI read this with the rest of ``fedmsg.d/``;
+fedimg validates the whole namespace at start-up (an unknown, missing or
+mistyped key stops it with the key's name). Production overrides these in
+/etc/fedmsg.d/fedimg.py: real regions, the ResultsDB URL, allowed hosts.
+Keep this file in sync with fedimg/config.py (tests/test_stage.py checks it).
+"""
+
+config = {
+    # -- which consumers this hub runs -------------------------------------------
+    # Stage: on pungi.compose.status.change FINISHED, upload the compose's cloud
+    # raw.xz images as AMIs in the staging region and ask for tests.
+    "fedimg.stage.enabled": True,
+    # Promote: on ResultsDB's result.new, gate the AMI on its required tests,
+    # then copy it to every region and make it public (or reject it).
+    "fedimg.promote.enabled": True,
+    # Health: answer fedimg.hub.ping with fedimg.hub.pong (monitoring, tests).
+    "fedimg.health.enabled": True,
+    # -- ResultsDB -------------------------------------------------------------
+    # The API v2.0 base URL the gate reads test results from (required).
+    "fedimg.resultsdb_url": "http://127.0.0.1:5001/api/v2.0",
+    # -- AWS -------------------------------------------------------------------
+    # The one region where new AMIs are registered and tested before release.
+    "fedimg.aws.staging_region": "us-east-1",
+    # The regions a released AMI is copied to (besides the staging region).
+    # An empty list means every region the account can reach in its partition.
+    "fedimg.aws.regions": ["us-east-2", "us-west-2", "eu-west-1"],
+    # One AMI per image and volume type, all from the same snapshot. Root
+    # volumes: gp3, gp2, io1, io2 or standard.
+    "fedimg.aws.volume_types": ["gp3"],
+    # Concurrent put_snapshot_block calls per image upload (memory is about
+    # 2 x this x 512 KiB per image).
+    "fedimg.aws.upload_workers": 16,
+    # botocore attempts per AWS call (adaptive retry mode: throttling and 5xx
+    # are retried with backoff).
+    "fedimg.aws.max_attempts": 10,
+    # -- the compose -------------------------------------------------------------
+    # productmd variants holding cloud images (CloudImages: F26/F27, AtomicHost: F28+).
+    "fedimg.compose.variants": ["Cloud", "AtomicHost", "CloudImages"],
+    # Architectures to stage (x86_64 and/or aarch64).
+    "fedimg.compose.arches": ["x86_64", "aarch64"],
+    # Hosts a compose location may be on; empty allows any http(s) host.
+    # Production: ["kojipkgs.fedoraproject.org"].
+    "fedimg.compose.allowed_hosts": [],
+    # -- staging -----------------------------------------------------------------
+    # Images of a compose staged at once (each with upload_workers block writers);
+    # shared by every compose this process handles.
+    "fedimg.stage.workers": 2,
+    # HTTP read timeout (seconds) and retries (connection errors, 429, 5xx) for
+    # compose metadata and image downloads.
+    "fedimg.http.timeout": 60.0,
+    "fedimg.http.retries": 5,
+    # -- the gate ----------------------------------------------------------------
+    # ResultsDB testcases that must all be PASSED (latest result) for release.
+    "fedimg.gate.required_testcases": ["autocloud.ami.all"],
+    # Outcomes of a required testcase that reject the AMI.
+    "fedimg.gate.reject_outcomes": ["FAILED", "NEEDS_INSPECTION"],
+    # Seconds after staging without a verdict before the AMI is rejected.
+    "fedimg.gate.deadline": 6 * 3600.0,
+    # Seconds after staging with a required result still missing (a test run
+    # lost to a crash or a lost message) before the reconcile pass asks for
+    # the test ONCE more (fedimg.image.test started, tag fedimg:test-requested).
+    # Keep it below the deadline, and above autocloud_ami's queue wait + run time.
+    "fedimg.gate.retest_after": 3 * 3600.0,
+    # Deregister rejected AMIs (and delete their snapshots) instead of keeping
+    # them tagged fedimg:state=rejected for inspection.
+    "fedimg.gate.delete_rejected": False,
+    # -- promotion ---------------------------------------------------------------
+    # Concurrent copy_image calls (AWS allows 25 per source region at once).
+    "fedimg.promote.max_concurrent_copies": 25,
+    # Seconds to wait for a copy to become available in its region.
+    "fedimg.promote.copy_timeout": 3 * 3600.0,
+    # Seconds to keep retrying making a copy public (InvalidAMIID.Unavailable).
+    "fedimg.promote.publish_retry_timeout": 1800.0,
+    # -- reconcile ---------------------------------------------------------------
+    # Seconds between passes resuming unfinished work from AWS tags and ResultsDB.
+    "fedimg.reconcile.interval": 300.0,
+    # Seconds before the reconcile pass touches what a crashed stage left in the
+    # staging region (a snapshot without an AMI, an AMI without fedimg tags):
+    # longer than any upload may take (uploads give up after 90 minutes).
+    "fedimg.reconcile.orphan_grace": 2 * 3600.0,
+}
