@@ -27,7 +27,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from autocloud_ami.config import AutocloudConfig
 from fedimg.aws import error_code
 from fedimg.messages import Emitter, InvalidMessage, Publisher, StagedImage, fedmsg_publisher
-from fedimg.settings import ConfigError
+from fedimg.settings import ConfigError, load_fedmsg_config
 
 log = logging.getLogger("autocloud_ami")
 
@@ -44,13 +44,6 @@ EXIT_PASSED, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
 
 class CliError(Exception):
     """The command cannot start; the text says why."""
-
-
-def load_fedmsg_config() -> dict[str, Any]:
-    """The merged fedmsg config, as fedmsg-hub would read it."""
-    import fedmsg.config
-
-    return dict(fedmsg.config.load_config([], None, invalidate_cache=True))
 
 
 def request_from_tags(

@@ -174,10 +174,12 @@ class Tap:
             while not self._stop.is_set():
                 if not dict(poller.poll(100)):
                     continue
-                topic, payload = sock.recv_multipart()[:2]
+                frames = sock.recv_multipart()
                 try:
+                    topic, payload = frames[0], frames[1]
                     envelope = json.loads(payload)
-                except ValueError:
+                except (IndexError, ValueError):
+                    log.warning("bus tap: skipped a message that is not [topic, json]")
                     continue
                 seen = Seen(topic.decode(), envelope.get("msg", {}), envelope, time.time())
                 with self._cond:
@@ -246,14 +248,14 @@ class LocalBus:
 
     # -- configuration ----------------------------------------------------
     def config(self) -> dict[str, Any]:
-        """The fedmsg config every process of this bus reads."""
+        """The fedmsg config the hubs and tools of this bus read."""
         base: dict[str, Any] = {
             "topic_prefix": self.prefix,
             "environment": self.environment,
             "active": True,
             "relay_inbound": [self.inbound],
             "endpoints": {"relay_outbound": [self.outbound]},
-            "fedmsg.consumers.relay.enabled": True,
+            "fedmsg.consumers.relay.enabled": False,
             "sign_messages": False,
             "validate_signatures": False,
             "zmq_enabled": True,
@@ -264,14 +266,27 @@ class LocalBus:
         base.update(self.settings)
         return base
 
+    def relay_config(self) -> dict[str, Any]:
+        """The relay's own config: ONE worker thread.
+
+        fedmsg's RelayConsumer forwards every message through one zmq PUB socket
+        from each moksha worker thread; zmq sockets are not thread-safe, so with
+        more workers the frames of concurrent messages interleave.
+        """
+        return {
+            **self.config(),
+            "fedmsg.consumers.relay.enabled": True,
+            "moksha.workers_per_consumer": 1,
+        }
+
     def topic(self, modname: str, name: str) -> str:
         return f"{self.prefix}.{self.environment}.{modname}.{name}"
 
-    def env(self) -> dict[str, str]:
+    def env(self, confdir: Path | None = None) -> dict[str, str]:
         env = dict(os.environ)
         env.pop("VIRTUAL_ENV", None)  # fedmsg would read $VIRTUAL_ENV/etc/fedmsg.d
         assert self.workdir is not None
-        env["FEDMSG_CONFIG"] = str(self.workdir / "fedmsg.d")
+        env["FEDMSG_CONFIG"] = str((confdir or self.workdir) / "fedmsg.d")
         env["PYTHONUNBUFFERED"] = "1"
         env.update(self.extra_env)
         return env
@@ -282,8 +297,10 @@ class LocalBus:
             self.workdir = Path(tempfile.mkdtemp(prefix="fedimg-bus-"))
             self._own_workdir = True
         write_fedmsg_config(self.workdir, self.config())
+        relay_dir = self.workdir / "relay"
+        write_fedmsg_config(relay_dir, self.relay_config())
         try:
-            self.spawn("relay", [str(BIN / "fedmsg-relay")])
+            self.spawn("relay", [str(BIN / "fedmsg-relay")], env=self.env(relay_dir), cwd=relay_dir)
             self.tap = Tap(self.outbound)
             self._wait_relay()
         except BaseException:
@@ -308,13 +325,18 @@ class LocalBus:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def spawn(
-        self, name: str, argv: list[str], env: dict[str, str] | None = None
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
     ) -> ManagedProcess:
+        """Start a process that reads this bus's config (fedmsg reads ./fedmsg.d)."""
         assert self.workdir is not None
         proc = ManagedProcess(
             name=name,
             argv=argv,
-            cwd=self.workdir,
+            cwd=cwd or self.workdir,
             env=env or self.env(),
             log_path=self.workdir / f"{name}-{len(self.processes)}.log",
         ).start()

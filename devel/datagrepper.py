@@ -160,10 +160,10 @@ class Datagrepper:
                 while not self._stop.is_set():
                     if not sock.poll(100):
                         continue
-                    _topic, payload = sock.recv_multipart()[:2]
+                    frames = sock.recv_multipart()
                     try:
-                        self.store.add_envelope(json.loads(payload))
-                    except (ValueError, KeyError, TypeError):
+                        self.store.add_envelope(json.loads(frames[1]))
+                    except (IndexError, ValueError, KeyError, TypeError):
                         log.warning("datagrepper: skipped an unreadable bus message")
             finally:
                 sock.close()

@@ -20,16 +20,9 @@ from typing import Any
 
 from fedimg.config import FedimgConfig
 from fedimg.messages import Emitter, Publisher, Topics, fedmsg_publisher
-from fedimg.settings import ConfigError
+from fedimg.settings import ConfigError, load_fedmsg_config
 
 log = logging.getLogger("fedimg")
-
-
-def load_fedmsg_config() -> dict[str, Any]:
-    """The merged fedmsg config, as fedmsg-hub would read it."""
-    import fedmsg.config
-
-    return dict(fedmsg.config.load_config([], None, invalidate_cache=True))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,8 +60,8 @@ def _setup_logging(verbose: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging(args.verbose)
-    raw = load_fedmsg_config()
     try:
+        raw = load_fedmsg_config()
         cfg = FedimgConfig.from_fedmsg(raw)
     except ConfigError as exc:
         log.error("bad fedmsg config: %s", exc)

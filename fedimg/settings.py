@@ -15,6 +15,7 @@ namespace: unknown keys, missing required keys and wrong types all raise
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -107,3 +108,28 @@ def load(cls: type[T], raw: Mapping[str, Any], namespace: str) -> T:
         return cls(**values)
     except ValueError as exc:  # __post_init__ checks
         raise ConfigError(str(exc)) from exc
+
+
+def load_fedmsg_config() -> dict[str, Any]:
+    """The merged fedmsg config, as fedmsg-hub reads it, for the CLIs.
+
+    fedmsg 1.1's ``load_config`` reads /etc/fedmsg.d, ~/.fedmsg.d and
+    ./fedmsg.d but ignores ``$FEDMSG_CONFIG``; here ``$FEDMSG_CONFIG`` (a file
+    or a directory of ``*.py``), when set, is used instead of those.
+    """
+    import fedmsg.config
+
+    filenames = None
+    location = os.environ.get("FEDMSG_CONFIG")
+    if location:
+        if os.path.isdir(location):
+            filenames = sorted(
+                os.path.join(location, name)
+                for name in os.listdir(location)
+                if name.endswith(".py")
+            )
+        else:
+            filenames = [location]
+        if not filenames:
+            raise ConfigError(f"FEDMSG_CONFIG={location} holds no fedmsg config file")
+    return dict(fedmsg.config.load_config([], None, filenames=filenames, invalidate_cache=True))

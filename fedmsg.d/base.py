@@ -22,6 +22,9 @@ config = {
     "validate_signatures": False,
     "zmq_enabled": True,
     "post_init_sleep": 0.5,
-    # Several messages may be worked on at once by each consumer.
-    "moksha.workers_per_consumer": 4,
+    # One worker thread per consumer: on this box fedmsg-relay reads the same
+    # config, and its RelayConsumer shares one zmq socket between workers (not
+    # thread-safe). A production hub, on its own host, may raise this so that
+    # several AMIs are tested at once (autocloud_ami.max_concurrent bounds it).
+    "moksha.workers_per_consumer": 1,
 }

@@ -1,0 +1,537 @@
+"""The whole pipeline on one machine, on loopback: ``with Stack() as stack`` or ``make stack``.
+
+What runs (every port free at start, every child in its own process group,
+stopped in reverse order on exit, Ctrl-C or SIGTERM; one temp dir, removed):
+
+- ``moto_server``: the AWS endpoint (``AWS_ENDPOINT_URL``) for everything;
+- ``fedmsg-relay`` and ONE ``fedmsg-hub`` running fedimg stage, autocloud_ami
+  and fedimg promote from their entry points, configured by a generated
+  ``fedmsg.d/`` (staging region us-east-1, four target regions, short
+  timeouts for stand-ins, fedmsg's backlog feature on);
+- the ResultsDB stand-in (``python -m devel.resultsdb``), publishing
+  ``resultsdb.result.new`` on the bus;
+- the instance host (``python -m devel.instancehost``): the SSH address of
+  every test instance (``autocloud_ami.ssh_override``), failing SELinux on the
+  aarch64 Cloud Base image so a rejection shows next to the releases;
+- in this process: a compose server with small real raw.xz images (Cloud Base
+  x86_64 and aarch64, AtomicHost x86_64, and a qcow2 fedimg must ignore), a
+  datagrepper stand-in holding the compose's FINISHED message under the
+  PRODUCTION topic and recording the bus, and a file server for test output.
+
+    python -m devel.stack up     # prints the endpoints and how to drive it; Ctrl-C stops it
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import http.server
+import json
+import logging
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any, Final, TextIO
+
+from devel.bus import (
+    BIN,
+    LocalBus,
+    ManagedProcess,
+    WaitTimeout,
+    free_port,
+    wait_until,
+)
+from devel.compose import DEFAULT_IMAGES, ComposeServer, ComposeTree, ImageSpec, build_compose
+from devel.compose import compose_message as pungi_body
+from devel.datagrepper import Datagrepper
+from devel.instancehost import FailRule, family_of
+from devel.motoserver import MotoServer
+
+log = logging.getLogger(__name__)
+
+REPO: Final = Path(__file__).resolve().parent.parent
+PRODUCTION_TOPIC: Final = "org.fedoraproject.prod.pungi.compose.status.change"
+LOOPBACK: Final = "127.0.0.1"
+# Worker threads per consumer in the hub: three AMI tests and the result messages at
+# once (the relay always runs with one: devel.bus.LocalBus.relay_config).
+HUB_SETTINGS: Final = {"moksha.workers_per_consumer": 6}
+# Faults that only fail a check of one family (the rest fail a gating check of both).
+FAULT_FAMILIES: Final = {"docker": ("Atomic",), "dnf": ("Base",)}
+
+
+@dataclass(frozen=True)
+class StackOptions:
+    """What the stack runs; the defaults are the demo's."""
+
+    staging_region: str = "us-east-1"
+    regions: tuple[str, ...] = ("us-east-2", "us-west-2", "eu-west-1", "ap-northeast-1")
+    compose_id: str = "Fedora-40-20240501.0"
+    images: tuple[ImageSpec, ...] = DEFAULT_IMAGES
+    fail: tuple[str, ...] = ("Fedora-Cloud-Base-*aarch64*=selinux",)
+    boot_delay: float = 0.5
+    reboot_delay: float = 0.5
+    hub_timeout: float = 90.0
+    extra_settings: Mapping[str, Any] = field(default_factory=dict)
+    # moto_server records every AWS request (MotoServer(record=True)): the IAM policy test.
+    record_aws: bool = False
+    # Added to the environment of every process on the bus (hub, relay, stand-ins).
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+
+    def rules(self) -> list[FailRule]:
+        return [FailRule.parse(text) for text in self.fail]
+
+
+def expected_state(image_name: str, subvariant: str, rules: Sequence[FailRule]) -> str:
+    """``rejected`` if a rule makes a gating check of this image fail, else ``released``."""
+    family = family_of(subvariant)
+    for rule in rules:
+        if rule.matches(image_name) and family in FAULT_FAMILIES.get(rule.fault, (family,)):
+            return "rejected"
+    return "released"
+
+
+def hub_settings(
+    options: StackOptions,
+    *,
+    workdir: Path,
+    resultsdb_url: str,
+    ssh_override: str,
+    datagrepper_url: str,
+    output_url: str | None,
+) -> dict[str, Any]:
+    """Every fedmsg setting the hub's three consumers read, for stand-ins on loopback."""
+    settings: dict[str, Any] = {
+        # fedimg: stage and promote
+        "fedimg.stage.enabled": True,
+        "fedimg.promote.enabled": True,
+        "fedimg.health.enabled": True,
+        "fedimg.resultsdb_url": resultsdb_url,
+        "fedimg.aws.staging_region": options.staging_region,
+        "fedimg.aws.regions": list(options.regions),
+        "fedimg.aws.volume_types": ["gp3"],
+        "fedimg.aws.upload_workers": 4,
+        "fedimg.aws.max_attempts": 3,
+        "fedimg.compose.allowed_hosts": [LOOPBACK],
+        "fedimg.stage.workers": 3,
+        "fedimg.http.timeout": 15.0,
+        "fedimg.http.retries": 2,
+        "fedimg.gate.deadline": 900.0,
+        "fedimg.promote.max_concurrent_copies": 8,
+        "fedimg.promote.copy_timeout": 120.0,
+        "fedimg.promote.publish_retry_timeout": 60.0,
+        "fedimg.reconcile.interval": 30.0,
+        # autocloud_ami: the test runs
+        "autocloud_ami.enabled": True,
+        "autocloud_ami.resultsdb_url": resultsdb_url,
+        "autocloud_ami.resultsdb_spool": str(workdir / "resultsdb-spool"),
+        "autocloud_ami.resultsdb_retries": 2,
+        "autocloud_ami.resultsdb_backoff": 0.2,
+        "autocloud_ami.resultsdb_timeout": 10.0,
+        "autocloud_ami.ssh_cidr": f"{LOOPBACK}/32",
+        "autocloud_ami.ssh_override": ssh_override,
+        "autocloud_ami.regions": [options.staging_region],
+        "autocloud_ami.max_concurrent": 4,
+        "autocloud_ami.queue_timeout": 300.0,
+        "autocloud_ami.deadline": 600.0,
+        "autocloud_ami.launch_retry_timeout": 10.0,
+        "autocloud_ami.boot_timeout": 60.0,
+        "autocloud_ami.ssh_timeout": 60.0,
+        "autocloud_ami.reboot_timeout": 60.0,
+        "autocloud_ami.cleanup_timeout": 60.0,
+        "autocloud_ami.host_key_wait": 0.0,
+        "autocloud_ami.poll_interval": 0.5,
+        "autocloud_ami.output_dir": str(workdir / "test-output"),
+        "autocloud_ami.output_url": output_url,
+        "autocloud_ami.sweep_interval": 60.0,
+        "autocloud_ami.aws_max_attempts": 3,
+        # fedmsg's backlog: a restarted hub replays what it missed from datagrepper
+        "status_directory": str(workdir / "status"),
+        "datagrepper_url": datagrepper_url,
+    }
+    settings.update(options.extra_settings)
+    return settings
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("output server: " + format, *args)
+
+
+class FileServer:
+    """Serves a directory read-only on a loopback port (the test outputs' ref_url)."""
+
+    def __init__(self, root: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        handler = functools.partial(_Quiet, directory=str(root))
+        self._server = http.server.ThreadingHTTPServer((LOOPBACK, 0), handler)
+        self._server.daemon_threads = True
+        self.url = f"http://{LOOPBACK}:{self._server.server_address[1]}"
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True
+        )
+
+    def start(self) -> FileServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=10)
+
+
+class StackError(RuntimeError):
+    """A part of the stack did not come up; the text says which and shows its log."""
+
+
+class Stack:
+    """Every part of the pipeline on loopback; ``start``/``stop`` or a ``with`` block."""
+
+    def __init__(self, options: StackOptions | None = None) -> None:
+        self.options = options or StackOptions()
+        self.rules = self.options.rules()
+        self.workdir: Path | None = None
+        self.moto: MotoServer | None = None
+        self.tree: ComposeTree | None = None
+        self.compose_server: ComposeServer | None = None
+        self.datagrepper: Datagrepper | None = None
+        self.outputs: FileServer | None = None
+        self.bus: LocalBus | None = None
+        self.hub: ManagedProcess | None = None
+        self.resultsdb: ManagedProcess | None = None
+        self.instancehost: ManagedProcess | None = None
+        self.resultsdb_url = ""
+        self.ssh_override = ""
+        self.msg_id = ""
+        self.started_at = 0.0
+        self._exit = contextlib.ExitStack()
+        self._clients: dict[str, Any] = {}
+        self._clients_lock = threading.Lock()
+
+    # -- lifecycle ----------------------------------------------------------------
+    def __enter__(self) -> Stack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> Stack:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Stop everything in reverse order of start and remove the temp dir."""
+        self._exit.close()
+
+    def _start(self) -> None:
+        self.started_at = time.monotonic()
+        opts = self.options
+        workdir = Path(tempfile.mkdtemp(prefix="fedimg-stack-"))
+        self.workdir = workdir
+        self._exit.callback(shutil.rmtree, workdir, ignore_errors=True)
+
+        self.moto = self._exit.enter_context(MotoServer(LOOPBACK, record=opts.record_aws))
+        log.info("moto_server on %s", self.moto.url)
+
+        self.tree = build_compose(workdir / "compose-root", opts.compose_id, opts.images)
+        self.compose_server = self._exit.enter_context(ComposeServer(self.tree.root))
+        log.info("compose %s served at %s", self.tree.compose_id, self.compose_server.url)
+
+        self.datagrepper = self._exit.enter_context(Datagrepper(LOOPBACK))
+        self.msg_id = self.datagrepper.store.add(
+            PRODUCTION_TOPIC,
+            self.compose_message(),
+            msg_id=f"{time.strftime('%Y')}-{uuid.uuid4()}",
+        )
+        self.outputs = FileServer(workdir / "test-output").start()
+        self._exit.callback(self.outputs.stop)
+
+        rdb_port, ssh_port = free_port(), free_port()
+        self.resultsdb_url = f"http://{LOOPBACK}:{rdb_port}/api/v2.0"
+        self.ssh_override = f"{LOOPBACK}:{ssh_port}"
+        settings = hub_settings(
+            opts,
+            workdir=workdir,
+            resultsdb_url=self.resultsdb_url,
+            ssh_override=self.ssh_override,
+            datagrepper_url=f"{self.datagrepper.url}/raw",
+            output_url=self.outputs.url,
+        )
+        self.bus = self._exit.enter_context(
+            LocalBus(
+                settings={**settings, **HUB_SETTINGS},
+                workdir=workdir / "bus",
+                extra_env={**self.moto.env(), **opts.extra_env},
+            )
+        )
+        self.datagrepper.record(self.bus.outbound)
+
+        self.resultsdb = self._spawn_devel(
+            "resultsdb",
+            [
+                "devel.resultsdb",
+                "--host",
+                LOOPBACK,
+                "--port",
+                str(rdb_port),
+                "--db",
+                str(workdir / "resultsdb.sqlite"),
+            ],
+        )
+        self.instancehost = self._spawn_devel(
+            "instancehost",
+            [
+                "devel.instancehost",
+                "--host",
+                LOOPBACK,
+                "--port",
+                str(ssh_port),
+                "--moto",
+                self.moto.url,
+                "--region",
+                opts.staging_region,
+                "--boot-delay",
+                str(opts.boot_delay),
+                "--reboot-delay",
+                str(opts.reboot_delay),
+                *[arg for text in opts.fail for arg in ("--fail", text)],
+            ],
+        )
+        self._wait_ready(self.resultsdb, "ResultsDB stand-in listening on", 60.0)
+        self._wait_ready(self.instancehost, "listening on", 60.0)
+        self.hub = self.bus.start_hub(timeout=opts.hub_timeout)
+        log.info("stack up in %.1fs", time.monotonic() - self.started_at)
+
+    def _spawn_devel(self, name: str, args: list[str]) -> ManagedProcess:
+        assert self.bus is not None
+        env = self.bus.env()
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        return self.bus.spawn(name, [sys.executable, "-m", *args], env=env)
+
+    @staticmethod
+    def _wait_ready(proc: ManagedProcess, marker: str, timeout: float) -> None:
+        def ready() -> bool:
+            if not proc.alive:
+                raise StackError(f"{proc.name} exited:\n{proc.output()[-4000:]}")
+            return marker in proc.output()
+
+        try:
+            wait_until(ready, timeout, f"{proc.name} to be ready", interval=0.1)
+        except WaitTimeout as exc:
+            raise StackError(f"{exc}:\n{proc.output()[-4000:]}") from exc
+
+    # -- facts --------------------------------------------------------------------
+    def compose_message(self) -> dict[str, Any]:
+        """The pungi FINISHED body of the stack's compose (``location`` = the compose server)."""
+        assert self.tree is not None and self.compose_server is not None
+        return pungi_body(self.tree, self.compose_server.url)
+
+    def raw_images(self) -> list[tuple[str, str, str]]:
+        """(image name, arch, subvariant) of every image fedimg should stage."""
+        assert self.tree is not None
+        return [
+            (i.image_name, i.spec.arch, i.spec.subvariant)
+            for i in self.tree.raw_images()
+            if i.spec.format == "raw.xz"
+        ]
+
+    def expected(self) -> dict[str, str]:
+        """image name -> the end state it must reach (released / rejected)."""
+        return {
+            name: expected_state(name, subvariant, self.rules)
+            for name, _arch, subvariant in self.raw_images()
+        }
+
+    @property
+    def fedmsg_config(self) -> Path:
+        assert self.bus is not None and self.bus.workdir is not None
+        return self.bus.workdir / "fedmsg.d"
+
+    def env(self) -> dict[str, str]:
+        """The environment of a process that talks to this stack (bus and AWS)."""
+        assert self.bus is not None
+        return self.bus.env()
+
+    def ec2(self, region: str) -> Any:
+        """A boto3 EC2 client of ``region`` on the stack's moto_server (cached)."""
+        assert self.moto is not None
+        import boto3
+
+        with self._clients_lock:
+            if region not in self._clients:
+                creds = self.moto.env()
+                self._clients[region] = boto3.client(
+                    "ec2",
+                    region_name=region,
+                    endpoint_url=self.moto.url,
+                    aws_access_key_id=creds["AWS_ACCESS_KEY_ID"],
+                    aws_secret_access_key=creds["AWS_SECRET_ACCESS_KEY"],
+                    aws_session_token=creds["AWS_SESSION_TOKEN"],
+                )
+            return self._clients[region]
+
+    def processes(self) -> list[ManagedProcess]:
+        return list(self.bus.processes) if self.bus is not None else []
+
+    def replay(
+        self, msg_id: str | None = None, timeout: float = 60.0
+    ) -> subprocess.CompletedProcess[str]:
+        """Replay a datagrepper message onto the bus with the real ``fedmsg-dg-replay``."""
+        assert self.bus is not None and self.datagrepper is not None
+        return subprocess.run(
+            self.replay_argv(msg_id),
+            cwd=self.bus.workdir,
+            env=self.env(),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def replay_argv(self, msg_id: str | None = None) -> list[str]:
+        assert self.datagrepper is not None
+        return [
+            str(BIN / "fedmsg-dg-replay"),
+            "--msg-id",
+            msg_id or self.msg_id,
+            "--datagrepper-url",
+            self.datagrepper.url,
+        ]
+
+    def commands(self) -> dict[str, str]:
+        """How to drive the running stack from another shell, exactly.
+
+        fedmsg 1.1's command-line tools (and ``fedimg``) read ``./fedmsg.d`` of the
+        working directory and ignore ``$FEDMSG_CONFIG``: every command runs in
+        the bus directory (the repository's own ``fedmsg.d`` has other ports).
+        """
+        assert self.moto is not None and self.bus is not None
+        where = shlex.quote(str(self.bus.workdir))
+        bus = (
+            f"cd {where} && env -u VIRTUAL_ENV FEDMSG_CONFIG={shlex.quote(str(self.fedmsg_config))}"
+        )
+        aws = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.moto.env().items())
+        body = shlex.quote(json.dumps({"status": "DOOMED", "compose_id": self.options.compose_id}))
+        return {
+            "replay the recorded compose message (what `make demo` does)": (
+                f"{bus} {shlex.join(self.replay_argv())}"
+            ),
+            "tail the bus": f"{bus} {BIN}/fedmsg-tail --really-pretty",
+            "staged AMIs, their tests and copies": f"{bus} {aws} {BIN}/fedimg status",
+            "resume unfinished promotions": f"{bus} {aws} {BIN}/fedimg reconcile",
+            "publish your own message": (
+                f"echo {body} | ({bus} {BIN}/fedmsg-logger --json-input "
+                "--modname pungi --topic compose.status.change)"
+            ),
+            "results in ResultsDB": f"curl -s '{self.resultsdb_url}/results?limit=5'",
+        }
+
+    def describe(self) -> str:
+        """The endpoints and the commands, for a person at a terminal."""
+        assert self.moto and self.bus and self.datagrepper and self.compose_server
+        assert self.outputs is not None and self.hub is not None and self.hub.proc is not None
+        lines = [
+            "fedimg local stack (loopback only; Ctrl-C stops everything)",
+            "",
+            f"  AWS (moto_server)     {self.moto.url}",
+            f"  fedmsg relay          in {self.bus.inbound}  out {self.bus.outbound}",
+            f"  fedmsg-hub            pid {self.hub.proc.pid} (fedimg stage, autocloud_ami, "
+            "fedimg promote)",
+            f"  ResultsDB stand-in    {self.resultsdb_url}",
+            f"  instance SSH stand-in {self.ssh_override}  (fails: {', '.join(self.options.fail)})",
+            f"  compose               {self.compose_server.url}",
+            f"  datagrepper stand-in  {self.datagrepper.url}  (recorded msg {self.msg_id})",
+            f"  test output           {self.outputs.url}",
+            f"  fedmsg config         {self.fedmsg_config}",
+            f"  logs                  {self.bus.workdir}/*.log",
+            f"  staging region        {self.options.staging_region}; targets "
+            f"{', '.join(self.options.regions)}",
+            "",
+        ]
+        for what, command in self.commands().items():
+            lines += [f"# {what}", command, ""]
+        return "\n".join(lines)
+
+
+# -- python -m devel.stack up -----------------------------------------------------------
+
+
+class Stopped(Exception):
+    """SIGTERM or SIGHUP arrived: unwind, so that every ``with`` block tears down."""
+
+
+def _raise_stopped(signum: int, frame: FrameType | None) -> None:
+    raise Stopped(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP into ``Stopped`` (Ctrl-C already raises KeyboardInterrupt)."""
+    previous = {s: signal.signal(s, _raise_stopped) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def run_up(options: StackOptions, out: TextIO | None = None) -> int:
+    """Bring the stack up, print how to use it, wait for Ctrl-C/SIGTERM, tear it down."""
+    out = out or sys.stdout
+    try:
+        with stop_on_signals(), Stack(options) as stack:
+            print(stack.describe(), file=out, flush=True)
+            assert stack.hub is not None and stack.hub.proc is not None
+            stack.hub.proc.wait()  # a signal interrupts this with KeyboardInterrupt/Stopped
+            print(f"fedmsg-hub exited:\n{stack.hub.output()[-4000:]}", file=sys.stderr)
+            return 1
+    except (KeyboardInterrupt, Stopped):
+        print("stopped; everything torn down", file=out, flush=True)
+        return 0
+    except StackError as exc:
+        print(f"the stack did not come up: {exc}", file=sys.stderr)
+        return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m devel.stack", description=__doc__)
+    parser.add_argument("command", choices=["up"])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument(
+        "--fail",
+        action="append",
+        metavar="GLOB=FAULT",
+        help="instance misbehaviour by image name (default: the aarch64 Cloud Base fails selinux)",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    options = StackOptions() if args.fail is None else StackOptions(fail=tuple(args.fail))
+    try:
+        options.rules()
+    except ValueError as exc:
+        parser.error(str(exc))
+    return run_up(options)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
