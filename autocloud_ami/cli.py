@@ -27,7 +27,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from autocloud_ami.config import AutocloudConfig
 from fedimg.aws import error_code
 from fedimg.messages import Emitter, InvalidMessage, Publisher, StagedImage, fedmsg_publisher
-from fedimg.settings import ConfigError, load_fedmsg_config
+from fedimg.settings import ConfigError, load_fedmsg_config, setup_cli_logging
 
 log = logging.getLogger("autocloud_ami")
 
@@ -172,19 +172,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("botocore", "boto3", "urllib3", "paramiko"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     args = _parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    setup_cli_logging(args.verbose)
     stdout = out or sys.stdout
     try:
         cfg = AutocloudConfig.from_fedmsg(load_fedmsg_config())

@@ -20,7 +20,7 @@ from typing import Any
 
 from fedimg.config import FedimgConfig
 from fedimg.messages import Emitter, Publisher, Topics, fedmsg_publisher
-from fedimg.settings import ConfigError, load_fedmsg_config
+from fedimg.settings import ConfigError, load_fedmsg_config, setup_cli_logging
 
 log = logging.getLogger("fedimg")
 
@@ -47,19 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    setup_cli_logging(args.verbose)
     try:
         raw = load_fedmsg_config()
         cfg = FedimgConfig.from_fedmsg(raw)

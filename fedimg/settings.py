@@ -15,7 +15,9 @@ namespace: unknown keys, missing required keys and wrong types all raise
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import sys
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -133,3 +135,14 @@ def load_fedmsg_config() -> dict[str, Any]:
         if not filenames:
             raise ConfigError(f"FEDMSG_CONFIG={location} holds no fedmsg config file")
     return dict(fedmsg.config.load_config([], None, filenames=filenames, invalidate_cache=True))
+
+
+def setup_cli_logging(verbose: bool) -> None:
+    """Log lines on stderr for the command-line tools; the AWS/HTTP libraries quieter."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "paramiko"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
