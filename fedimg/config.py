@@ -55,6 +55,8 @@ class FedimgConfig:
     copy_timeout: float = setting("fedimg.promote.copy_timeout", 3 * 3600.0)
     publish_retry_timeout: float = setting("fedimg.promote.publish_retry_timeout", 1800.0)
     reconcile_interval: float = setting("fedimg.reconcile.interval", 300.0)
+    retest_after: float = setting("fedimg.gate.retest_after", 3 * 3600.0)
+    orphan_grace: float = setting("fedimg.reconcile.orphan_grace", 2 * 3600.0)
 
     def __post_init__(self) -> None:
         check_region(self.staging_region)

@@ -148,7 +148,8 @@ class ReconcileProducer(PollingProducer):
 
     def __init__(self, hub: Any) -> None:
         if not hub.config.get(PromoteConsumer.config_key):
-            self.die = True  # the polling thread returns at once
+            self.now = False  # no pass at start-up...
+            self.die = True  # ...and the polling thread returns at once
             self.frequency = 60.0
             super().__init__(hub)
             return

@@ -23,6 +23,9 @@ VOL_TYPE = "fedimg:vol-type"
 STATE = "fedimg:state"
 STAGED_AT = "fedimg:staged-at"
 SOURCE_AMI = "fedimg:source-ami"  # on copies: the staging AMI they came from
+UPLOADED = "fedimg:uploaded"  # on snapshots: every block written and completed (a UTC time)
+TEST_REQUESTED = "fedimg:test-requested"  # on AMIs: times reconcile asked for the test again
+RESUMED = "fedimg:resumed"  # on snapshots: times reconcile restaged the image from it
 
 
 class State(StrEnum):
