@@ -24,13 +24,14 @@ import jsonschema
 
 SCHEMA_VERSION: Final = 1
 MAX_BODY_BYTES: Final = 64 * 1024
+MAX_BODY_DEPTH: Final = 32
 
-AMI_ID_RE: Final = re.compile(r"^ami-(?:[0-9a-f]{8}|[0-9a-f]{17})$")
-REGION_RE: Final = re.compile(r"^[a-z]{2}(?:-[a-z]+)+-\d{1,2}$")
-COMPOSE_ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,199}$")
-IMAGE_NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,254}$")
-SHA256_RE: Final = re.compile(r"^[0-9a-f]{64}$")
-TESTCASE_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+AMI_ID_RE: Final = re.compile(r"^ami-(?:[0-9a-f]{8}|[0-9a-f]{17})\Z")
+REGION_RE: Final = re.compile(r"^[a-z]{2}(?:-[a-z]+)+-\d{1,2}\Z")
+COMPOSE_ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,199}\Z")
+IMAGE_NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,254}\Z")
+SHA256_RE: Final = re.compile(r"^[0-9a-f]{64}\Z")
+TESTCASE_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}\Z")
 ARCHES: Final = ("x86_64", "aarch64")
 FINISHED_STATUSES: Final = ("FINISHED", "FINISHED_INCOMPLETE")
 OUTCOMES: Final = ("PASSED", "INFO", "FAILED", "NEEDS_INSPECTION")
@@ -51,7 +52,8 @@ _REGION = {"type": "string", "pattern": REGION_RE.pattern}
 _COMPOSE = {"type": "string", "pattern": COMPOSE_ID_RE.pattern}
 _IMAGE = {"type": "string", "pattern": IMAGE_NAME_RE.pattern}
 _ARCH = {"type": "string", "enum": list(ARCHES)}
-_URL = {"type": "string", "maxLength": 2048, "pattern": "^https?://[^\\s]+$"}
+# Printable ASCII only: no whitespace, control or format characters (RTL override, NUL).
+_URL = {"type": "string", "maxLength": 2048, "pattern": "^https?://[!-~]+\\Z"}
 _EXTRA = {
     "type": "object",
     "properties": {
@@ -85,6 +87,22 @@ _IMAGE_EVENT = _obj(
 )
 
 
+def _depth(value: Any) -> int:
+    """How deeply ``value`` nests lists and objects (iterative: no recursion limit)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, level)
+        stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
 @dataclass(frozen=True)
 class MessageType:
     """A topic of the contract and the JSON schema of its body."""
@@ -100,10 +118,12 @@ class MessageType:
             raise InvalidMessage(f"{self}: body is {type(body).__name__}, not an object")
         try:
             size = len(json.dumps(body))
-        except (TypeError, ValueError) as exc:
-            raise InvalidMessage(f"{self}: body is not JSON-serialisable: {exc}") from exc
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise InvalidMessage(f"{self}: body is not JSON-serialisable: {exc!s:.200}") from exc
         if size > MAX_BODY_BYTES:
             raise InvalidMessage(f"{self}: body is {size} bytes, over {MAX_BODY_BYTES}")
+        if _depth(body) > MAX_BODY_DEPTH:
+            raise InvalidMessage(f"{self}: body nests deeper than {MAX_BODY_DEPTH} levels")
         error = jsonschema.exceptions.best_match(
             jsonschema.Draft7Validator(self.body_schema).iter_errors(body)
         )
@@ -331,13 +351,20 @@ def unwrap(message: Mapping[str, Any]) -> tuple[str, Any]:
 
 def check_http_url(url: str, allowed_hosts: tuple[str, ...] | list[str] = ()) -> str:
     """Return ``url`` if it is http(s) with a host, and the host is allowed."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    if not isinstance(url, str) or any(ch.isspace() or not ch.isprintable() for ch in url):
+        raise InvalidMessage(f"URL has whitespace or control characters: {str(url)[:200]!r}")
+    try:
+        parts = urlsplit(url)
+        hostname = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError as exc:  # e.g. an unbalanced IPv6 bracket
+        raise InvalidMessage(f"not a valid URL: {url[:200]!r}: {exc}") from exc
+    if parts.scheme not in ("http", "https") or not hostname:
         raise InvalidMessage(f"not an http(s) URL: {url[:200]!r}")
-    if parts.username or parts.password:
+    if "@" in parts.netloc:  # userinfo, even empty: "http://allowed@evil/" tricks
         raise InvalidMessage("URL must not carry credentials")
-    if allowed_hosts and parts.hostname not in allowed_hosts:
-        raise InvalidMessage(f"host {parts.hostname!r} is not in the allowed compose hosts")
+    if allowed_hosts and hostname not in allowed_hosts:
+        raise InvalidMessage(f"host {hostname!r} is not in the allowed compose hosts")
     return url
 
 
