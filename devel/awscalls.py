@@ -80,12 +80,20 @@ def call_of(entry: dict[str, object]) -> AwsCall | None:
 
 
 def parse_recording(lines: Iterable[str]) -> list[AwsCall]:
-    """Every AWS call in a moto recording, in order."""
+    """Every AWS call in a moto recording, in order.
+
+    moto's recorder appends each entry and its newline in two writes without a
+    lock, so concurrent requests can leave two entries on one line: decode
+    every JSON object of a line, not just one.
+    """
+    decoder = json.JSONDecoder()
     calls = []
     for line in lines:
-        if not line.strip():
-            continue
-        call = call_of(json.loads(line))
-        if call is not None:
-            calls.append(call)
+        text, at = line.strip(), 0
+        while at < len(text):
+            entry, end = decoder.raw_decode(text, at)
+            at = end + len(text[end:]) - len(text[end:].lstrip())
+            call = call_of(entry)
+            if call is not None:
+                calls.append(call)
     return calls

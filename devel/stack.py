@@ -39,7 +39,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -88,6 +88,8 @@ class StackOptions:
     record_aws: bool = False
     # Added to the environment of every process on the bus (hub, relay, stand-ins).
     extra_env: Mapping[str, str] = field(default_factory=dict)
+    # Given moto_server's URL, the AWS endpoint of the bus processes (a recording proxy in tests).
+    aws_proxy: Callable[[str], str] | None = None
 
     def rules(self) -> list[FailRule]:
         return [FailRule.parse(text) for text in self.fail]
@@ -277,7 +279,7 @@ class Stack:
             LocalBus(
                 settings={**settings, **HUB_SETTINGS},
                 workdir=workdir / "bus",
-                extra_env={**self.moto.env(), **opts.extra_env},
+                extra_env={**self._aws_env(), **opts.extra_env},
             )
         )
         self.datagrepper.record(self.bus.outbound)
@@ -317,6 +319,13 @@ class Stack:
         self._wait_ready(self.instancehost, "listening on", 60.0)
         self.hub = self.bus.start_hub(timeout=opts.hub_timeout)
         log.info("stack up in %.1fs", time.monotonic() - self.started_at)
+
+    def _aws_env(self) -> dict[str, str]:
+        assert self.moto is not None
+        env = self.moto.env()
+        if self.options.aws_proxy is not None:
+            env["AWS_ENDPOINT_URL"] = self.options.aws_proxy(self.moto.url)
+        return env
 
     def _spawn_devel(self, name: str, args: list[str]) -> ManagedProcess:
         assert self.bus is not None

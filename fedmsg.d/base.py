@@ -17,7 +17,14 @@ config = {
     "relay_inbound": ["tcp://127.0.0.1:9941"],
     "endpoints": {"relay_outbound": ["tcp://127.0.0.1:9940"]},
     "fedmsg.consumers.relay.enabled": True,
-    # Development only: production signs and validates (see README, Security).
+    # Development only: production signs and validates. There, set
+    # "sign_messages": True, "validate_signatures": True, "crypto_backend": "x509",
+    # "crypto_validate_backends": ["x509"], "ssldir": "/etc/pki/fedmsg",
+    # "cert_prefix": "fedimg", "certnames": {"fedimg.<host>": "<cert basename>"},
+    # "ca_cert_location", "crl_location" and a "routing_policy" naming who may send
+    # pungi.compose.status.change and resultsdb.result.new. fedmsg 1.1 verifies
+    # x509 only with M2Crypto, or pyOpenSSL < 24.3 with cryptography < 44; without
+    # them every message is rejected. docs/security.md, "Message signatures".
     "sign_messages": False,
     "validate_signatures": False,
     "zmq_enabled": True,
