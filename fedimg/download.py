@@ -46,7 +46,7 @@ PROBE_WINDOW = 64 * 1024
 MAX_INDEX_SIZE = 16 * 1024 * 1024
 MAX_STREAMS = 1024
 # Raw bytes per decompression step. 256 KiB stays in the CPU cache, and so costs
-# less CPU than 1 MiB (benchmarks/upload.py, docs/perf-upload.md).
+# less CPU than 1 MiB (benchmarks/upload.py, docs/performance.md).
 DEFAULT_CHUNK = 256 * 1024
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
 _IDENTITY = {"Accept-Encoding": "identity"}

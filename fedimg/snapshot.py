@@ -50,6 +50,7 @@ MIN_TIMEOUT_MINUTES = 10  # start_snapshot's Timeout range
 MAX_TIMEOUT_MINUTES = 4320
 STOP_WORKERS_SECONDS = 30.0
 COMPLETION_POLL_FIRST = 1.0
+_clock = time.monotonic  # every deadline here; a test may move it
 COMPLETION_POLL_MAX = 15.0
 
 
@@ -62,7 +63,7 @@ class SnapshotError(Exception):
         self.snapshot_id = snapshot_id
 
 
-class SnapshotTimeout(SnapshotError):
+class SnapshotTimeout(SnapshotError, TimeoutError):
     """The upload or the snapshot's completion outran its deadline."""
 
 
@@ -197,7 +198,7 @@ _STOP = _Stop()
 
 
 class _BlockWriter:
-    """``workers`` threads putting blocks from a queue of at most ``workers`` entries."""
+    """``workers`` threads putting blocks taken from a queue of ``queue_depth(workers)``."""
 
     def __init__(
         self, ebs: Any, snapshot_id: str, workers: int, deadline: float, log_context: str
@@ -222,49 +223,36 @@ class _BlockWriter:
 
     def submit(self, index: int, block: bytes) -> None:
         """Queue one block, waiting for room; raise a worker's error or the deadline."""
-        while True:
-            self._raise_if_failed()
-            remaining = self.deadline - time.monotonic()
-            if remaining <= 0:
-                raise SnapshotTimeout(
-                    f"upload of {self.snapshot_id} outran its deadline",
-                    snapshot_id=self.snapshot_id,
-                )
-            try:
-                self._queue.put((index, block), timeout=min(remaining, 0.5))
-                return
-            except queue.Full:
-                continue
+        self._enqueue((index, block))
 
     def finish(self) -> dict[int, bytes]:
         """Wait for every queued block to be written; the digests by block index."""
         for _ in self._threads:
-            self.submit_stop()
+            self._enqueue(_STOP)
         for thread in self._threads:
             while thread.is_alive():
                 self._raise_if_failed()
-                remaining = self.deadline - time.monotonic()
-                if remaining <= 0:
-                    raise SnapshotTimeout(
-                        f"upload of {self.snapshot_id} outran its deadline",
-                        snapshot_id=self.snapshot_id,
-                    )
-                thread.join(timeout=min(remaining, 0.5))
+                thread.join(timeout=min(self._remaining(), 0.5))
         self._raise_if_failed()
         return self.digests
 
-    def submit_stop(self) -> None:
+    def _enqueue(self, item: tuple[int, bytes] | _Stop) -> None:
         while True:
             self._raise_if_failed()
             try:
-                self._queue.put(_STOP, timeout=0.5)
+                self._queue.put(item, timeout=min(self._remaining(), 0.5))
                 return
             except queue.Full:
-                if time.monotonic() >= self.deadline:
-                    raise SnapshotTimeout(
-                        f"upload of {self.snapshot_id} outran its deadline",
-                        snapshot_id=self.snapshot_id,
-                    ) from None
+                continue
+
+    def _remaining(self) -> float:
+        """Seconds left before the deadline; SnapshotTimeout once it has passed."""
+        remaining = self.deadline - _clock()
+        if remaining <= 0:
+            raise SnapshotTimeout(
+                f"upload of {self.snapshot_id} outran its deadline", snapshot_id=self.snapshot_id
+            )
+        return remaining
 
     def stop(self) -> None:
         """Abort: drop queued blocks, let in-flight calls end, do not wait forever."""
@@ -381,7 +369,7 @@ def upload_snapshot(
         )
     size_gib = volume_size_gib(raw_size)
     total = blocks_total(raw_size)
-    deadline = time.monotonic() + timeout_minutes * 60
+    deadline = _clock() + timeout_minutes * 60
     try:
         started = ebs.start_snapshot(
             VolumeSize=size_gib,
@@ -412,7 +400,7 @@ def upload_snapshot(
         digests = writer.finish()
         blocks_sent = len(digests)
         _complete(ebs, snapshot_id, digests)
-        _wait_completed(ec2, snapshot_id, time.monotonic() + completion_timeout, log_context)
+        _wait_completed(ec2, snapshot_id, _clock() + completion_timeout, log_context)
     except BaseException as exc:
         if writer is not None:
             writer.stop()
@@ -468,7 +456,7 @@ def _feed(
             writer.submit(index, block)
         if progress is not None:
             progress(bytes_read)
-        if time.monotonic() > writer.deadline:
+        if _clock() > writer.deadline:
             raise SnapshotTimeout(
                 f"upload of {snapshot_id} outran its deadline", snapshot_id=snapshot_id
             )
@@ -508,7 +496,7 @@ def _wait_completed(ec2: Any, snapshot_id: str, deadline: float, log_context: st
             raise SnapshotError(
                 f"snapshot {snapshot_id} is in state {state}", snapshot_id=snapshot_id
             )
-        remaining = deadline - time.monotonic()
+        remaining = deadline - _clock()
         if remaining <= 0:
             raise SnapshotTimeout(
                 f"snapshot {snapshot_id} still {state} at its deadline", snapshot_id=snapshot_id

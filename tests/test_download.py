@@ -183,6 +183,7 @@ def test_image_server_parses_ranges() -> None:
 # probe_raw_size
 
 
+@pytest.mark.integration
 def test_probe_single_stream(
     server: ImageServer, session: requests.Session, single: ImageFacts
 ) -> None:
@@ -191,6 +192,7 @@ def test_probe_single_stream(
     assert all(r is not None for _, r in server.requests), "every request is a Range request"
 
 
+@pytest.mark.integration
 @needs_xz
 def test_probe_multi_block_multi_stream_with_padding(
     server: ImageServer, session: requests.Session, multi: tuple[Path, str, int]
@@ -201,6 +203,7 @@ def test_probe_multi_block_multi_stream_with_padding(
     assert raw_size == len(xz_dc(path))
 
 
+@pytest.mark.integration
 @needs_xz
 def test_probe_reads_only_the_tail_of_a_big_file(
     server: ImageServer,
@@ -217,6 +220,7 @@ def test_probe_reads_only_the_tail_of_a_big_file(
     assert server.bytes_sent["/big.raw.xz"] < facts.compressed_size // 10
 
 
+@pytest.mark.integration
 def test_probe_not_xz(server: ImageServer, session: requests.Session) -> None:
     url = serve_bytes(server, "junk.raw.xz", b"this is not an xz file at all" * 100)
     with pytest.raises(CorruptImage) as info:
@@ -224,6 +228,7 @@ def test_probe_not_xz(server: ImageServer, session: requests.Session) -> None:
     assert info.value.url == url
 
 
+@pytest.mark.integration
 def test_probe_truncated_and_damaged_tails(
     server: ImageServer, session: requests.Session, single: ImageFacts
 ) -> None:
@@ -238,12 +243,14 @@ def test_probe_truncated_and_damaged_tails(
             probe_raw_size(session, url)
 
 
+@pytest.mark.integration
 def test_probe_empty_file(server: ImageServer, session: requests.Session) -> None:
     url = serve_bytes(server, "empty.raw.xz", b"")
     with pytest.raises(CorruptImage):
         probe_raw_size(session, url)
 
 
+@pytest.mark.integration
 def test_probe_refuses_a_server_that_ignores_range(
     server: ImageServer, session: requests.Session, single: ImageFacts
 ) -> None:
@@ -255,6 +262,7 @@ def test_probe_refuses_a_server_that_ignores_range(
     assert len(server.requests) == 1, "no fallback to another full download"
 
 
+@pytest.mark.integration
 def test_probe_404(server: ImageServer, session: requests.Session) -> None:
     with pytest.raises(DownloadError, match="404") as info:
         probe_raw_size(session, server.url("missing.raw.xz"))
@@ -265,6 +273,7 @@ def test_probe_404(server: ImageServer, session: requests.Session) -> None:
 # stream_raw: good input
 
 
+@pytest.mark.integration
 def test_stream_raw_yields_the_raw_image(
     server: ImageServer, session: requests.Session, single: ImageFacts
 ) -> None:
@@ -279,6 +288,7 @@ def test_stream_raw_yields_the_raw_image(
         assert hashlib.sha256(block + bytes(BLOCK - len(block))).hexdigest() == digest
 
 
+@pytest.mark.integration
 @needs_xz
 def test_stream_raw_multi_stream(
     server: ImageServer, session: requests.Session, multi: tuple[Path, str, int]
@@ -301,6 +311,7 @@ def consume(chunks: Iterator[bytes], got: list[bytes] | None = None) -> list[byt
     return got
 
 
+@pytest.mark.integration
 def test_checksum_mismatch_holds_back_the_last_chunk(
     server: ImageServer, session: requests.Session, single: ImageFacts
 ) -> None:
@@ -314,6 +325,7 @@ def test_checksum_mismatch_holds_back_the_last_chunk(
     assert info.value.url == url
 
 
+@pytest.mark.integration
 def test_sha256_argument_is_validated(
     server: ImageServer, session: requests.Session, single: ImageFacts
 ) -> None:
@@ -325,6 +337,7 @@ def test_sha256_argument_is_validated(
     assert server.requests == [], "nothing downloaded for bad arguments"
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "case", ["truncated", "flipped", "trailing-garbage", "bad-padding", "not-xz", "empty"]
 )
@@ -349,6 +362,7 @@ def test_corrupt_files_raise_corrupt_image(
         consume(stream_raw(session, url, hashlib.sha256(bad).hexdigest(), noisy.raw_size))
 
 
+@pytest.mark.integration
 def test_more_output_than_declared_is_an_xz_bomb(
     server: ImageServer, session: requests.Session, tmp_path: Path
 ) -> None:
@@ -363,6 +377,7 @@ def test_more_output_than_declared_is_an_xz_bomb(
     assert all(len(c) <= BLOCK for c in got)
 
 
+@pytest.mark.integration
 def test_less_output_than_declared(
     server: ImageServer, session: requests.Session, single: ImageFacts
 ) -> None:
@@ -373,6 +388,7 @@ def test_less_output_than_declared(
     assert got and sum(map(len, got)) < single.raw_size
 
 
+@pytest.mark.integration
 def test_404(server: ImageServer, session: requests.Session, single: ImageFacts) -> None:
     url = server.add("gone.raw.xz", Route(single.path, status=404))
     with pytest.raises(DownloadError, match="404") as info:
@@ -380,6 +396,7 @@ def test_404(server: ImageServer, session: requests.Session, single: ImageFacts)
     assert type(info.value) is DownloadError
 
 
+@pytest.mark.integration
 def test_stalled_server_times_out(server: ImageServer, single: ImageFacts) -> None:
     url = server.add("stall.raw.xz", Route(single.path, stall_after=100))
     session = make_session(retries=0, timeout=0.5)
@@ -390,6 +407,7 @@ def test_stalled_server_times_out(server: ImageServer, single: ImageFacts) -> No
     assert time.monotonic() - started < 10
 
 
+@pytest.mark.integration
 def test_connection_cut_short(
     server: ImageServer, session: requests.Session, noisy: ImageFacts
 ) -> None:
