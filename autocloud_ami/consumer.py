@@ -21,6 +21,7 @@ from fedmsg.consumers import FedmsgConsumer
 from moksha.hub.api.producer import PollingProducer
 
 from autocloud_ami.config import AutocloudConfig
+from fedimg.backlog import ResumableBacklog
 from fedimg.messages import (
     IMAGE_TEST,
     Emitter,
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 CONFIG_KEY = "autocloud_ami.enabled"
 
 
-class AmiTestConsumer(FedmsgConsumer):
+class AmiTestConsumer(ResumableBacklog, FedmsgConsumer):
     """Tests every AMI fedimg asks for (``fedimg.image.test`` status ``started``)."""
 
     config_key = CONFIG_KEY

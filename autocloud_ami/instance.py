@@ -436,6 +436,11 @@ class TestInstance:
         groups = resp.get("SecurityGroups", [])
         return str(groups[0]["GroupId"]) if groups else None
 
+    def _group_named(self, name: str) -> str | None:
+        resp = self.ec2.describe_security_groups(Filters=[{"Name": "group-name", "Values": [name]}])
+        groups = resp.get("SecurityGroups", [])
+        return str(groups[0]["GroupId"]) if groups else None
+
     def _vpc_of_subnet(self) -> str | None:
         if not self.spec.subnet_id:
             return None
@@ -453,11 +458,26 @@ class TestInstance:
             vpc = self._vpc_of_subnet()
             if vpc:
                 params["VpcId"] = vpc
-            group_id = str(self.ec2.create_security_group(**params)["GroupId"])
+            try:
+                group_id = str(self.ec2.create_security_group(**params)["GroupId"])
+            except ClientError as exc:
+                # The first answer was lost and botocore sent the call again: the
+                # group named after this job is the one that first call made.
+                if error_code(exc) != "InvalidGroup.Duplicate":
+                    raise
+                found = self._find_group() or self._group_named(self.spec.name)
+                if found is None:
+                    raise
+                group_id = found
             self.group_id = group_id
-            self.ec2.authorize_security_group_ingress(
-                **ingress_params(group_id, self.spec.ssh_cidr)
-            )
+            try:
+                self.ec2.authorize_security_group_ingress(
+                    **ingress_params(group_id, self.spec.ssh_cidr)
+                )
+            except ClientError as exc:
+                # Same rule already there (a retried call whose first answer was lost).
+                if error_code(exc) != "InvalidPermission.Duplicate":
+                    raise
             log.info(
                 "%s: security group %s allows tcp/22 from %s only",
                 self._ctx,

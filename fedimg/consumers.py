@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from fedmsg.consumers import FedmsgConsumer
 from moksha.hub.api.producer import PollingProducer
 
+from fedimg.backlog import ResumableBacklog
 from fedimg.config import FedimgConfig
 from fedimg.messages import (
     COMPOSE_STATUS,
@@ -35,10 +36,12 @@ from fedimg.messages import (
 
 if TYPE_CHECKING:
     from fedimg.promote import Promoter
+    from fedimg.stage import Stager
 
 log = logging.getLogger(__name__)
 
 _promoters: dict[int, Promoter] = {}
+_stagers: dict[int, Stager] = {}
 _promoters_lock = threading.Lock()
 
 
@@ -52,7 +55,17 @@ def shared_promoter(hub: Any, cfg: FedimgConfig, emitter: Emitter) -> Promoter:
         return _promoters[id(hub)]
 
 
-class FedimgConsumer(FedmsgConsumer):
+def shared_stager(hub: Any, cfg: FedimgConfig, emitter: Emitter) -> Stager:
+    """One Stager per hub: the reconcile pass sees what the listener is staging."""
+    from fedimg.stage import Stager
+
+    with _promoters_lock:
+        if id(hub) not in _stagers:
+            _stagers[id(hub)] = Stager.from_config(cfg, emitter)
+        return _stagers[id(hub)]
+
+
+class FedimgConsumer(ResumableBacklog, FedmsgConsumer):
     """Subscribes to ``consumes`` on the local bus and dispatches to ``handle``."""
 
     consumes: ClassVar[tuple[MessageType, ...]] = ()
@@ -110,9 +123,7 @@ class StageConsumer(FedimgConsumer):
     consumes = (COMPOSE_STATUS,)
 
     def setup(self) -> None:
-        from fedimg.stage import Stager
-
-        self.stager = Stager.from_config(self.cfg, self.emitter)
+        self.stager = shared_stager(self.hub_ref, self.cfg, self.emitter)
 
     def handle(self, mtype: MessageType, body: Any) -> None:
         status = parse_compose_status(body)
@@ -139,9 +150,11 @@ class PromoteConsumer(FedimgConsumer):
 class ReconcileProducer(PollingProducer):
     """At start-up and every ``fedimg.reconcile.interval`` seconds, resume unfinished work.
 
-    AMIs ``testing`` whose results are complete (or whose deadline passed) are
-    gated; AMIs ``promoting`` get their missing regions. This is what makes a
-    lost ResultsDB message or a hub killed mid-copy harmless.
+    ``fedimg.reconcile``: AMIs ``testing`` whose results are complete (or whose
+    deadline passed) are gated, those whose results never came get their test
+    requested once more; AMIs ``promoting`` get their missing regions; with
+    stage enabled in this hub, what a killed stage left is cleaned up or
+    staged again. This is what makes a lost message or a killed hub harmless.
     """
 
     now = True
@@ -155,15 +168,15 @@ class ReconcileProducer(PollingProducer):
             return
         cfg = FedimgConfig.from_fedmsg(hub.config)
         self.frequency = cfg.reconcile_interval
-        self.promoter = shared_promoter(hub, cfg, Emitter(fedmsg_publisher()))
+        emitter = Emitter(fedmsg_publisher())
+        self.promoter = shared_promoter(hub, cfg, emitter)
+        self.stager = shared_stager(hub, cfg, emitter) if cfg.stage_enabled else None
         super().__init__(hub)
 
     def poll(self) -> None:
-        from fedimg.promote import reconcile
+        from fedimg.reconcile import reconcile
 
         try:
-            outcomes = reconcile(self.promoter)
+            reconcile(self.promoter, self.stager)
         except Exception:
             log.exception("reconcile pass failed")
-            return
-        log.info("reconcile pass looked at %d AMIs", len(outcomes))

@@ -400,8 +400,13 @@ class Promoter:
         return result
 
     # -- the record ---------------------------------------------------------------
-    def _staging_snapshots(self, staged: StagingAmi) -> list[str]:
-        """The staging AMI's snapshots: its block device mappings plus the tagged one."""
+    def _staging_snapshots(self, staged: StagingAmi, everything: bool = False) -> list[str]:
+        """The staging AMI's snapshots: its block device mappings plus the tagged one.
+
+        A tagged snapshot without ``fedimg:uploaded`` beside one with it is what a
+        killed upload left (``fedimg.reconcile`` deletes it): it is neither
+        published nor re-tagged, unless ``everything`` (deleting a rejected AMI).
+        """
         wanted = {
             tags.COMPOSE_ID: staged.image.compose_id,
             tags.IMAGE_NAME: staged.image.image_name,
@@ -411,6 +416,9 @@ class Promoter:
         found = self.copier.snapshots_of(self.cfg.staging_region, staged.described, wanted)
         filters = [{"Name": f"tag:{k}", "Values": [v]} for k, v in wanted.items()]
         tagged = self.ec2.describe_snapshots(OwnerIds=["self"], Filters=filters)["Snapshots"]
+        uploaded = [s for s in tagged if tags.UPLOADED in tags.as_dict(s.get("Tags"))]
+        if uploaded and not everything:
+            tagged = uploaded
         return list(dict.fromkeys([*found, *sorted(s["SnapshotId"] for s in tagged)]))
 
     def _set_state(self, staged: StagingAmi, state: State) -> None:
@@ -426,7 +434,7 @@ class Promoter:
 
     def _delete(self, staged: StagingAmi) -> None:
         """``fedimg.gate.delete_rejected``: deregister the AMI and delete its snapshot(s)."""
-        snapshots = self._staging_snapshots(staged)
+        snapshots = self._staging_snapshots(staged, everything=True)
         self.ec2.deregister_image(ImageId=staged.ami_id)
         log.info("%s: deregistered (fedimg.gate.delete_rejected)", staged.label)
         for snap in snapshots:
@@ -468,34 +476,15 @@ def staged_amis(ec2: Any, states: tuple[State, ...] | None = None) -> list[dict[
 
 
 def reconcile(promoter: Promoter) -> list[tuple[str, str]]:
-    """One pass over the staging region: testing -> evaluate, promoting -> resume.
+    """One pass over the staging AMIs only: testing -> gate (or re-request), promoting -> resume.
 
-    Returns ``(ami_id, outcome)`` per AMI looked at; an outcome starting with
-    ``error`` means the step raised (and was logged with its traceback).
+    ``(ami_id, outcome)`` per AMI; an outcome starting with ``error`` means the
+    step raised (and was logged with its traceback). The whole pass, a stage's
+    leftovers included, is ``fedimg.reconcile.Reconciler``.
     """
-    done: list[tuple[str, str]] = []
-    for described in staged_amis(promoter.ec2, (State.TESTING, State.PROMOTING)):
-        ami_id = described["ImageId"]
-        state = tags.state_of(described)
-        try:
-            if state is State.PROMOTING:
-                promotion = promoter.resume(ami_id)
-                outcome = (
-                    "released"
-                    if promotion.complete
-                    else f"promoting: failed in {', '.join(sorted(promotion.failed))}"
-                )
-            else:
-                decision = promoter.evaluate(ami_id)
-                outcome = f"{decision.verdict}: {decision.reason}"
-        except (NotEligible, Busy) as exc:
-            outcome = f"skipped: {type(exc).__name__} {exc}"
-        except Exception as exc:  # one AMI must not stop the pass
-            log.exception("%s: reconcile failed", ami_id)
-            outcome = f"error: {type(exc).__name__}: {exc}"[:300]
-        log.info("%s: reconcile: %s", ami_id, outcome)
-        done.append((ami_id, outcome))
-    return done
+    from fedimg.reconcile import Reconciler
+
+    return Reconciler(promoter).run().pairs()
 
 
 # -- CLI -------------------------------------------------------------------------------
@@ -544,8 +533,11 @@ def promote_by_hand(promoter: Promoter, ami_id: str) -> int:
 
 def cli_reconcile(cfg: FedimgConfig, emitter: Emitter) -> int:
     """``fedimg reconcile``: one pass; non-zero if a step raised or a release is incomplete."""
-    outcomes = reconcile(Promoter.from_config(cfg, emitter))
-    for ami_id, outcome in outcomes:
-        print(f"{ami_id}\t{outcome}")
-    bad = [o for _, o in outcomes if o.startswith(("error", "promoting"))]
-    return 1 if bad else 0
+    from fedimg.reconcile import run_by_hand
+    from fedimg.stage import Stager
+
+    stager = Stager.from_config(cfg, emitter)
+    try:
+        return run_by_hand(Promoter.from_config(cfg, emitter), stager, print)
+    finally:
+        stager.close()
