@@ -54,22 +54,27 @@ CONTRACT = {f"{t.modname}.{t.name}": t for t in ALL_TYPES}
 
 
 class FakeClock:
-    """Monotonic time that only moves when the code sleeps; records every sleep."""
+    """Monotonic time that only moves when the code sleeps; records every sleep.
+
+    Each thread's sleeps move only that thread's time, as threads sleep in
+    parallel for real: a region retrying its quota error until its deadline
+    must not use up the deadline of another region's retries.
+    """
 
     def __init__(self) -> None:
-        self.now = 0.0
+        self.now = 0.0  # the time every thread starts from
         self.sleeps: list[float] = []
         self._lock = threading.Lock()
+        self._slept = threading.local()
 
     def monotonic(self) -> float:
-        with self._lock:
-            return self.now
+        return self.now + getattr(self._slept, "seconds", 0.0)
 
     def sleep(self, seconds: float) -> None:
         assert seconds >= 0
         with self._lock:
             self.sleeps.append(seconds)
-            self.now += seconds
+        self._slept.seconds = getattr(self._slept, "seconds", 0.0) + seconds
 
     def clock(self) -> Clock:
         return Clock(self.monotonic, self.sleep)
