@@ -34,6 +34,12 @@ is not staging that image:
     snapshot beside complete, tagged AMIs that provably do not use it
                 -> deleted (a duplicate upload)
 
+When an image is staged again, its compose is found from the image's URL
+(``location_candidates``) and every other image of it that left no trace at
+all (no AMI, no snapshot: the crash came before its upload started) is staged
+too. A compose killed before its first upload started left nothing in AWS:
+fedmsg's backlog replays its message, or it is replayed by hand.
+
 ``plan_image`` and ``retest_due`` are the pure decisions; ``Reconciler`` is
 the shell reading AWS and acting. An AMI registered without tags AND without
 a tagged snapshot is not looked for: stage tags the snapshot when the upload
@@ -53,7 +59,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from fedimg import ami, tags
 from fedimg.aws import error_code
-from fedimg.compose import CloudImage
+from fedimg.compose import CloudImage, ComposeError, read_compose
 from fedimg.gate import Decision
 from fedimg.messages import (
     ARCHES,
@@ -73,6 +79,7 @@ log = logging.getLogger(__name__)
 
 MAX_RETESTS: Final = 1  # "re-request the test once"
 MAX_RESUMES: Final = 3  # restages from one snapshot before it is given up
+MAX_LOCATION_TRIES: Final = 6  # folders above an image file tried as the compose location
 RAW_XZ: Final = "raw.xz"
 
 
@@ -314,6 +321,23 @@ def image_from_tags(
     )
 
 
+def location_candidates(image_url: str, limit: int = MAX_LOCATION_TRIES) -> list[str]:
+    """Folders above an image's URL, nearest first: where its compose's ``metadata/`` may be.
+
+    Pungi's layout is ``<location>/<Variant>/<arch>/images/<file>``; the
+    folders are tried in turn and the one whose images.json lists the image wins.
+    """
+    base, _, _ = image_url.partition("?")
+    scheme, sep, rest = base.partition("://")
+    if not sep or "/" not in rest:
+        return []
+    host, _, path = rest.partition("/")
+    parts = [p for p in path.split("/") if p]
+    return [f"{scheme}://{host}/" + "/".join(parts[:end]) for end in range(len(parts) - 1, 0, -1)][
+        :limit
+    ]
+
+
 # -- the shell -----------------------------------------------------------------------
 
 
@@ -375,6 +399,7 @@ class Reconciler:
         self.stager = stager
         self.cfg = promoter.cfg
         self.now = now or promoter.now
+        self._composes: set[str] = set()  # composes whose other images were looked at
 
     @property
     def ec2(self) -> Any:
@@ -511,7 +536,7 @@ class Reconciler:
         assert self.stager is not None
         name = snap_tags.get(tags.IMAGE_NAME, sha[:16])[:255]
         try:
-            image = image_from_tags(snap_tags, self.cfg.allowed_hosts)
+            image = image_from_tags(snap_tags)  # any host: enough to find its AMIs
         except ValueError as exc:
             log.error("%s: snapshots %s: cannot resume: %s", ctx, _ids(snaps), exc)
             return Outcome(name, "error", f"unusable tags on {_ids(snaps)}: {exc}"[:300])
@@ -534,6 +559,12 @@ class Reconciler:
         if plan.empty:
             log.debug("%s: reconcile: %s", ctx, plan.reason)
             return None
+        if plan.restage:
+            try:  # staging it again downloads from there: only from an allowed host
+                check_http_url(image.url, tuple(self.cfg.allowed_hosts))
+            except InvalidMessage as exc:
+                log.error("%s: snapshots %s: cannot resume: %s", ctx, _ids(snaps), exc)
+                return Outcome(name, "error", f"{plan.reason}; not resumed: {exc}"[:300])
         log.warning("%s: reconcile: %s", ctx, plan.reason)
         for snapshot_id in plan.delete:
             self.delete_snapshot(snapshot_id, ctx)
@@ -552,7 +583,56 @@ class Reconciler:
         if future is None:
             return Outcome(name, "skipped", "already being staged")
         report.restages[name] = future
+        self.siblings(image, ctx, report)
         return Outcome(name, "resumed", plan.reason)
+
+    def siblings(self, image: CloudImage, ctx: str, report: Report) -> None:
+        """Stage the images of the same compose a crash stopped before they left any trace.
+
+        A stage that died mid-compose may not have started every image (the pool
+        is bounded). The compose is found again from the image's URL; an image of
+        it with no AMI and no snapshot at all is staged now. Once per compose and pass.
+        """
+        assert self.stager is not None
+        if image.compose_id in self._composes:
+            return
+        self._composes.add(image.compose_id)
+        found = None
+        for location in location_candidates(image.url):
+            try:
+                found = read_compose(self.stager.session, location, self.cfg, image.compose_id)
+            except ComposeError as exc:
+                log.debug("%s: no compose at %s: %s", ctx, location, exc)
+                continue
+            if any(i.sha256 == image.sha256 for i in found.images):
+                break
+            found = None
+        if found is None:
+            log.warning(
+                "%s: compose %s not found above %s; its images without any trace in AWS "
+                "are not resumed (replay the compose message)",
+                ctx,
+                image.compose_id,
+                image.url,
+            )
+            return
+        for other in found.images:
+            if other.sha256 == image.sha256 or self.stager.busy(other.sha256):
+                continue
+            if any(self.image_amis(other).values()) or self.has_snapshot(other.sha256):
+                continue  # it left a trace: the leftovers pass (or nothing) is due
+            future = self.stager.submit_image(other)
+            if future is None:
+                continue
+            log.warning(
+                "compose %s image %s: never staged before the crash; staging it now",
+                other.compose_id,
+                other.image_name,
+            )
+            report.restages[other.image_name] = future
+            report.outcomes.append(
+                Outcome(other.image_name, "resumed", "never started: staging it now")
+            )
 
     def image_amis(self, image: CloudImage) -> dict[str, AmiFacts | None]:
         """The staging AMI of every configured volume type (by name, then by tags)."""
@@ -573,6 +653,13 @@ class Reconciler:
                 ),
             )
         return found
+
+    def has_snapshot(self, sha256: str) -> bool:
+        """Whether any snapshot of ours (any state) was started for this image."""
+        found = self.ec2.describe_snapshots(
+            OwnerIds=["self"], Filters=[{"Name": f"tag:{tags.SHA256}", "Values": [sha256]}]
+        )
+        return bool(found.get("Snapshots"))
 
     def delete_snapshot(self, snapshot_id: str, ctx: str) -> None:
         try:

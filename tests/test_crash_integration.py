@@ -69,6 +69,8 @@ HIT_TIMEOUT = 90.0
 SETTLE_TIMEOUT = 150.0
 # Short clocks so that recovery shows within a test; production's are hours.
 CRASH_SETTINGS: dict[str, Any] = {
+    # One image at a time: a crash mid-upload leaves the other image with no trace.
+    "fedimg.stage.workers": 1,
     "fedimg.reconcile.interval": 2.0,
     "fedimg.reconcile.orphan_grace": 2.0,
     "fedimg.gate.retest_after": 12.0,

@@ -38,6 +38,7 @@ from fedimg.reconcile import (
     Reconciler,
     SnapshotFacts,
     image_from_tags,
+    location_candidates,
     plan_image,
     reconcile,
     requested_count,
@@ -445,15 +446,25 @@ def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[RecordingAws]:
 
 @pytest.fixture
 def world(aws: RecordingAws, tmp_path: Path, recorder: Recorder) -> Iterator[World]:
+    """A compose of two images (Cloud Base x86_64 and aarch64)."""
+    yield from _world(aws, tmp_path, recorder, (X86_SPEC, ARM_SPEC))
+
+
+@pytest.fixture
+def solo(aws: RecordingAws, tmp_path: Path, recorder: Recorder) -> Iterator[World]:
+    """A compose of one image (nothing else to find when it is staged again)."""
+    yield from _world(aws, tmp_path, recorder, (X86_SPEC,))
+
+
+X86_SPEC = ImageSpec("Cloud", "x86_64", "Cloud_Base", raw_mib=2, data_blocks=(0, 2), seed=11)
+ARM_SPEC = ImageSpec("Cloud", "aarch64", "Cloud_Base", raw_mib=2, data_blocks=(1,), seed=12)
+
+
+def _world(
+    aws: RecordingAws, tmp_path: Path, recorder: Recorder, specs: tuple[ImageSpec, ...]
+) -> Iterator[World]:
     results = DummyResults()
-    tree = build_compose(
-        tmp_path / "compose",
-        COMPOSE,
-        (
-            ImageSpec("Cloud", "x86_64", "Cloud_Base", raw_mib=2, data_blocks=(0, 2), seed=11),
-            ImageSpec("Cloud", "aarch64", "Cloud_Base", raw_mib=2, data_blocks=(1,), seed=12),
-        ),
-    )
+    tree = build_compose(tmp_path / "compose", COMPOSE, specs)
     cfg = FedimgConfig.from_fedmsg(
         {
             "fedimg.resultsdb_url": "http://resultsdb.test/api/v2.0",
@@ -536,55 +547,55 @@ def test_no_retest_while_resultsdb_is_down_or_results_are_in(world: World) -> No
     assert _tests_requested(world.recorder) == [passed]
 
 
-def test_half_written_snapshot_is_deleted_and_the_image_staged_again(world: World) -> None:
-    partial = world.half_written()
-    world.later(3 * HOUR)
-    outcomes, restaged = _run(world)
-    name = world.image().image_name
+def test_half_written_snapshot_is_deleted_and_the_image_staged_again(solo: World) -> None:
+    partial = solo.half_written()
+    solo.later(3 * HOUR)
+    outcomes, restaged = _run(solo)
+    name = solo.image().image_name
     assert outcomes[name].startswith("resumed: upload never finished")
     assert [o.action for o in restaged] == ["staged"]
-    snaps = world.snapshots()
+    snaps = solo.snapshots()
     assert partial not in [s["SnapshotId"] for s in snaps]
     (fresh,) = snaps
     assert tags.UPLOADED in tags.as_dict(fresh["Tags"])
-    (image,) = world.amis()
-    assert world.tags_of(image["ImageId"])[tags.STATE] == "testing"
-    assert _tests_requested(world.recorder) == [image["ImageId"]]
-    assert len(world.aws.calls("StartSnapshot", STAGING)) == 2  # ours, then the new upload
+    (image,) = solo.amis()
+    assert solo.tags_of(image["ImageId"])[tags.STATE] == "testing"
+    assert _tests_requested(solo.recorder) == [image["ImageId"]]
+    assert len(solo.aws.calls("StartSnapshot", STAGING)) == 2  # ours, then the new upload
     # The next pass finds nothing left to do.
-    outcomes, restaged = _run(world)
+    outcomes, restaged = _run(solo)
     assert name not in outcomes and restaged == []
 
 
-def test_completed_snapshot_without_ami_resumes_without_uploading(world: World) -> None:
-    sid = world.completed()
-    world.later(3 * HOUR)
-    starts_before = len(world.aws.calls("StartSnapshot", STAGING))
-    outcomes, restaged = _run(world)
-    assert outcomes[world.image().image_name].startswith("resumed")
+def test_completed_snapshot_without_ami_resumes_without_uploading(solo: World) -> None:
+    sid = solo.completed()
+    solo.later(3 * HOUR)
+    starts_before = len(solo.aws.calls("StartSnapshot", STAGING))
+    outcomes, restaged = _run(solo)
+    assert outcomes[solo.image().image_name].startswith("resumed")
     assert [o.action for o in restaged] == ["staged"]
-    assert len(world.aws.calls("StartSnapshot", STAGING)) == starts_before
-    (register,) = world.aws.calls("RegisterImage", STAGING)
+    assert len(solo.aws.calls("StartSnapshot", STAGING)) == starts_before
+    (register,) = solo.aws.calls("RegisterImage", STAGING)
     assert register["BlockDeviceMappings"][0]["Ebs"]["SnapshotId"] == sid
-    snap_tags = tags.as_dict(world.snapshots()[0]["Tags"])
+    snap_tags = tags.as_dict(solo.snapshots()[0]["Tags"])
     assert snap_tags[tags.RESUMED] == "1"
-    assert len(_tests_requested(world.recorder)) == 1
+    assert len(_tests_requested(solo.recorder)) == 1
 
 
-def test_untagged_ami_is_adopted_not_registered_again(world: World) -> None:
-    world.completed()
-    orphan = world.untagged_ami()
-    world.later(3 * HOUR)
-    registered = len(world.aws.calls("RegisterImage", STAGING))
-    outcomes, restaged = _run(world)
-    assert outcomes[world.image().image_name].startswith("resumed")
+def test_untagged_ami_is_adopted_not_registered_again(solo: World) -> None:
+    solo.completed()
+    orphan = solo.untagged_ami()
+    solo.later(3 * HOUR)
+    registered = len(solo.aws.calls("RegisterImage", STAGING))
+    outcomes, restaged = _run(solo)
+    assert outcomes[solo.image().image_name].startswith("resumed")
     assert [o.action for o in restaged] == ["staged"]
-    assert len(world.aws.calls("RegisterImage", STAGING)) == registered
-    assert [i["ImageId"] for i in world.amis()] == [orphan]
-    found = world.tags_of(orphan)
-    assert found[tags.STATE] == "testing" and found[tags.SHA256] == world.image().sha256
-    assert _tests_requested(world.recorder) == [orphan]
-    uploads = [b["status"] for b in world.recorder.bodies("fedimg.image.upload")]
+    assert len(solo.aws.calls("RegisterImage", STAGING)) == registered
+    assert [i["ImageId"] for i in solo.amis()] == [orphan]
+    found = solo.tags_of(orphan)
+    assert found[tags.STATE] == "testing" and found[tags.SHA256] == solo.image().sha256
+    assert _tests_requested(solo.recorder) == [orphan]
+    uploads = [b["status"] for b in solo.recorder.bodies("fedimg.image.upload")]
     assert uploads == ["completed"]
 
 
@@ -641,9 +652,28 @@ def test_unusable_tags_are_reported_and_nothing_is_deleted(world: World) -> None
     world.later(3 * HOUR)
     outcomes, restaged = _run(world)
     text = outcomes[world.image().image_name]
-    assert text.startswith("error") and sid in text
+    assert text.startswith("error") and "not in the allowed" in text
     assert restaged == []
     assert world.aws.calls("DeleteSnapshot", STAGING) == []
+    assert sid in [s["SnapshotId"] for s in world.snapshots()]
+    # Tags that do not even name an image: an error too, nothing touched.
+    garbage = {**world.image_tags("aarch64"), tags.ARCH: "sparc"}
+    ebs.start_snapshot(VolumeSize=1, Timeout=60, Tags=tags.as_list(garbage))
+    outcomes, _ = _run(world)
+    assert outcomes[world.image("aarch64").image_name].startswith("error: unusable tags")
+    assert world.aws.calls("DeleteSnapshot", STAGING) == []
+
+
+def test_a_host_no_longer_allowed_does_not_matter_while_nothing_needs_staging(
+    world: World,
+) -> None:
+    moved = {tags.IMAGE_URL: "https://elsewhere.example/x.raw.xz"}
+    world.completed(**moved)
+    ami_id = world.tagged_ami()
+    world.later(3 * HOUR)
+    outcomes, restaged = _run(world)
+    assert world.image().image_name not in outcomes and restaged == []
+    assert outcomes[ami_id].startswith(("wait", "retest"))
 
 
 def test_without_a_stager_only_amis_are_reconciled(world: World) -> None:
@@ -727,3 +757,48 @@ def test_stager_submits_an_image_once_while_it_is_queued_or_running(world: World
     again = stager.submit_image(image)
     assert again is not None
     assert [o.status for o in again.result(timeout=60)] == ["existing"]
+
+
+def test_location_candidates_walk_up_from_the_image_file() -> None:
+    url = "https://kojipkgs.example/compose/40/F-40/compose/Cloud/x86_64/images/f.raw.xz"
+    assert location_candidates(url) == [
+        "https://kojipkgs.example/compose/40/F-40/compose/Cloud/x86_64/images",
+        "https://kojipkgs.example/compose/40/F-40/compose/Cloud/x86_64",
+        "https://kojipkgs.example/compose/40/F-40/compose/Cloud",
+        "https://kojipkgs.example/compose/40/F-40/compose",
+        "https://kojipkgs.example/compose/40/F-40",
+        "https://kojipkgs.example/compose/40",
+    ]
+    assert location_candidates(url, limit=2) == location_candidates(url)[:2]
+    assert location_candidates("https://h/f.raw.xz?x=1") == []
+    for bad in ("", "not a url", "https://host-only"):
+        assert location_candidates(bad) == []
+
+
+def test_images_of_the_compose_that_never_started_are_staged_too(world: World) -> None:
+    world.half_written("x86_64")  # the crash came while the aarch64 image waited its turn
+    world.later(3 * HOUR)
+    outcomes, restaged = _run(world)
+    arm = world.image("aarch64").image_name
+    assert outcomes[world.image().image_name].startswith("resumed: upload never finished")
+    assert outcomes[arm] == "resumed: never started: staging it now"
+    assert sorted(o.action for o in restaged) == ["staged", "staged"]
+    assert len(world.amis()) == 2
+    assert len(_tests_requested(world.recorder)) == 2
+    # Everything is there now: the next pass stages nothing.
+    outcomes, restaged = _run(world)
+    assert restaged == [] and arm not in outcomes
+
+
+def test_a_compose_not_found_again_resumes_only_the_image_with_a_trace(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    moved = {tags.IMAGE_URL: f"{world.server.base_url}/elsewhere/{world.image().image_name}"}
+    world.completed(**moved)
+    world.later(3 * HOUR)
+    with caplog.at_level(logging.WARNING, logger="fedimg.reconcile"):
+        outcomes, restaged = _run(world)
+    assert [o.action for o in restaged] == ["staged"]  # from the snapshot: no download
+    assert world.image("aarch64").image_name not in outcomes
+    assert len(world.amis()) == 1
+    assert any(r.levelno == logging.WARNING for r in caplog.records)
