@@ -34,4 +34,24 @@ config = {
     # thread-safe). A production hub, on its own host, may raise this so that
     # several AMIs are tested at once (autocloud_ami.max_concurrent bounds it).
     "moksha.workers_per_consumer": 1,
+    # fedmsg's default logging shows only the fedmsg and moksha loggers; without
+    # these the hub drops fedimg's and autocloud_ami's work log.
+    "logging": {
+        "version": 1,
+        "formatters": {
+            "bare": {"format": "[%(asctime)s][%(name)10s %(levelname)7s] %(message)s"},
+        },
+        "handlers": {
+            "console": {
+                "class": "logging.StreamHandler",
+                "formatter": "bare",
+                "level": "INFO",
+                "stream": "ext://sys.stdout",
+            },
+        },
+        "loggers": {
+            name: {"level": "INFO", "propagate": False, "handlers": ["console"]}
+            for name in ("fedmsg", "moksha", "fedimg", "autocloud_ami")
+        },
+    },
 }
