@@ -16,7 +16,7 @@ promotion (CopyImage, publishing) -- and each kind of fault:
   retry finds what the first call made instead of making a second one.
 
 Tests already in the per-module files are not repeated here (see
-docs/reliability-faults.md for the list); these use the production retry
+docs/reliability.md for the list); these use the production retry
 policy end to end, with botocore's sleeps skipped (``quick_retries``).
 """
 
