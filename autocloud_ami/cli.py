@@ -26,7 +26,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from autocloud_ami.config import AutocloudConfig
 from fedimg.aws import error_code
-from fedimg.messages import Emitter, InvalidMessage, Publisher, StagedImage, fedmsg_publisher
+from fedimg.messages import Emitter, InvalidMessage, StagedImage, cli_publisher
 from fedimg.settings import ConfigError, load_fedmsg_config, setup_cli_logging
 
 log = logging.getLogger("autocloud_ami")
@@ -181,14 +181,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     except ConfigError as exc:
         log.error("bad fedmsg config: %s", exc)
         return EXIT_ERROR
-    publisher: Publisher
-    if args.no_publish:
-
-        def publisher(modname: str, topic: str, body: dict[str, Any]) -> None:
-            log.info("not published: %s.%s %s", modname, topic, body)
-
-    else:
-        publisher = fedmsg_publisher()
+    publisher = cli_publisher(not args.no_publish)
     try:
         if args.command == "test":
             return cmd_test(cfg, Emitter(publisher), args, stdout)

@@ -16,10 +16,9 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 from fedimg.config import FedimgConfig
-from fedimg.messages import Emitter, Publisher, Topics, fedmsg_publisher
+from fedimg.messages import Emitter, cli_publisher
 from fedimg.settings import ConfigError, load_fedmsg_config, setup_cli_logging
 
 log = logging.getLogger("fedimg")
@@ -51,22 +50,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_cli_logging(args.verbose)
     try:
-        raw = load_fedmsg_config()
-        cfg = FedimgConfig.from_fedmsg(raw)
+        cfg = FedimgConfig.from_fedmsg(load_fedmsg_config())
     except ConfigError as exc:
         log.error("bad fedmsg config: %s", exc)
         return 2
-    publisher: Publisher
-    if args.no_publish:
-
-        def publisher(modname: str, topic: str, body: dict[str, Any]) -> None:
-            log.info("not published: %s.%s %s", modname, topic, body)
-
-    else:
-        publisher = fedmsg_publisher()
+    publisher = cli_publisher(not args.no_publish)
     emitter = Emitter(publisher)
-    topics = Topics.from_fedmsg(raw)
-    log.debug("publishing under %s", topics.of)
 
     if args.command == "stage":
         from fedimg.stage import cli_stage

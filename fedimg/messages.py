@@ -14,6 +14,7 @@ and raise ``InvalidMessage`` with a clear reason for anything malformed.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -314,6 +315,17 @@ def fedmsg_publisher(**fedmsg_overrides: Any) -> Publisher:
         fedmsg.publish(modname=modname, topic=topic, msg=body, **fedmsg_overrides)
 
     return publish
+
+
+def cli_publisher(publish: bool = True) -> Publisher:
+    """For the CLIs: fedmsg.publish, or with ``--no-publish`` a Publisher that only logs."""
+    if publish:
+        return fedmsg_publisher()
+
+    def log_only(modname: str, topic: str, body: dict[str, Any]) -> None:
+        logging.getLogger(__name__).info("not published: %s.%s %s", modname, topic, body)
+
+    return log_only
 
 
 @dataclass
