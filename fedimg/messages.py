@@ -13,6 +13,7 @@ and raise ``InvalidMessage`` with a clear reason for anything malformed.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -125,13 +126,16 @@ class MessageType:
             raise InvalidMessage(f"{self}: body is {size} bytes, over {MAX_BODY_BYTES}")
         if _depth(body) > MAX_BODY_DEPTH:
             raise InvalidMessage(f"{self}: body nests deeper than {MAX_BODY_DEPTH} levels")
-        error = jsonschema.exceptions.best_match(
-            jsonschema.Draft7Validator(self.body_schema).iter_errors(body)
-        )
+        error = jsonschema.exceptions.best_match(self._validator.iter_errors(body))
         if error is not None:
             where = "/".join(str(p) for p in error.absolute_path) or "body"
             raise InvalidMessage(f"{self}: {where}: {error.message[:300]}")
         return body
+
+    @functools.cached_property
+    def _validator(self) -> jsonschema.Draft7Validator:
+        """Built once per message type: the schema is a constant."""
+        return jsonschema.Draft7Validator(self.body_schema)
 
     def __str__(self) -> str:
         return f"{self.modname}.{self.name}"
