@@ -8,8 +8,9 @@ neither stops the hub. Settings are validated, and the state directory
 checked, when an enabled consumer starts; one that cannot start says so at
 ERROR once and makes the health check answer unhealthy.
 
-Every consumer builds its own engine: they coordinate through the locks and
-intents of ``fedimg.state_dir`` exactly as separate processes do.
+Every consumer builds its own engine (``self.lifecycle``: moksha's consumers
+already use ``self.engine`` for a database): they coordinate through the
+locks and intents of ``fedimg.state_dir`` exactly as separate processes do.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class FedimgConsumer(ResumableBacklog, FedmsgConsumer):
         if hub.config.get(self.config_key):
             self.emitter = Emitter(fedmsg_publisher())
             if self.needs_engine:
-                self.engine = _start(type(self), lambda: build_engine(hub))
+                self.lifecycle = _start(type(self), lambda: build_engine(hub))
         super().__init__(hub)
 
     def consume(self, message: dict[str, Any]) -> None:
@@ -135,7 +136,7 @@ class StageConsumer(FedimgConsumer):
         if not status.finished:
             log.debug("%s: status %s, nothing to stage", status.compose_id, status.status)
             return
-        self.engine.accept_compose(status)
+        self.lifecycle.accept_compose(status)
 
 
 class PromoteConsumer(FedimgConsumer):
@@ -145,7 +146,7 @@ class PromoteConsumer(FedimgConsumer):
     consumes = (RESULT_NEW, TASKOTRON_RESULT_NEW)
 
     def handle(self, mtype: MessageType, body: Any) -> None:
-        self.engine.on_result(parse_result_notice(mtype, body))
+        self.lifecycle.on_result(parse_result_notice(mtype, body))
 
 
 class ReconcileProducer(PollingProducer):
@@ -173,13 +174,13 @@ class ReconcileProducer(PollingProducer):
         def build() -> tuple[FedimgConfig, Engine]:
             return FedimgConfig.from_fedmsg(hub.config), build_engine(hub)
 
-        cfg, self.engine = _start(type(self), build)
+        cfg, self.lifecycle = _start(type(self), build)
         self.frequency = cfg.reconcile_interval
         self.stage = cfg.stage_enabled
         super().__init__(hub)
 
     def poll(self) -> None:
         try:
-            self.engine.reconcile(stage=self.stage)
+            self.lifecycle.reconcile(stage=self.stage)
         except Exception:
             log.exception("reconcile pass failed")

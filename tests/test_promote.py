@@ -10,14 +10,14 @@ moto's state.
 from __future__ import annotations
 
 import io
-import tempfile
 import logging
+import tempfile
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -31,6 +31,7 @@ from fedimg import tags
 from fedimg.aws import AwsClients
 from fedimg.config import FedimgConfig
 from fedimg.copies import Clock, Timing, copy_token
+from fedimg.engine import Engine, Outcome, cli_promote, promote_by_hand
 from fedimg.messages import (
     ALL_TYPES,
     RESULT_NEW,
@@ -40,13 +41,12 @@ from fedimg.messages import (
     StagedImage,
     parse_result_notice,
 )
-from fedimg.engine import Engine, Outcome, cli_promote, promote_by_hand
 from fedimg.plan import Scope
 from fedimg.promote import Promoter
-from tests.engine_support import make_engine
 from fedimg.regions import commercial
 from fedimg.results import DummyResults
 from fedimg.status import cli_status
+from tests.engine_support import make_engine
 
 STAGING = "us-east-1"
 TARGETS = ["ap-southeast-2", "eu-west-1", "us-west-2"]

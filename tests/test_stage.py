@@ -33,7 +33,7 @@ from fedimg import ami, engine, tags
 from fedimg.aws import AwsClients
 from fedimg.compose import CloudImage
 from fedimg.config import FedimgConfig
-from fedimg.http import make_session
+from fedimg.engine import Engine, ImageResult, cli_stage
 from fedimg.messages import (
     IMAGE_UPLOAD,
     Emitter,
@@ -42,7 +42,6 @@ from fedimg.messages import (
     parse_test_request,
 )
 from fedimg.settings import keys_of
-from fedimg.engine import Engine, ImageResult, cli_stage
 from fedimg.stage import LogProgress, StageOutcome, TerminalBoard
 from tests.engine_support import make_engine
 from tests.test_ami import capture, fail_calls, throttle
