@@ -7,7 +7,10 @@ bodies it emits (compatible with upstream fedimg 2.x and Autocloud, see
 
 A ``MessageType`` names a topic (``modname`` + ``name``) and carries a JSON
 ``body_schema``; ``Topics`` turns it into the full fedmsg topic for the local
-``topic_prefix`` and ``environment``. Parsers return small frozen dataclasses
+``topic_prefix`` and ``environment``. The schemas of every topic fedimg and
+autocloud_ami publish come from the schema package ``fedimg_messages``
+(``fedimg-messages/`` in this repository), whose fedora-messaging classes
+carry the same dictionaries: one contract on both buses. Parsers return small frozen dataclasses
 and raise ``InvalidMessage`` with a clear reason for anything malformed.
 """
 
@@ -23,22 +26,25 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 import jsonschema
+from fedimg_messages import schemas
+from fedimg_messages.schemas import (
+    AMI_ID_RE,
+    ARCHES,
+    COMPOSE_ID_RE,
+    IMAGE_NAME_RE,
+    REGION_RE,
+    SERVICE,
+    SHA256_RE,
+    VIRT_TYPE,
+)
 
 SCHEMA_VERSION: Final = 1
 MAX_BODY_BYTES: Final = 64 * 1024
 MAX_BODY_DEPTH: Final = 32
 
-AMI_ID_RE: Final = re.compile(r"^ami-(?:[0-9a-f]{8}|[0-9a-f]{17})\Z")
-REGION_RE: Final = re.compile(r"^[a-z]{2}(?:-[a-z]+)+-\d{1,2}\Z")
-COMPOSE_ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,199}\Z")
-IMAGE_NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,254}\Z")
-SHA256_RE: Final = re.compile(r"^[0-9a-f]{64}\Z")
 TESTCASE_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}\Z")
-ARCHES: Final = ("x86_64", "aarch64")
 FINISHED_STATUSES: Final = ("FINISHED", "FINISHED_INCOMPLETE")
 OUTCOMES: Final = ("PASSED", "INFO", "FAILED", "NEEDS_INSPECTION")
-SERVICE: Final = "EC2"
-VIRT_TYPE: Final = "hvm"
 
 
 class InvalidMessage(ValueError):
@@ -46,47 +52,14 @@ class InvalidMessage(ValueError):
 
 
 # -- schemas ---------------------------------------------------------------
+# What fedimg and autocloud_ami publish is defined by the schema package
+# (fedimg-messages/, ``fedimg_messages.schemas``): the fedora-messaging classes
+# carry the same dictionaries. The topics consumed from others are described
+# here, from the same building blocks.
 
-_STR = {"type": "string", "maxLength": 2048}
-_ID = {"type": "string", "maxLength": 255}
-_AMI = {"type": "string", "pattern": AMI_ID_RE.pattern}
-_REGION = {"type": "string", "pattern": REGION_RE.pattern}
-_COMPOSE = {"type": "string", "pattern": COMPOSE_ID_RE.pattern}
-_IMAGE = {"type": "string", "pattern": IMAGE_NAME_RE.pattern}
-_ARCH = {"type": "string", "enum": list(ARCHES)}
-# Printable ASCII only: no whitespace, control or format characters (RTL override, NUL).
-_URL = {"type": "string", "maxLength": 2048, "pattern": "^https?://[!-~]+\\Z"}
-_EXTRA = {
-    "type": "object",
-    "properties": {
-        "id": _AMI,
-        "virt_type": {"const": VIRT_TYPE},
-        "vol_type": {"type": "string", "maxLength": 16},
-        "source_image_id": _AMI,
-    },
-}
-
-
-def _obj(required: list[str], **props: Any) -> dict[str, Any]:
-    return {"type": "object", "required": required, "properties": props}
-
-
-_IMAGE_EVENT = _obj(
-    ["image_name", "destination", "service", "status", "compose", "architecture"],
-    image_url=_URL,
-    image_name=_IMAGE,
-    destination=_REGION,
-    service={"const": SERVICE},
-    status={"enum": ["started", "completed", "failed"]},
-    compose=_COMPOSE,
-    compose_id=_COMPOSE,
-    architecture=_ARCH,
-    subvariant=_ID,
-    release=_ID,
-    image_sha256={"type": "string", "pattern": SHA256_RE.pattern},
-    reason=_STR,
-    extra=_EXTRA,
-)
+_STR = schemas.TEXT
+_ID = schemas.NAME
+_obj = schemas.obj
 
 
 def _depth(value: Any) -> int:
@@ -141,14 +114,19 @@ class MessageType:
         return f"{self.modname}.{self.name}"
 
 
+def _published(modname: str, name: str, body_schema: Mapping[str, Any]) -> MessageType:
+    """A type fedimg or autocloud_ami publishes: its schema comes from the schema package."""
+    return MessageType(modname, name, body_schema, str(body_schema["description"]))
+
+
 COMPOSE_STATUS = MessageType(
     "pungi",
     "compose.status.change",
     _obj(
         ["status", "compose_id"],
         status=_ID,
-        compose_id=_COMPOSE,
-        location=_URL,
+        compose_id=schemas.COMPOSE,
+        location=schemas.URL,
         release_version=_ID,
         release_short=_ID,
         compose_date=_ID,
@@ -157,71 +135,15 @@ COMPOSE_STATUS = MessageType(
     ),
     "a pungi compose changed status",
 )
-IMAGE_UPLOAD = MessageType("fedimg", "image.upload", _IMAGE_EVENT, "an AMI upload")
-IMAGE_TEST = MessageType("fedimg", "image.test", _IMAGE_EVENT, "an AMI test request or verdict")
-IMAGE_COPY = MessageType(
-    "fedimg",
-    "image.copy",
-    _obj(
-        ["image_name", "destination", "architecture", "service", "compose_id", "extra"],
-        image_name=_IMAGE,
-        destination=_REGION,
-        architecture=_ARCH,
-        service={"const": SERVICE},
-        compose_id=_COMPOSE,
-        extra=_EXTRA,
-    ),
-    "an AMI copy to one region was started",
-)
-IMAGE_PUBLISH = MessageType(
-    "fedimg",
-    "image.publish",
-    _obj(
-        ["image_name", "destination", "architecture", "service", "compose", "extra"],
-        image_name=_IMAGE,
-        image_url=_URL,
-        destination=_REGION,
-        architecture=_ARCH,
-        service={"const": SERVICE},
-        compose=_COMPOSE,
-        extra=_EXTRA,
-    ),
-    "an AMI was made public in one region",
-)
-IMAGE_RELEASE = MessageType(
-    "fedimg",
-    "image.release",
-    _obj(
-        ["compose_id", "image_name", "architecture", "regions"],
-        compose_id=_COMPOSE,
-        image_name=_IMAGE,
-        architecture=_ARCH,
-        subvariant=_ID,
-        release={"type": ["integer", "string"]},
-        regions={"type": "object", "additionalProperties": _AMI},
-        failed_regions={"type": "object", "additionalProperties": _STR},
-    ),
-    "an image is public in every region it could reach",
-)
-
-_AMI_EVENT = _obj(
-    ["compose_id", "ami_id", "region", "status", "job_id"],
-    compose_id=_COMPOSE,
-    ami_id=_AMI,
-    region=_REGION,
-    image_name=_IMAGE,
-    architecture=_ARCH,
-    status={"enum": ["queued", "running", "success", "failed"]},
-    job_id=_ID,
-    passed={"type": "integer", "minimum": 0},
-    failed={"type": "integer", "minimum": 0},
-    results_url=_URL,
-    reason=_STR,
-)
-AMI_QUEUED = MessageType("autocloud", "ami.queued", _AMI_EVENT, "an AMI test is queued")
-AMI_RUNNING = MessageType("autocloud", "ami.running", _AMI_EVENT, "an AMI test is running")
-AMI_SUCCESS = MessageType("autocloud", "ami.success", _AMI_EVENT, "an AMI passed its gating tests")
-AMI_FAILED = MessageType("autocloud", "ami.failed", _AMI_EVENT, "an AMI failed its tests")
+IMAGE_UPLOAD = _published("fedimg", "image.upload", schemas.IMAGE_UPLOAD)
+IMAGE_TEST = _published("fedimg", "image.test", schemas.IMAGE_TEST)
+IMAGE_COPY = _published("fedimg", "image.copy", schemas.IMAGE_COPY)
+IMAGE_PUBLISH = _published("fedimg", "image.publish", schemas.IMAGE_PUBLISH)
+IMAGE_RELEASE = _published("fedimg", "image.release", schemas.IMAGE_RELEASE)
+AMI_QUEUED = _published("autocloud", "ami.queued", schemas.AMI_QUEUED)
+AMI_RUNNING = _published("autocloud", "ami.running", schemas.AMI_RUNNING)
+AMI_SUCCESS = _published("autocloud", "ami.success", schemas.AMI_SUCCESS)
+AMI_FAILED = _published("autocloud", "ami.failed", schemas.AMI_FAILED)
 
 _LISTED = {"type": "array", "items": _STR, "maxItems": 64}
 RESULT_NEW = MessageType(
@@ -250,15 +172,8 @@ TASKOTRON_RESULT_NEW = MessageType(
     "ResultsDB 2017 notification (sent only on outcome changes)",
 )
 
-HUB_PING = MessageType(
-    "fedimg", "hub.ping", _obj(["token"], token=_ID), "asks every fedimg hub to answer"
-)
-HUB_PONG = MessageType(
-    "fedimg",
-    "hub.pong",
-    _obj(["token", "host"], token=_ID, host=_ID),
-    "a fedimg hub is subscribed and can publish",
-)
+HUB_PING = _published("fedimg", "hub.ping", schemas.HUB_PING)
+HUB_PONG = _published("fedimg", "hub.pong", schemas.HUB_PONG)
 
 ALL_TYPES: Final = (
     HUB_PING,
