@@ -54,6 +54,11 @@ class FedimgConfig:
     copy_concurrency: int = setting("fedimg.promote.max_concurrent_copies", 25)
     copy_timeout: float = setting("fedimg.promote.copy_timeout", 3 * 3600.0)
     publish_retry_timeout: float = setting("fedimg.promote.publish_retry_timeout", 1800.0)
+    fedora_image_uploader_message: bool = setting(
+        "fedimg.promote.fedora_image_uploader_message",
+        True,
+        doc="also announce a release as fedora_image_uploader.published.v1.aws.*",
+    )
     reconcile_interval: float = setting("fedimg.reconcile.interval", 300.0)
     retest_after: float = setting("fedimg.gate.retest_after", 3 * 3600.0)
     orphan_grace: float = setting("fedimg.reconcile.orphan_grace", 2 * 3600.0)

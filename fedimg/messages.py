@@ -22,7 +22,7 @@ import logging
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
 import jsonschema
@@ -37,6 +37,9 @@ from fedimg_messages.schemas import (
     SHA256_RE,
     VIRT_TYPE,
 )
+
+if TYPE_CHECKING:
+    from fedora_messaging.message import Message as FedoraMessage
 
 SCHEMA_VERSION: Final = 1
 MAX_BODY_BYTES: Final = 64 * 1024
@@ -247,6 +250,46 @@ def cli_publisher(publish: bool = True) -> Publisher:
     return log_only
 
 
+def message_class(topic: str) -> type[FedoraMessage]:
+    """The fedora-messaging class a topic (without the broker's prefix) is sent as.
+
+    Every topic of ours has its class in the schema package; the release
+    announcement ``fedora_image_uploader.published.v1.aws.<...>`` is sent as
+    ``AwsPublishedV1`` (the class whose topic is the longest dotted prefix);
+    anything else (``resultsdb.result.new`` from the devel stand-in) as the base
+    ``Message``, exactly as the real ResultsDB sends it.
+    """
+    from fedimg_messages.messages import ALL
+    from fedora_image_uploader_messages.publish import AwsPublishedV1
+    from fedora_messaging.message import Message
+
+    best: type[FedoraMessage] = Message
+    for cls in (*ALL, AwsPublishedV1):
+        matches = topic == cls.topic or topic.startswith(cls.topic + ".")
+        if matches and len(cls.topic) > len(best.topic):
+            best = cls
+    return best
+
+
+def amqp_publisher(timeout: int = 30) -> Publisher:
+    """A Publisher that sends with ``fedora_messaging.api.publish``, each topic as its class.
+
+    The broker, TLS and ``topic_prefix`` come from the fedora-messaging config
+    (``$FEDORA_MESSAGING_CONF``, or ``fedora-messaging --conf`` in a consumer).
+    The class validates the body again before it is sent; a broker that does not
+    confirm within ``timeout`` seconds raises ``PublishTimeout``, a refused
+    message ``PublishReturned``/``PublishForbidden``, a dead connection
+    ``ConnectionException`` (all fedora_messaging.exceptions).
+    """
+    from fedora_messaging import api
+
+    def publish(modname: str, topic: str, body: dict[str, Any]) -> None:
+        full = f"{modname}.{topic}"
+        api.publish(message_class(full)(topic=full, body=body), timeout=timeout)
+
+    return publish
+
+
 @dataclass
 class Emitter:
     """Validates a body against its type, then hands it to the Publisher."""
@@ -257,6 +300,11 @@ class Emitter:
         mtype.validate(body)
         self.publish(mtype.modname, mtype.name, body)
         return body
+
+    def announce(self, announcement: Announcement) -> dict[str, Any]:
+        """Publish a message whose topic is built per image (see ``aws_published_event``)."""
+        self.publish(announcement.modname, announcement.name, announcement.body)
+        return announcement.body
 
 
 def unwrap(message: Mapping[str, Any]) -> tuple[str, Any]:
@@ -458,6 +506,100 @@ def release_event(
     if failed:
         body["failed_regions"] = {k: v[:2000] for k, v in sorted(failed.items())}
     return body
+
+
+AWS_PUBLISHED_MODNAME: Final = "fedora_image_uploader"
+AWS_PUBLISHED_PREFIX: Final = "published.v1.aws"
+_TOPIC_WORD_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """A message whose topic carries per-image words: ``modname`` + ``name`` and its body."""
+
+    modname: str
+    name: str
+    body: dict[str, Any]
+
+    @property
+    def topic(self) -> str:
+        return f"{self.modname}.{self.name}"
+
+
+def aws_published_event(
+    image: StagedImage, ami_name: str, regions: Mapping[str, str]
+) -> Announcement:
+    """``fedora_image_uploader.published.v1.aws.<subvariant>.<release>.<arch>`` for a release.
+
+    The message Fedora's websites and tooling read today (what
+    fedora-image-uploader sends; schema ``AwsPublishedV1`` of the PyPI package
+    ``fedora-image-uploader-messages``): ``image_name`` is the AMI's name,
+    ``regions`` maps every region the image is public in to its AMI id and
+    ``release`` is a number. Pure; raises InvalidMessage when the image cannot
+    be described that way (a release such as ``Rawhide``, no subvariant, no region).
+    """
+    if not image.release.isdigit():
+        raise InvalidMessage(f"{image.compose_id}: release {image.release[:50]!r} is not a number")
+    for word, what in ((image.subvariant, "subvariant"), (image.architecture, "architecture")):
+        if not _TOPIC_WORD_RE.match(word):
+            raise InvalidMessage(f"{image.compose_id}: {what} {word[:80]!r} cannot be a topic word")
+    if not ami_name or len(ami_name) > 128:
+        raise InvalidMessage(f"{image.compose_id}: AMI name {ami_name[:200]!r} is not 1-128 chars")
+    if not regions:
+        raise InvalidMessage(f"{image.compose_id}: a release in no region is not announced")
+    for region, ami in regions.items():
+        if not REGION_RE.match(region) or not AMI_ID_RE.match(ami):
+            raise InvalidMessage(
+                f"{image.compose_id}: bad region/AMI {region[:50]!r}: {ami[:50]!r}"
+            )
+    body = {
+        "architecture": image.architecture,
+        "compose_id": image.compose_id,
+        "image_name": ami_name,
+        "regions": dict(sorted(regions.items())),
+        "release": int(image.release),
+        "subvariant": image.subvariant,
+    }
+    from fedora_image_uploader_messages.publish import AwsPublishedV1
+
+    schema = AwsPublishedV1.body_schema
+    error = jsonschema.exceptions.best_match(
+        jsonschema.validators.validator_for(schema)(schema).iter_errors(body)
+    )
+    if error is not None:
+        raise InvalidMessage(
+            f"{image.compose_id}: not an AwsPublishedV1 body: {error.message:.300}"
+        )
+    name = f"{AWS_PUBLISHED_PREFIX}.{image.subvariant}.{body['release']}.{image.architecture}"
+    return Announcement(AWS_PUBLISHED_MODNAME, name, body)
+
+
+def announce_aws_published(
+    emitter: Emitter,
+    image: StagedImage,
+    ami_name: str,
+    regions: Mapping[str, str],
+    enabled: bool,
+) -> dict[str, Any] | None:
+    """At release: publish ``aws_published_event`` unless disabled; the body, or None.
+
+    An image that cannot be announced that way is logged and skipped (the
+    release itself stands; ``fedimg.image.release`` was sent).
+    """
+    if not enabled:
+        return None
+    try:
+        announcement = aws_published_event(image, ami_name, regions)
+    except InvalidMessage as exc:
+        logging.getLogger(__name__).warning(
+            "compose %s AMI %s: no %s message: %s",
+            image.compose_id,
+            image.ami_id,
+            AWS_PUBLISHED_MODNAME,
+            exc,
+        )
+        return None
+    return emitter.announce(announcement)
 
 
 @dataclass(frozen=True)
