@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from fedimg.settings import ConfigError, load, setting
+from fedimg.settings import ConfigError, load, load_consumer_config, setting
 
 REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")
 VOLUME_TYPES = frozenset({"gp2", "gp3", "io1", "io2", "standard", "st1", "sc1"})
@@ -87,6 +87,11 @@ class FedimgConfig:
     def from_fedmsg(cls, raw: Mapping[str, Any]) -> FedimgConfig:
         """Validate and return the ``fedimg.*`` part of a fedmsg config."""
         return load(cls, raw, "fedimg")
+
+    @classmethod
+    def from_consumer_config(cls, consumer_config: Mapping[str, Any]) -> FedimgConfig:
+        """Validate and return a fedora-messaging ``[consumer_config]`` (same keys)."""
+        return load_consumer_config(cls, consumer_config, "fedimg")
 
 
 __all__ = ["ConfigError", "FedimgConfig", "check_region"]
