@@ -24,8 +24,10 @@ which is all tests and the devel stack need.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -33,7 +35,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,7 @@ log = logging.getLogger(__name__)
 SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
 DEBIAN_PACKAGE = "rabbitmq-server"
 START_TIMEOUT = 300.0
+EPMD_TIMEOUT = 60.0
 STOP_GRACE = 60.0
 
 
@@ -131,7 +134,7 @@ class RabbitMQ:
             )
         self._prepare()
         try:
-            self._start_epmd(timeout)
+            self._start_epmd()
             self._start_node(timeout)
         except BaseException:
             self.stop()
@@ -150,7 +153,7 @@ class RabbitMQ:
             "log.file.level = info\n"
         )
 
-    def _start_epmd(self, timeout: float) -> None:
+    def _start_epmd(self, timeout: float = EPMD_TIMEOUT) -> None:
         if self._epmd is not None and self._epmd.alive:
             return
         assert self.workdir is not None
@@ -161,7 +164,10 @@ class RabbitMQ:
             env=self.env(),
             log_path=self.workdir / "epmd.log",
         ).start()
-        wait_for_port(self.host, self.epmd_port, timeout, f"epmd on port {self.epmd_port}")
+        try:
+            wait_for_port(self.host, self.epmd_port, timeout, f"epmd on port {self.epmd_port}")
+        except WaitTimeout as exc:
+            raise RabbitMQTimeout(f"{exc}\n{self._epmd.output()[-2000:]}") from exc
 
     def _start_node(self, timeout: float) -> None:
         assert self.workdir is not None
@@ -221,7 +227,7 @@ class RabbitMQ:
     def restart(self, timeout: float = START_TIMEOUT) -> RabbitMQ:
         """Stop the node and start it again on the same directory and ports."""
         self.stop_node()
-        self._start_epmd(timeout)
+        self._start_epmd()
         self._start_node(timeout)
         return self
 
@@ -276,6 +282,51 @@ class RabbitMQ:
         with self.connection() as conn:
             frame: Any = conn.channel().queue_declare(name, passive=True)
             return int(frame.method.message_count)
+
+
+# -- fedora-messaging configs for a node ---------------------------------------------------
+
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+\Z")
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY.match(key) else json.dumps(key)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float | str):
+        return json.dumps(value)  # JSON numbers and strings are TOML ones too
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        inner = ", ".join(f"{_toml_key(str(k))} = {_toml_value(v)}" for k, v in value.items())
+        return "{" + inner + "}"
+    raise TypeError(f"no TOML form for {type(value).__name__} {value!r}")
+
+
+def toml_text(config: Mapping[str, Any]) -> str:
+    """``config`` (as ``tomllib`` reads a fedora-messaging file) written back as TOML."""
+    lines: list[str] = []
+    tables: list[str] = []
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            tables.append(f"\n[{_toml_key(key)}]")
+            tables += [f"{_toml_key(str(k))} = {_toml_value(v)}" for k, v in value.items()]
+        elif isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
+            for item in value:
+                tables.append(f"\n[[{_toml_key(key)}]]")
+                tables += [f"{_toml_key(str(k))} = {_toml_value(v)}" for k, v in item.items()]
+        else:
+            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
+    return "\n".join(lines + tables) + "\n"
+
+
+def write_client_config(path: Path, url: str, base: Mapping[str, Any]) -> Path:
+    """Write ``base`` (a fedora-messaging config) pointed at ``url`` to ``path``."""
+    path.write_text(toml_text({**base, "amqp_url": url}))
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
