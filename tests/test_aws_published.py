@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from fedimg import messages as m
 from fedimg.config import ConfigError, FedimgConfig
 from tests.conftest import Recorder
+from tests.test_messages import staged
 
 AMI = "ami-0123456789abcdef0"
 COPY = "ami-0fedcba9876543210"
@@ -29,34 +30,19 @@ NAME = "Fedora-Cloud-Base-40-20240501.0.x86_64-hvm-gp3-aaaaaaaa"
 REGIONS = {"us-east-1": AMI, "eu-west-1": COPY}
 
 
-def staged(**kw: str) -> m.StagedImage:
-    base = {
-        "compose_id": "Fedora-Cloud-40-20240501.0",
-        "image_name": "Fedora-Cloud-Base-40-20240501.0.x86_64.raw.xz",
-        "image_url": "https://kojipkgs.fedoraproject.org/compose/x/Fedora-Cloud-Base.raw.xz",
-        "architecture": "x86_64",
-        "region": "us-east-1",
-        "ami_id": AMI,
-        "subvariant": "Cloud_Base",
-        "release": "40",
-    }
-    base.update(kw)
-    return m.StagedImage(**base)  # type: ignore[arg-type]
-
-
 def test_the_release_becomes_the_fedora_image_uploader_message() -> None:
     ann = m.aws_published_event(staged(), NAME, REGIONS)
-    assert ann.topic == "fedora_image_uploader.published.v1.aws.Cloud_Base.40.x86_64"
+    assert ann.topic == "fedora_image_uploader.published.v1.aws.Cloud_Base.28.x86_64"
     assert (ann.modname, ann.name) == (
         "fedora_image_uploader",
-        "published.v1.aws.Cloud_Base.40.x86_64",
+        "published.v1.aws.Cloud_Base.28.x86_64",
     )
     assert ann.body == {
         "architecture": "x86_64",
-        "compose_id": "Fedora-Cloud-40-20240501.0",
+        "compose_id": "Fedora-Cloud-28-20180425.0",
         "image_name": NAME,
         "regions": {"eu-west-1": COPY, "us-east-1": AMI},
-        "release": 40,
+        "release": 28,
         "subvariant": "Cloud_Base",
     }
     real = AwsPublishedV1(topic=ann.topic, body=ann.body)
@@ -125,7 +111,7 @@ def test_announce_publishes_once_when_enabled_and_never_when_disabled(recorder: 
     assert recorder.sent == []
     body = m.announce_aws_published(emitter, staged(), NAME, REGIONS, enabled=True)
     assert recorder.sent == [
-        ("fedora_image_uploader", "published.v1.aws.Cloud_Base.40.x86_64", body)
+        ("fedora_image_uploader", "published.v1.aws.Cloud_Base.28.x86_64", body)
     ]
 
 
@@ -155,7 +141,7 @@ def test_the_setting_defaults_on_and_is_checked() -> None:
     [
         ("fedimg.image.upload", ImageUploadV1),
         ("fedimg.image.release", ImageReleaseV1),
-        ("fedora_image_uploader.published.v1.aws.Cloud_Base.40.x86_64", AwsPublishedV1),
+        ("fedora_image_uploader.published.v1.aws.Cloud_Base.28.x86_64", AwsPublishedV1),
         ("fedora_image_uploader.published.v1.aws", AwsPublishedV1),
         ("fedora_image_uploader.published.v1.awsome.x", fm.Message),
         ("resultsdb.result.new", fm.Message),
@@ -178,7 +164,7 @@ def test_amqp_publisher_sends_validated_instances_of_the_schema_classes() -> Non
     assert [s.topic for s in sent] == [
         "fedimg.image.upload",
         "fedimg.image.release",
-        "fedora_image_uploader.published.v1.aws.Cloud_Base.40.x86_64",
+        "fedora_image_uploader.published.v1.aws.Cloud_Base.28.x86_64",
         "resultsdb.result.new",
     ]
     assert sent[2]._headers["fedora_messaging_schema"] == "fedora_image_uploader.published.v1.aws"

@@ -9,7 +9,6 @@ encoding as an instance of its class.
 
 from __future__ import annotations
 
-import copy
 import subprocess
 import sys
 from typing import Any
@@ -24,6 +23,8 @@ from fedora_messaging.exceptions import ValidationError
 
 from fedimg import messages as m
 from tests.corpus import PING_TOPIC, TEST_TOPIC, message_corpus
+from tests.corpus import _set as set_path
+from tests.test_messages import staged
 
 AMI = "ami-0123456789abcdef0"
 COPY_AMI = "ami-0fedcba9876543210"
@@ -41,22 +42,6 @@ PUBLISHED = (
     m.AMI_SUCCESS,
     m.AMI_FAILED,
 )
-
-
-def staged(**kw: Any) -> m.StagedImage:
-    base: dict[str, Any] = {
-        "compose_id": "Fedora-Cloud-40-20240501.0",
-        "image_name": "Fedora-Cloud-Base-40-20240501.0.x86_64.raw.xz",
-        "image_url": "https://kojipkgs.fedoraproject.org/compose/x/Fedora-Cloud-Base.raw.xz",
-        "architecture": "x86_64",
-        "region": "us-east-1",
-        "ami_id": AMI,
-        "subvariant": "Cloud_Base",
-        "release": "40",
-        "sha256": "a" * 64,
-    }
-    base.update(kw)
-    return m.StagedImage(**base)
 
 
 def built_bodies() -> list[tuple[m.MessageType, dict[str, Any]]]:
@@ -168,11 +153,7 @@ def test_built_bodies_pass_both_validations(mtype: m.MessageType, body: dict[str
 def test_a_body_breaking_the_contract_fails_both(
     mtype: m.MessageType, path: tuple[str, ...], value: Any
 ) -> None:
-    body = copy.deepcopy(next(b for t, b in built_bodies() if t is mtype))
-    target = body
-    for key in path[:-1]:
-        target = target[key]
-    target[path[-1]] = value
+    body = set_path(next(b for t, b in built_bodies() if t is mtype), path, value)
     with pytest.raises(m.InvalidMessage):
         mtype.validate(body)
     with pytest.raises(jsonschema.ValidationError):
