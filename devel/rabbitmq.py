@@ -137,6 +137,7 @@ class RabbitMQ:
             self._start_epmd()
             self._start_node(timeout)
         except BaseException:
+            self.kill_node()  # never ready: nothing to shut down cleanly
             self.stop()
             raise
         return self

@@ -409,9 +409,7 @@ def test_resultsdb_standin_publishes_result_new_over_amqp_like_the_real_server(
         wait_until(healthy, WAIT, "the ResultsDB stand-in", interval=0.2)
         api = ResultsDBapi(url, max_retries=2, backoff_factor=0)
         created = api.create_result(
-            outcome="PASSED",
-            testcase={"name": "autocloud.ami.all"},
-            data={"item": AMI, "type": "aws_ami", "region": "us-east-1"},
+            "PASSED", "autocloud.ami.all", item=AMI, type="ami", region="us-east-1"
         )
         wait_until(
             lambda: (queue_state(rabbitmq, "it-resultsdb") or (0, 0))[0] == 1,
