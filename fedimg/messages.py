@@ -16,6 +16,7 @@ and raise ``InvalidMessage`` with a clear reason for anything malformed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -284,10 +285,25 @@ def amqp_publisher(timeout: int = 30) -> Publisher:
     from fedora_messaging import api
 
     def publish(modname: str, topic: str, body: dict[str, Any]) -> None:
+        _share_running_reactor()
         full = f"{modname}.{topic}"
         api.publish(message_class(full)(topic=full, body=body), timeout=timeout)
 
     return publish
+
+
+def _share_running_reactor() -> None:
+    """Inside ``fedora-messaging consume`` the reactor already runs (main thread).
+
+    ``api.publish`` waits through crochet, whose set-up would start the
+    reactor in a thread of its own; told ``no_setup`` it uses the running one.
+    """
+    import crochet
+    from twisted.internet import reactor
+
+    if getattr(reactor, "running", False):
+        with contextlib.suppress(RuntimeError):  # crochet already runs its own reactor
+            crochet.no_setup()
 
 
 @dataclass

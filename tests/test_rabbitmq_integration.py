@@ -248,6 +248,48 @@ SAMPLE_TOPICS = {
 }
 
 
+def test_amqp_publisher_works_inside_a_fedora_messaging_consumer(
+    rabbitmq: RabbitMQ, tmp_path: Path
+) -> None:
+    forwarded = f"{PREFIX}.fedimg_tests.forwarded"
+    rabbitmq.declare_queue("it-forwarded", [forwarded])
+    conf = client_config(
+        rabbitmq,
+        tmp_path / "forward.toml",
+        "it-forward",
+        [f"{PREFIX}.fedimg.hub.ping"],
+        callback="tests.fm_recorder:Forward",
+    )
+    consumer = ManagedProcess(
+        name="fm-forward",
+        argv=[FM, "--conf", str(conf), "consume"],
+        cwd=tmp_path,
+        env=child_env(FM_FORWARD_TO="fedimg_tests.forwarded"),
+        log_path=tmp_path / "forward.log",
+    ).start()
+    try:
+        wait_consuming(rabbitmq, "it-forward", consumer)
+        fm_publish(conf, [HubPingV1(body={"token": "one"}), HubPingV1(body={"token": "two"})])
+        wait_until(
+            lambda: (queue_state(rabbitmq, "it-forwarded") or (0, 0))[0] == 2,
+            WAIT,
+            "two forwarded messages",
+            interval=0.2,
+        )
+        assert queue_state(rabbitmq, "it-forward") == (0, 1)  # both acked: callbacks returned
+    finally:
+        consumer.stop()
+    tokens = []
+    with rabbitmq.connection() as conn:
+        for _ in range(2):
+            method, properties, body = conn.channel().basic_get("it-forwarded", auto_ack=True)
+            assert method is not None
+            got = fm.get_message(method.routing_key, properties, body)
+            assert got.topic == forwarded
+            tokens.append(got.body["token"])
+    assert tokens == ["one", "two"]
+
+
 @pytest.mark.parametrize("sample", sorted(SAMPLE_TOPICS))
 def test_a_sample_config_binds_exactly_its_topics_and_serves_liveness(
     rabbitmq: RabbitMQ, tmp_path: Path, sample: str
