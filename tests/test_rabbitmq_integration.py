@@ -128,6 +128,14 @@ def fm_publish(conf: Path, messages: list[fm.Message]) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def take(node: RabbitMQ, queue: str) -> tuple[fm.Message, bytes]:
+    """The next message of ``queue`` (acked), decoded by fedora-messaging, and its raw body."""
+    with node.connection() as conn:
+        method, properties, body = conn.channel().basic_get(queue, auto_ack=True)
+    assert method is not None, f"{queue} is empty"
+    return fm.get_message(method.routing_key, properties, body), body
+
+
 def base_message(topic: str, body: dict[str, Any]) -> fm.Message:
     return fm.Message(topic=topic, body=body)
 
@@ -228,26 +236,6 @@ def test_fedimg_publishes_through_fedora_messaging_and_a_consumer_decodes_each_c
         assert msg.queue == queue
 
 
-SAMPLE_TOPICS = {
-    # sample: (its queue, the topics bound to it, topics that must not reach it)
-    "fedimg.toml": (
-        "fedimg",
-        [
-            "pungi.compose.status.change",
-            "resultsdb.result.new",
-            "taskotron.result.new",
-            "fedimg.hub.ping",
-        ],
-        ["fedimg.image.upload", "fedimg.image.test", "autocloud.ami.success"],
-    ),
-    "autocloud_ami.toml": (
-        "autocloud_ami",
-        ["fedimg.image.test"],
-        ["fedimg.image.upload", "fedimg.hub.ping", "resultsdb.result.new"],
-    ),
-}
-
-
 def test_amqp_publisher_works_inside_a_fedora_messaging_consumer(
     rabbitmq: RabbitMQ, tmp_path: Path
 ) -> None:
@@ -279,15 +267,29 @@ def test_amqp_publisher_works_inside_a_fedora_messaging_consumer(
         assert queue_state(rabbitmq, "it-forward") == (0, 1)  # both acked: callbacks returned
     finally:
         consumer.stop()
-    tokens = []
-    with rabbitmq.connection() as conn:
-        for _ in range(2):
-            method, properties, body = conn.channel().basic_get("it-forwarded", auto_ack=True)
-            assert method is not None
-            got = fm.get_message(method.routing_key, properties, body)
-            assert got.topic == forwarded
-            tokens.append(got.body["token"])
-    assert tokens == ["one", "two"]
+    got = [take(rabbitmq, "it-forwarded")[0] for _ in range(2)]
+    assert [msg.topic for msg in got] == [forwarded, forwarded]
+    assert [msg.body["token"] for msg in got] == ["one", "two"]
+
+
+SAMPLE_TOPICS = {
+    # sample: (its queue, the topics bound to it, topics that must not reach it)
+    "fedimg.toml": (
+        "fedimg",
+        [
+            "pungi.compose.status.change",
+            "resultsdb.result.new",
+            "taskotron.result.new",
+            "fedimg.hub.ping",
+        ],
+        ["fedimg.image.upload", "fedimg.image.test", "autocloud.ami.success"],
+    ),
+    "autocloud_ami.toml": (
+        "autocloud_ami",
+        ["fedimg.image.test"],
+        ["fedimg.image.upload", "fedimg.hub.ping", "resultsdb.result.new"],
+    ),
+}
 
 
 @pytest.mark.parametrize("sample", sorted(SAMPLE_TOPICS))
@@ -399,10 +401,7 @@ def test_a_restart_keeps_durable_queues_and_persistent_messages_and_consumers_co
         consumer.stop()
     assert [msg.body["token"] for msg in got] == ["before", "after"]
     # The parked message is the one published before the restart, intact.
-    with rabbitmq.connection() as conn:
-        method, properties, body = conn.channel().basic_get("it-parked", auto_ack=True)
-    assert method is not None
-    again = fm.get_message(method.routing_key, properties, body)
+    again = take(rabbitmq, "it-parked")[0]
     assert type(again) is ImageTestV1
     assert (again.id, again.body, again.topic) == (parked.id, parked.body, parked_key)
     assert len(rabbitmq.starts) >= 2
@@ -461,10 +460,7 @@ def test_resultsdb_standin_publishes_result_new_over_amqp_like_the_real_server(
         )
     finally:
         standin.stop()
-    with rabbitmq.connection() as conn:
-        method, properties, body = conn.channel().basic_get("it-resultsdb", auto_ack=True)
-    assert method is not None
-    got = fm.get_message(method.routing_key, properties, body)
+    got, body = take(rabbitmq, "it-resultsdb")
     assert type(got) is fm.Message  # the real server sends the base class
     assert got._headers["fedora_messaging_schema"] == "base.message"
     assert got.topic == key
