@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from fedimg.messages import FAILED, NEEDS_INSPECTION, SUMMARY_TESTCASE
-from fedimg.settings import ConfigError, load, setting
+from fedimg.settings import ConfigError, load, load_consumer_config, setting
 
 REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")
 VOLUME_TYPES = frozenset({"gp2", "gp3", "io1", "io2", "standard", "st1", "sc1"})
@@ -53,6 +53,11 @@ class FedimgConfig:
     copy_concurrency: int = setting("fedimg.promote.max_concurrent_copies", 25)
     copy_timeout: float = setting("fedimg.promote.copy_timeout", 3 * 3600.0)
     publish_retry_timeout: float = setting("fedimg.promote.publish_retry_timeout", 1800.0)
+    fedora_image_uploader_message: bool = setting(
+        "fedimg.promote.fedora_image_uploader_message",
+        True,
+        doc="also announce a release as fedora_image_uploader.published.v1.aws.*",
+    )
     reconcile_interval: float = setting("fedimg.reconcile.interval", 300.0)
     retest_after: float = setting("fedimg.gate.retest_after", 3 * 3600.0)
     orphan_grace: float = setting("fedimg.reconcile.orphan_grace", 2 * 3600.0)
@@ -91,6 +96,11 @@ class FedimgConfig:
     def from_fedmsg(cls, raw: Mapping[str, Any]) -> FedimgConfig:
         """Validate and return the ``fedimg.*`` part of a fedmsg config."""
         return load(cls, raw, "fedimg")
+
+    @classmethod
+    def from_consumer_config(cls, consumer_config: Mapping[str, Any]) -> FedimgConfig:
+        """Validate and return a fedora-messaging ``[consumer_config]`` (same keys)."""
+        return load_consumer_config(cls, consumer_config, "fedimg")
 
 
 __all__ = ["ConfigError", "FedimgConfig", "check_region"]

@@ -34,7 +34,8 @@ class Component:
             return "disabled"
         if self.running:
             return "running"
-        return f"not running: {self.error or 'failed to start (see the hub log)'}"
+        why = self.error or "failed to start (see the hub log)"
+        return f"not running: {why}"[:255]
 
 
 @dataclass(frozen=True)

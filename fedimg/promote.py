@@ -37,6 +37,7 @@ from fedimg.messages import (
     IMAGE_TEST,
     Emitter,
     StagedImage,
+    announce_aws_published,
     copy_event,
     image_event,
     publish_event,
@@ -211,6 +212,13 @@ class Promoter:
         failed = {r.region: r.error or "unknown error" for r in results if not r.ok}
         if done:
             self.emitter.emit(IMAGE_RELEASE, release_event(staged.image, done, failed))
+            announce_aws_published(
+                self.emitter,
+                staged.image,
+                staged.name,
+                done,
+                self.cfg.fedora_image_uploader_message,
+            )
         if failed:
             log.error(
                 "%s: released in %d region(s); FAILED in %s; state stays promoting, "

@@ -75,6 +75,11 @@ config = {
     "fedimg.promote.copy_timeout": 3 * 3600.0,
     # Seconds to keep retrying making a copy public (InvalidAMIID.Unavailable).
     "fedimg.promote.publish_retry_timeout": 1800.0,
+    # On release, also publish fedora_image_uploader.published.v1.aws.<subvariant>.
+    # <release>.<arch> (the AwsPublishedV1 message Fedora's websites and tooling read
+    # from datagrepper today), beside fedimg.image.release. False: do not. An image
+    # whose release is not a number (Rawhide) is never announced that way.
+    "fedimg.promote.fedora_image_uploader_message": True,
     # -- reconcile ---------------------------------------------------------------
     # Seconds between passes resuming unfinished work from AWS tags and ResultsDB.
     "fedimg.reconcile.interval": 300.0,

@@ -39,6 +39,7 @@ from fedimg.messages import (
     Emitter,
     ResultNotice,
     StagedImage,
+    message_class,
     parse_result_notice,
 )
 from fedimg.plan import Scope
@@ -304,7 +305,12 @@ def notice(
 def validate_all(recorder: Any) -> None:
     """Every emitted body satisfies the contract of its topic."""
     for modname, topic, body in recorder.sent:
-        CONTRACT[f"{modname}.{topic}"].validate(body)
+        full = f"{modname}.{topic}"
+        if full in CONTRACT:
+            CONTRACT[full].validate(body)
+        else:  # the release as fedora-image-uploader announces it: its own class validates
+            message_class(full)(topic=full, body=body).validate()
+            assert message_class(full).__name__ == "AwsPublishedV1"
 
 
 def backend(region: str) -> Any:
@@ -381,7 +387,9 @@ def test_release_messages_come_in_order_with_upstream_bodies(
     assert topics[0] == "fedimg.image.test"
     assert recorder.sent[0][2]["status"] == "completed"
     assert recorder.sent[0][2]["extra"]["id"] == ami
-    assert topics[-1] == "fedimg.image.release"
+    # fedimg's release, then the same release as fedora-image-uploader announces it.
+    assert topics[-2] == "fedimg.image.release"
+    assert topics[-1] == "fedora_image_uploader.published.v1.aws.Cloud_Base.41.x86_64"
     assert topics.count("fedimg.image.release") == 1
     copies = recorder.bodies("fedimg.image.copy")
     publishes = recorder.bodies("fedimg.image.publish")
