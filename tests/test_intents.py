@@ -490,3 +490,29 @@ def test_keys_are_confined_to_the_lock_folder(guard: Guard, tmp_path: Path) -> N
     # Two keys that differ only in unsafe characters share a lock: safe, never unsafe.
     with guard.hold("a/b") as first, guard.hold("a_b") as second:
         assert first and not second
+
+
+def test_status_lists_every_pending_compose_and_how_far_it_got(tmp_path: Path) -> None:
+    from fedimg.status import pending_composes
+
+    store = IntentStore(tmp_path)
+    assert pending_composes(store) == []
+    store.record(Intent("Fedora-41-20261124.0", "https://x/compose", last_error="404"))
+    imgs = (image(1), image(2), image(3))
+    store.record(
+        Intent(
+            "Fedora-41-20261124.1",
+            "https://x/compose",
+            images=imgs,
+            staged=(imgs[0].sha256,),
+            given_up={imgs[1].sha256: "404"},
+        )
+    )
+    lines = pending_composes(store)
+    assert lines == [
+        "Fedora-41-20261124.0: metadata not read yet, 0 tries (404)",
+        "Fedora-41-20261124.1: 1 staged, 1 given up, 1 to do, of 3 image(s)",
+    ]
+    assert pending_composes(store, "Fedora-41-20261124.1") == lines[1:]
+    (tmp_path / "composes" / "Fedora-41-20261124.2.json").write_text("{not json")
+    assert "unreadable intent" in pending_composes(store, "Fedora-41-20261124.2")[0]
