@@ -21,6 +21,7 @@ from botocore.exceptions import ClientError
 from fedimg import tags
 from fedimg.aws import error_code
 from fedimg.messages import VIRT_TYPE
+from fedimg.tags import tag_specs
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ def register_params(
         "RootDeviceName": ROOT_DEVICE,
         "BootMode": BOOT_MODES[image.arch],
         "BlockDeviceMappings": [{"DeviceName": ROOT_DEVICE, "Ebs": ebs}],
-        "TagSpecifications": [{"ResourceType": "image", "Tags": list(tags)}],
+        "TagSpecifications": tag_specs(("image",), {t["Key"]: t["Value"] for t in tags}),
     }
 
 

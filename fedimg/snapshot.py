@@ -32,6 +32,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from fedimg.aws import error_code
+from fedimg.tags import as_list
 
 log = logging.getLogger(__name__)
 
@@ -376,7 +377,7 @@ def upload_snapshot(
             Timeout=timeout_minutes,
             ClientToken=client_token,
             Description=description,
-            Tags=[{"Key": k, "Value": v} for k, v in tags.items()],
+            Tags=as_list(tags),
         )
     except (ClientError, BotoCoreError) as exc:
         _close(raw)
