@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import io
 import logging
 import re
 import shutil
@@ -259,7 +260,7 @@ def compose_message(
 class _Faults:
     missing: set[str] = field(default_factory=set)
     stalled: set[str] = field(default_factory=set)
-    replaced: dict[str, tuple[bytes, str]] = field(default_factory=dict)
+    replaced: dict[str, tuple[bytes, str, bool]] = field(default_factory=dict)  # +Range?
     no_range: set[str] = field(default_factory=set)
     redirected: dict[str, tuple[int, str]] = field(default_factory=dict)
     cut: dict[str, list[int]] = field(default_factory=dict)  # path: [after bytes, answers left]
@@ -299,8 +300,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             return
         if rel in faults.replaced:
-            data, ctype = faults.replaced[rel]
-            self._send(200, data, ctype, body)
+            data, ctype, ranges = faults.replaced[rel]
+            if ranges:
+                self._send_file(data, ctype, body, True, rel)
+            else:
+                self._send(200, data, ctype, body)
             return
         target = (owner.root / rel).resolve()
         if owner.root.resolve() not in target.parents or not target.is_file():
@@ -317,8 +321,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if body:
             self.wfile.write(data)
 
-    def _send_file(self, target: Path, ctype: str, body: bool, ranges: bool, rel: str) -> None:
-        size = target.stat().st_size
+    def _send_file(
+        self, target: Path | bytes, ctype: str, body: bool, ranges: bool, rel: str
+    ) -> None:
+        size = len(target) if isinstance(target, bytes) else target.stat().st_size
         start, end = 0, size - 1
         header = self.headers.get("Range")
         status = 200
@@ -341,7 +347,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         if not body:
             return
-        with target.open("rb") as f:
+        with io.BytesIO(target) if isinstance(target, bytes) else target.open("rb") as f:
             f.seek(start)
             left = end - start + 1
             cut_after = self.server.owner._cut_after(rel, left)
@@ -433,9 +439,11 @@ class ComposeServer:
         """Serve an HTML error page with status 200 for ``rel``."""
         self.replace(rel, HTML_PAGE, "text/html; charset=utf-8")
 
-    def replace(self, rel: str, data: bytes, content_type: str = "application/json") -> None:
-        """Serve ``data`` with status 200 for ``rel``."""
-        self.faults.replaced[f"compose/{rel}"] = (data, content_type)
+    def replace(
+        self, rel: str, data: bytes, content_type: str = "application/json", ranges: bool = False
+    ) -> None:
+        """Serve ``data`` for ``rel``: with status 200, or as a file (Range too) if ``ranges``."""
+        self.faults.replaced[f"compose/{rel}"] = (data, content_type, ranges)
 
     def redirect(self, rel: str, location: str, status: int = 302) -> None:
         """Answer ``rel`` with a redirect to ``location`` (any URL, any host)."""

@@ -447,7 +447,7 @@ def serve_fault(fault: str, server: ComposeServer, rel: str, elsewhere: ComposeS
     if fault == REDIRECT_AWAY:
         server.redirect(rel, elsewhere.url_of(rel))
     elif fault == CLAIMS_100_TIB:
-        server.replace(rel, forged_xz(CLAIMED_RAW_SIZE), "application/x-xz")
+        server.replace(rel, forged_xz(CLAIMED_RAW_SIZE), "application/x-xz", ranges=True)
     elif fault == CUT_EVERY_ANSWER:
         server.cut(rel, 256 * 1024)
     elif fault == CUT_AFTER_1_MIB:
