@@ -43,8 +43,7 @@ from botocore.exceptions import ClientError, WaiterError
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from fedimg.aws import error_code
-from fedimg.tags import tag_specs
+from fedimg.aws import error_code, tag_specs
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,8 @@ from typing import Any, Final, Protocol
 from botocore.exceptions import ClientError
 
 from fedimg import tags
-from fedimg.aws import error_code
+from fedimg.aws import error_code, tag_specs
 from fedimg.messages import VIRT_TYPE
-from fedimg.tags import tag_specs
 
 log = logging.getLogger(__name__)
 

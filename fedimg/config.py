@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from fedimg.messages import FAILED, NEEDS_INSPECTION, SUMMARY_TESTCASE
 from fedimg.settings import ConfigError, load, setting
 
 REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")
@@ -49,10 +50,8 @@ class FedimgConfig:
     max_volume_gib: int = setting("fedimg.stage.max_volume_gib", 32)
     http_timeout: float = setting("fedimg.http.timeout", 60.0)
     http_retries: int = setting("fedimg.http.retries", 5)
-    required_testcases: list[str] = setting("fedimg.gate.required_testcases", ["autocloud.ami.all"])
-    reject_outcomes: list[str] = setting(
-        "fedimg.gate.reject_outcomes", ["FAILED", "NEEDS_INSPECTION"]
-    )
+    required_testcases: list[str] = setting("fedimg.gate.required_testcases", [SUMMARY_TESTCASE])
+    reject_outcomes: list[str] = setting("fedimg.gate.reject_outcomes", [FAILED, NEEDS_INSPECTION])
     gate_deadline: float = setting("fedimg.gate.deadline", 6 * 3600.0)
     delete_rejected: bool = setting("fedimg.gate.delete_rejected", False)
     copy_concurrency: int = setting("fedimg.promote.max_concurrent_copies", 25)
@@ -61,6 +60,8 @@ class FedimgConfig:
     reconcile_interval: float = setting("fedimg.reconcile.interval", 300.0)
     retest_after: float = setting("fedimg.gate.retest_after", 3 * 3600.0)
     orphan_grace: float = setting("fedimg.reconcile.orphan_grace", 2 * 3600.0)
+    state_dir: str = setting("fedimg.state_dir", "/var/lib/fedimg")
+    stage_max_attempts: int = setting("fedimg.stage.max_attempts", 3)
 
     def __post_init__(self) -> None:
         check_region(self.staging_region)
@@ -76,6 +77,8 @@ class FedimgConfig:
             raise ValueError(f"fedimg.compose.arches: unsupported arches {bad}")
         if urlsplit(self.resultsdb_url).scheme not in ("http", "https"):
             raise ValueError(f"fedimg.resultsdb_url: not an http(s) URL: {self.resultsdb_url!r}")
+        if not self.state_dir:
+            raise ValueError("fedimg.state_dir: a directory is needed for durable intents")
         for name in (
             "upload_workers",
             "stage_workers",
@@ -83,6 +86,7 @@ class FedimgConfig:
             "aws_max_attempts",
             "max_images",
             "max_volume_gib",
+            "stage_max_attempts",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")

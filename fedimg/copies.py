@@ -30,7 +30,7 @@ from typing import Any, Protocol, TypeVar
 from botocore.exceptions import BotoCoreError, ClientError
 
 from fedimg import tags
-from fedimg.aws import error_code
+from fedimg.aws import error_code, tag_specs
 from fedimg.messages import StagedImage
 
 log = logging.getLogger(__name__)
@@ -297,7 +297,7 @@ class Copier:
                 Name=name,
                 Description=copy_description(image, self.source_region),
                 ClientToken=token,
-                TagSpecifications=tags.tag_specs(("image", "snapshot"), copy_tags(image)),
+                TagSpecifications=tag_specs(("image", "snapshot"), copy_tags(image)),
             ),
             TRANSIENT,
             f"{what}: copy_image",

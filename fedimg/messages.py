@@ -259,7 +259,13 @@ HUB_PING = MessageType(
 HUB_PONG = MessageType(
     "fedimg",
     "hub.pong",
-    _obj(["token", "host"], token=_ID, host=_ID),
+    _obj(
+        ["token", "host"],
+        token=_ID,
+        host=_ID,
+        healthy={"type": "boolean"},
+        components={"type": "object", "additionalProperties": _STR, "maxProperties": 64},
+    ),
     "a fedimg hub is subscribed and can publish",
 )
 
@@ -689,3 +695,15 @@ def parse_result_notice(mtype: MessageType, body: Any) -> ResultNotice:
             result_id=body["result"].get("id"),
         )
     raise InvalidMessage(f"{mtype} is not a result message")
+
+
+# -- ResultsDB conventions (the other half of the contract) ------------------------------
+# autocloud_ami posts, fedimg's gate reads: one result per suite check under
+# ``autocloud.ami.<check>``, one summary ``autocloud.ami.all`` posted LAST, every
+# one about the item ``<ami id>`` of type ``ami``, with ``source`` = ``autocloud``.
+
+RESULTSDB_ITEM_TYPE: Final = "ami"
+RESULTSDB_SOURCE: Final = "autocloud"
+TESTCASE_PREFIX: Final = "autocloud.ami."
+SUMMARY_TESTCASE: Final = TESTCASE_PREFIX + "all"
+PASSED, INFO, FAILED, NEEDS_INSPECTION = OUTCOMES

@@ -31,8 +31,7 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from fedimg.aws import error_code
-from fedimg.tags import as_list
+from fedimg.aws import error_code, tag_list
 
 log = logging.getLogger(__name__)
 
@@ -377,7 +376,7 @@ def upload_snapshot(
             Timeout=timeout_minutes,
             ClientToken=client_token,
             Description=description,
-            Tags=as_list(tags),
+            Tags=tag_list(tags),
         )
     except (ClientError, BotoCoreError) as exc:
         _close(raw)

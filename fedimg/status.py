@@ -19,7 +19,8 @@ from fedimg import tags
 from fedimg.aws import AwsClients
 from fedimg.config import FedimgConfig
 from fedimg.copies import Ec2Factory, describe_error
-from fedimg.promote import staged_amis
+from fedimg.messages import RESULTSDB_ITEM_TYPE
+from fedimg.observe import staged_amis
 from fedimg.regions import target_regions
 from fedimg.results import ResultsSource, ResultsUnavailable
 
@@ -104,7 +105,7 @@ def collect(
         ami_id = image["ImageId"]
         t = tags.as_dict(image.get("Tags"))
         try:
-            latest = results.latest(ami_id, item_type="ami")
+            latest = results.latest(ami_id, item_type=RESULTSDB_ITEM_TYPE)
             outcomes: dict[str, str] | None = {tc: r.outcome for tc, r in latest.items()}
         except ResultsUnavailable as exc:
             log.warning("%s %s: ResultsDB unavailable: %s", t.get(tags.COMPOSE_ID), ami_id, exc)

@@ -3,24 +3,18 @@
 ``fedimg:state`` moves  (none) -> testing -> promoting -> released, or
 testing -> rejected. Everything else needed to resume is in the other tags.
 
-``as_list`` and ``tag_specs`` are the ONE way tags are written (fedimg and
-autocloud_ami, on every resource): they keep within AWS's limits, keys of 128
-and values of 256 characters, at most 50 tags. A longer value (the image URL of
-a long image name) is cut to 256 characters; the full value stays in the
-messages. A key beyond the limit is a bug and raises ValueError.
+Tags are written within AWS's limits through ``fedimg.aws.tag_list`` (here
+``as_list``) and ``fedimg.aws.tag_specs``; the full values stay in the messages.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from enum import StrEnum
-from typing import Any, Final
+from typing import Any
 
+from fedimg.aws import tag_list
 from fedimg.messages import StagedImage
-
-KEY_MAX: Final = 128
-VALUE_MAX: Final = 256
-TAGS_MAX: Final = 50
 
 COMPOSE_ID = "fedimg:compose-id"
 IMAGE_NAME = "fedimg:image-name"
@@ -51,21 +45,8 @@ def as_dict(tags: Iterable[Mapping[str, str]] | None) -> dict[str, str]:
 
 
 def as_list(tags: Mapping[str, str]) -> list[dict[str, str]]:
-    """A dict as AWS's ``[{"Key": k, "Value": v}]``, within AWS's limits (see above)."""
-    if len(tags) > TAGS_MAX:
-        raise ValueError(f"{len(tags)} tags; AWS allows {TAGS_MAX} per resource")
-    for key in tags:
-        if not 1 <= len(key) <= KEY_MAX or key.lower().startswith("aws:"):
-            raise ValueError(
-                f"tag key {key[: KEY_MAX + 8]!r} is not 1-{KEY_MAX} characters of ours"
-            )
-    return [{"Key": k, "Value": str(v)[:VALUE_MAX]} for k, v in tags.items()]
-
-
-def tag_specs(resource_types: Iterable[str], tags: Mapping[str, str]) -> list[dict[str, Any]]:
-    """``TagSpecifications``: the same ``as_list`` tags for each of ``resource_types``."""
-    listed = as_list(tags)
-    return [{"ResourceType": rt, "Tags": [dict(t) for t in listed]} for rt in resource_types]
+    """A dict as AWS's ``[{"Key": k, "Value": v}]``, within AWS's limits (``aws.tag_list``)."""
+    return tag_list(tags)
 
 
 def image_tags(image: StagedImage, state: State, staged_at: str) -> dict[str, str]:

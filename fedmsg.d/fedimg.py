@@ -7,6 +7,8 @@ mistyped key stops it with the key's name). Production overrides these in
 Keep this file in sync with fedimg/config.py (tests/test_stage.py checks it).
 """
 
+import os
+
 config = {
     # -- which consumers this hub runs -------------------------------------------
     # Stage: on pungi.compose.status.change FINISHED, upload the compose's cloud
@@ -92,4 +94,14 @@ config = {
     # staging region (a snapshot without an AMI, an AMI without fedimg tags):
     # longer than any upload may take (uploads give up after 90 minutes).
     "fedimg.reconcile.orphan_grace": 2 * 3600.0,
+    # -- durable state -------------------------------------------------------------
+    # Where accepted composes are remembered until every image is staged (one JSON
+    # file per compose, written atomically) and where workers lock images and AMIs
+    # (flock). Processes sharing it never stage an image or promote an AMI twice.
+    # Must be writable by the hub's user; checked at start-up. Production:
+    # /var/lib/fedimg (the default when the key is not set).
+    "fedimg.state_dir": os.environ.get("FEDIMG_STATE_DIR", ".fedimg-state"),
+    # Times an image of an accepted compose is tried (the message, then reconcile
+    # passes) before it is given up and its compose's intent can be dropped.
+    "fedimg.stage.max_attempts": 3,
 }

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import boto3
@@ -31,6 +34,7 @@ from fedimg import consumers, download, tags
 from fedimg.aws import AwsClients
 from fedimg.compose import ComposeError, image_url, read_compose
 from fedimg.config import FedimgConfig
+from fedimg.engine import Engine
 from fedimg.messages import (
     AMI_ID_RE,
     COMPOSE_ID_RE,
@@ -46,8 +50,7 @@ from fedimg.messages import (
     parse_result_notice,
     parse_test_request,
 )
-from fedimg.promote import Promoter
-from fedimg.stage import StageOutcome, Stager
+from fedimg.stage import StageOutcome
 from tests.corpus import (
     ALLOWED_HOST,
     BAD_IMAGE_PATHS,
@@ -72,6 +75,7 @@ from tests.corpus import (
     message_corpus,
     serve_fault,
 )
+from tests.engine_support import make_engine
 
 CORPUS = message_corpus()
 TOPICS = Topics("org.fedoraproject", "dev")
@@ -126,16 +130,30 @@ def recorder_emitter(recorder: Any) -> Emitter:
     return Emitter(recorder)
 
 
+def untouchable_engine(emitter: Emitter) -> Engine:
+    """An engine whose AWS, HTTP and ResultsDB seams fail the test if anything touches them."""
+    return make_engine(
+        cfg(),
+        emitter,
+        NoTouch("aws"),
+        Path(tempfile.mkdtemp(prefix="fedimg-hostile-")),
+        session=NoTouch("http session"),
+        results=NoTouch("resultsdb"),  # type: ignore[arg-type]
+    )
+
+
 def build_consumer(topic: str, emitter: Emitter, monkeypatch: pytest.MonkeyPatch) -> Any:
     """The consumer the hub would hand ``topic`` to, around seams that must not be touched."""
     if topic == COMPOSE_TOPIC:
         c: Any = consumers.StageConsumer.__new__(consumers.StageConsumer)
-        c.stager = Stager(cfg(), emitter, NoTouch("aws"), NoTouch("http session"))  # type: ignore[arg-type]
+        c.lifecycle = untouchable_engine(emitter)
     elif topic in (RESULT_TOPIC, TASKOTRON_TOPIC):
         c = consumers.PromoteConsumer.__new__(consumers.PromoteConsumer)
-        c.promoter = Promoter(cfg(), emitter, NoTouch("aws"), NoTouch("resultsdb"))
+        c.lifecycle = untouchable_engine(emitter)
     elif topic == PING_TOPIC:
         c = consumers.HealthConsumer.__new__(consumers.HealthConsumer)
+        c.hub_ref = SimpleNamespace(config={}, consumers=[], producers=[])
+        c._reported = set()
     else:
         import autocloud_ami.job
 
@@ -202,9 +220,9 @@ def test_result_naming_something_that_is_not_an_ami_is_ignored_with_a_warning(
     mtype = RESULT_NEW if bad.topic == RESULT_TOPIC else TASKOTRON_RESULT_NEW
     notice = parse_result_notice(mtype, bad.body)
     assert not AMI_ID_RE.match(notice.item)
-    promoter = Promoter(cfg(), Emitter(recorder), NoTouch("aws"), NoTouch("resultsdb"))
+    engine = untouchable_engine(Emitter(recorder))
     with caplog.at_level(logging.WARNING):
-        assert promoter.on_result(notice) is None
+        assert engine.on_result(notice) is None
     assert any(r.levelno >= logging.WARNING for r in caplog.records)
     assert recorder.sent == []
 
@@ -254,7 +272,7 @@ def test_consumer_refuses_with_a_log_record_and_no_side_effect(
     ],
     ids=["string", "list", "null", "no topic", "topic not a string"],
 )
-def test_consumers_refuse_envelopes_that_are_not_fedmsg(  # noqa: PLR0917
+def test_consumers_refuse_envelopes_that_are_not_fedmsg(
     topic: str,
     message: dict[str, Any],
     recorder: Any,
@@ -368,7 +386,7 @@ def test_an_accepted_image_path_stays_under_the_compose(path: str) -> None:
 #
 # Two compose servers serve the same generated compose: "home" on 127.0.0.1 (the
 # allowed host) and "away" on 127.0.0.2 (not allowed); each counts every request.
-# The Stager is built by Stager.from_config, as the hub builds it, so its HTTP
+# The engine is built by Engine.from_config, as the hub builds it, so its HTTP
 # session is the one production uses.
 
 
@@ -382,7 +400,10 @@ class Hostile:
     written: list[str]  # AWS operations that create or change something, in order
     waited: list[float]  # backoff delays between download resumes
 
+    state_dir: Path
+
     def stage(self, **settings: Any) -> list[StageOutcome]:
+        """``fedimg stage`` by hand: the engine built from the settings, as the hub builds it."""
         raw = {
             "fedimg.resultsdb_url": "http://127.0.0.1:9/api/v2.0",
             "fedimg.compose.allowed_hosts": ["127.0.0.1"],
@@ -390,14 +411,17 @@ class Hostile:
             "fedimg.stage.workers": 3,
             "fedimg.http.retries": 2,
             "fedimg.http.timeout": 5.0,
+            "fedimg.state_dir": str(self.state_dir),
             **settings,
         }
-        stager = Stager.from_config(FedimgConfig.from_fedmsg(raw), Emitter(self.recorder), self.aws)
-        stager.available_timeout, stager.poll_interval = 10.0, 0.05
+        engine = Engine.from_config(
+            FedimgConfig.from_fedmsg(raw), Emitter(self.recorder), aws=self.aws
+        )
+        engine.stager.available_timeout, engine.stager.poll_interval = 10.0, 0.05
         try:
-            return stager.stage_location(self.home.url, self.tree.compose_id)
+            return engine.stage_location(self.home.url, self.tree.compose_id)
         finally:
-            stager.close()
+            engine.close()
 
     def requests_away(self) -> int:
         with self.away._lock:
@@ -432,7 +456,7 @@ def hostile_tree(tmp_path_factory: pytest.TempPathFactory) -> ComposeTree:
 
 @pytest.fixture
 def hostile(
-    hostile_tree: ComposeTree, recorder: Any, monkeypatch: pytest.MonkeyPatch
+    hostile_tree: ComposeTree, recorder: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> Iterator[Hostile]:
     monkeypatch.setenv("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")
     written: list[str] = []
@@ -451,7 +475,7 @@ def hostile(
         ComposeServer(hostile_tree.root, host=NOT_ALLOWED_HOST) as away,
     ):
         aws = AwsClients(max_attempts=2, session=session)
-        yield Hostile(hostile_tree, home, away, aws, recorder, written, waited)
+        yield Hostile(hostile_tree, home, away, aws, recorder, written, waited, tmp_path)
 
 
 @pytest.mark.parametrize(("fault", "staged"), IMAGE_FAULTS, ids=[f for f, _ in IMAGE_FAULTS])

@@ -1,6 +1,6 @@
 """AWS's limits on tags (keys 128, values 256, 50 a resource) on every tag fedimg writes.
 
-``fedimg.tags.as_list`` / ``tag_specs`` are the one way tags are written. The
+``fedimg.aws.tag_list`` / ``tag_specs`` are the one way tags are written. The
 end-to-end cases stage a valid image whose 253-character name makes its URL
 longer than a tag value may be, copy it to another region and launch a test
 instance, all on moto in process, and check what was SENT (a botocore hook
@@ -26,13 +26,13 @@ import autocloud_ami.instance
 from autocloud_ami.instance import TestInstance
 from devel.compose import ComposeServer, ComposeTree, ImageSpec, build_compose
 from fedimg import tags
-from fedimg.aws import AwsClients
+from fedimg.aws import AwsClients, tag_list, tag_specs
 from fedimg.config import FedimgConfig
 from fedimg.copies import Copier
 from fedimg.http import make_session
 from fedimg.messages import Emitter, parse_test_request
-from fedimg.stage import Stager
 from tests.corpus import LONG_NAME_LENGTH, long_image_name
+from tests.engine_support import make_engine
 from tests.test_instance import FAST, make_spec
 
 REGION = "us-east-1"
@@ -61,11 +61,11 @@ def test_what_aws_would_refuse_is_a_bug_raised_before_any_call(bad: dict[str, st
     with pytest.raises(ValueError):
         tags.as_list(bad)
     with pytest.raises(ValueError):
-        tags.tag_specs(("image",), bad)
+        tag_specs(("image",), bad)
 
 
 def test_tag_specs_gives_each_resource_type_its_own_list() -> None:
-    specs = tags.tag_specs(("image", "snapshot"), {"a": "b" * 300})
+    specs = tag_specs(("image", "snapshot"), {"a": "b" * 300})
     assert specs == [
         {"ResourceType": "image", "Tags": [{"Key": "a", "Value": "b" * 256}]},
         {"ResourceType": "snapshot", "Tags": [{"Key": "a", "Value": "b" * 256}]},
@@ -73,8 +73,9 @@ def test_tag_specs_gives_each_resource_type_its_own_list() -> None:
     assert specs[0]["Tags"][0] is not specs[1]["Tags"][0]
 
 
-def test_autocloud_ami_writes_tags_through_the_same_helper() -> None:
-    assert autocloud_ami.instance.tag_specs is tags.tag_specs
+def test_every_writer_uses_the_same_helper() -> None:
+    assert autocloud_ami.instance.tag_specs is tag_specs
+    assert tags.as_list({"k": "v" * 300}) == tag_list({"k": "v" * 300})
 
 
 @given(st.dictionaries(st.text(min_size=1, max_size=128), st.text(max_size=600), max_size=50))
@@ -140,20 +141,31 @@ def world(
 
 
 def test_a_long_image_name_is_staged_copied_and_tested_within_aws_limits(
-    tree: ComposeTree, world: tuple[AwsClients, Sent, ComposeServer], recorder: Any
+    tree: ComposeTree,
+    world: tuple[AwsClients, Sent, ComposeServer],
+    recorder: Any,
+    tmp_path: Path,
 ) -> None:
     aws, sent, server = world
     assert len(LONG) == LONG_NAME_LENGTH
     url = server.url_of(tree.image(LONG).path)
     assert len(url) > 256
-    cfg = FedimgConfig(resultsdb_url="http://127.0.0.1:9/api/v2.0", upload_workers=2)
-    stager = Stager(
-        cfg, Emitter(recorder), aws, make_session(0, 5.0), available_timeout=10, poll_interval=0.05
+    cfg = FedimgConfig(
+        resultsdb_url="http://127.0.0.1:9/api/v2.0", upload_workers=2, state_dir=str(tmp_path)
+    )
+    engine = make_engine(
+        cfg,
+        Emitter(recorder),
+        aws,
+        tmp_path,
+        session=make_session(0, 5.0),
+        available_timeout=10,
+        poll_interval=0.05,
     )
     try:
-        (outcome,) = stager.stage_location(server.url, tree.compose_id)
+        (outcome,) = engine.stage_location(server.url, tree.compose_id)
     finally:
-        stager.close()
+        engine.close()
     assert outcome.status == "staged", outcome.reason
     # The full URL is in the messages, the tags carry as much of it as AWS allows.
     (request,) = recorder.bodies("fedimg.image.test")
