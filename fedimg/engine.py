@@ -38,7 +38,15 @@ from fedimg.facts import ImageFacts
 from fedimg.http import make_session
 from fedimg.intents import Intent, IntentError, IntentStore
 from fedimg.locks import Guard
-from fedimg.messages import AMI_ID_RE, RESULTSDB_ITEM_TYPE, ComposeStatus, Emitter, ResultNotice
+from fedimg.messages import (
+    AMI_ID_RE,
+    RESULTSDB_ITEM_TYPE,
+    ComposeStatus,
+    Emitter,
+    InvalidMessage,
+    ResultNotice,
+    check_http_url,
+)
 from fedimg.observe import (
     describe_staging_ami,
     image_from_tags,
@@ -139,10 +147,13 @@ class Report:
                 done.append(Outcome(name, "error", f"stage: {type(exc).__name__}: {exc}"[:300]))
                 continue
             bad = [o for o in staged if not o.ok]
+            idle = [o for o in staged if o.status in ("busy", "waiting")]
             if bad:
                 done.append(Outcome(name, "error", f"stage failed: {bad[0].reason}"[:300]))
+            elif idle:
+                done.append(Outcome(name, idle[0].status, idle[0].reason or "left alone"))
             else:
-                amis = ", ".join(f"{o.vol_type} {o.ami_id or o.status}" for o in staged)
+                amis = ", ".join(f"{o.vol_type} {o.ami_id}" for o in staged)
                 done.append(Outcome(name, "staged", amis))
         return done
 
@@ -219,14 +230,32 @@ class Engine:
         if not status.finished or not status.location:
             log.info("compose %s: status %s, nothing to stage", status.compose_id, status.status)
             return []
-        self.intents.record(
-            Intent(
-                compose_id=status.compose_id,
-                location=status.location,
-                release_version=status.release_version,
-                accepted_at=self.now().isoformat(),
-            )
+        wanted = Intent(
+            compose_id=status.compose_id,
+            location=status.location,
+            release_version=status.release_version,
+            accepted_at=self.now().isoformat(),
         )
+        found = self.intents.record(wanted)
+        if found.images is None and found.location != wanted.location:
+            # An earlier message named a location whose metadata could not be read
+            # (a wrong or forged one): this message's location gets its chance.
+            log.warning(
+                "compose %s: location %s replaces %s, never read",
+                status.compose_id,
+                status.location,
+                found.location,
+            )
+            self.intents.update(
+                status.compose_id,
+                lambda i: dataclasses.replace(
+                    i,
+                    location=wanted.location,
+                    release_version=wanted.release_version,
+                    read_attempts=0,
+                    last_error="",
+                ),
+            )
         log.info("compose %s: accepted (intent recorded)", status.compose_id)
         return self.converge_compose(status.compose_id, Scope.MESSAGE)
 
@@ -390,7 +419,7 @@ class Engine:
             except Exception as exc:
                 reason = failure_reason(exc)
                 log.exception("%s: cannot converge (unexpected)", ctx)
-            return ImageResult(self.stager.fail(image, vols, reason, ctx))
+            return ImageResult(list(self.stager.fail(image, vols, reason, ctx).values()))
 
     def _act_image(
         self, image: CloudImage, facts: ImageFacts, plan: ImagePlan, ctx: str
@@ -405,6 +434,20 @@ class Engine:
             for vol, ami_id in present.items()
         }
         tried, gave_up = False, ""
+        if any(isinstance(a, Stage) and a.resume_from is None for a in plan.actions):
+            # A new upload downloads from the image's URL: only from an allowed
+            # host. Refused, nothing of the plan is done (a human looks).
+            try:
+                check_http_url(image.url, tuple(self.cfg.allowed_hosts))
+            except InvalidMessage as exc:
+                log.error("%s: not staging it again: %s", ctx, exc)
+                reason = f"not downloading: {exc}"[:300]
+                return ImageResult(
+                    [
+                        StageOutcome(image.image_name, v, None, "failed", reason)
+                        for v in self.policy.volume_types
+                    ]
+                )
         for action in plan.actions:
             if isinstance(action, Wait):
                 log.info("%s: waiting: %s", ctx, action.reason)
@@ -437,9 +480,7 @@ class Engine:
                 log.error("%s: given up: %s", ctx, action.reason)
                 gave_up = action.reason
                 missing = [v for v in self.policy.volume_types if v not in present]
-                outcomes.update(
-                    {o.vol_type: o for o in self.stager.fail(image, missing, action.reason, ctx)}
-                )
+                outcomes.update(self.stager.fail(image, missing, action.reason, ctx))
         ordered = [outcomes[v] for v in self.policy.volume_types if v in outcomes]
         staged = all(
             v in present or (v in outcomes and outcomes[v].ok and outcomes[v].ami_id)
@@ -536,10 +577,10 @@ class Engine:
         if stage:
             for compose_id in self.intents.compose_ids():
                 try:
-                    intent = self.intents.get(compose_id)
+                    futures, outcomes = self._start_compose(compose_id, Scope.RECONCILE)
+                    intent = self.intents.get(compose_id)  # its images are known now
                     if intent is not None:
                         covered.update(i.sha256 for i in intent.images or ())
-                    futures, outcomes = self._start_compose(compose_id, Scope.RECONCILE)
                 except Exception as exc:  # one compose must not stop the pass
                     log.exception("compose %s: reconcile failed", compose_id)
                     report.outcomes.append(Outcome(compose_id, "error", f"{exc}"[:300]))
@@ -592,7 +633,7 @@ class Engine:
             newest = max(snaps, key=lambda s: str(s.get("StartTime", "")))
             values = {t["Key"]: t["Value"] for t in newest.get("Tags", [])}
             try:
-                image = image_from_tags(values, self.cfg.allowed_hosts)
+                image = image_from_tags(values)  # any host: enough to find its AMIs
             except ValueError as exc:
                 ids = ", ".join(str(s.get("SnapshotId")) for s in snaps)
                 log.error("snapshots %s: cannot resume: %s", ids, exc)

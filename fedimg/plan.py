@@ -225,17 +225,27 @@ def _plan_image(
 
     listed = ", ".join(missing)
     if attempts >= policy.max_attempts:
+        if reconcile:  # (past the grace period:) no later pass may take them for work
+            actions.extend(DeleteSnapshot(s.snapshot_id, "given up") for s in facts.snapshots)
         return ImagePlan(
             (*actions, GiveUp(f"{listed}: not staged after {attempts} attempts")), "give up"
         )
     if not trusted:
-        if reconcile:
-            # Keep the newest half-written snapshot until a new upload replaces it.
+        why = f"{listed}: upload " + ("never finished" if untrusted else "not started")
+        if reconcile and untrusted:
+            # Keep the newest half-written snapshot until a new upload replaces it,
+            # and count the restages it caused: a leftover with no intent (its
+            # compose done or forgotten) is retried RESUMED_MAX times, no more.
+            keep = untrusted[-1]
             actions.extend(
                 DeleteSnapshot(s.snapshot_id, "half-written, a newer one remains")
                 for s in untrusted[:-1]
             )
-        why = f"{listed}: upload " + ("never finished" if untrusted else "not started")
+            if keep.resumed >= RESUMED_MAX:
+                actions.append(DeleteSnapshot(keep.snapshot_id, "given up"))
+                why = f"{listed}: gave up after {keep.resumed} uploads beside {keep.snapshot_id}"
+                return ImagePlan((*actions, GiveUp(why)), why)
+            actions.append(MarkResumed(keep.snapshot_id, keep.resumed + 1))
         return ImagePlan((*actions, Stage(tuple(missing), None, why)), why)
 
     keep = trusted[-1]

@@ -391,12 +391,12 @@ class Stager:
 
     def fail(
         self, image: CloudImage, vols: Iterable[str], reason: str, ctx: str
-    ) -> list[StageOutcome]:
-        """Announce ``fedimg.image.upload`` failed for these volume types."""
-        outcomes = []
+    ) -> dict[str, StageOutcome]:
+        """Announce ``fedimg.image.upload`` failed for these volume types (outcomes by type)."""
+        outcomes = {}
         for vol in vols:
             self._emit(IMAGE_UPLOAD, self.staged(image, vol), "failed", ctx, reason)
-            outcomes.append(StageOutcome(image.image_name, vol, None, "failed", reason))
+            outcomes[vol] = StageOutcome(image.image_name, vol, None, "failed", reason)
         return outcomes
 
     def stage(
@@ -417,7 +417,7 @@ class Stager:
         except Exception as exc:
             reason = failure_reason(exc)
             log.exception("%s: staging failed unexpectedly", ctx)
-        return {o.vol_type: o for o in self.fail(image, vols, reason, ctx)}
+        return self.fail(image, vols, reason, ctx)
 
     def _create(
         self, image: CloudImage, vols: list[str], resume_from: str | None, has_ami: bool, ctx: str
