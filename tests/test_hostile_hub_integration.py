@@ -117,6 +117,23 @@ class Hub:
             if m.at >= since and m.body.get("status") == status
         ]
 
+    def send_compose(self) -> float:
+        """Publish the compose's FINISHED message; the time just before it."""
+        t0 = time.time()
+        self.bus.publish(
+            "pungi", "compose.status.change", compose_message(self.tree, self.server.url)
+        )
+        return t0
+
+    def test_requests(self, since: float) -> list[str]:
+        """Image names of fedimg.image.test messages published since ``since``."""
+        assert self.bus.tap is not None
+        return [
+            str(m.body.get("image_name"))
+            for m in self.bus.tap.messages("fedimg.image.test")
+            if m.at >= since
+        ]
+
     def left_by(self, image_name: str) -> list[str]:
         """AMIs and snapshots an image left in the staging region."""
         ec2 = self.ec2()
@@ -277,11 +294,7 @@ def test_a_bad_image_file_fails_that_image_only_and_leaves_nothing(hub: Hub, fau
             or any(t.get("Value") == image.image_name for t in i.get("Tags", []))
         ]
         assert failed_amis == []
-        assert not [
-            m
-            for m in hub.bus.tap.messages("fedimg.image.test")
-            if m.at >= t0 and m.body.get("image_name") == image.image_name
-        ]
+        assert image.image_name not in hub.test_requests(t0)
         hub.bus.wait_hub(hub.hub, timeout=30)
     finally:
         hub.server.reset()
@@ -295,9 +308,8 @@ def test_a_hostile_compose_server_fails_that_image_only_and_never_reaches_anothe
     others = [i.image_name for i in hub.tree.raw_images()[1:]]
     hub.server.reset()
     serve_fault(fault, hub.server, target.path, hub.away)
-    t0 = time.time()
     try:
-        hub.bus.publish("pungi", "compose.status.change", compose_message(hub.tree, hub.server.url))
+        t0 = hub.send_compose()
         wait_until(
             lambda: set(others) <= set(hub.uploads(t0, "completed")),
             120,
@@ -315,12 +327,7 @@ def test_a_hostile_compose_server_fails_that_image_only_and_never_reaches_anothe
             return
         wait_until(lambda: not hub.left_by(target.image_name), 60, "nothing left by the image")
         assert target.image_name not in hub.uploads(t0, "completed")
-        assert hub.bus.tap is not None
-        assert not [
-            m
-            for m in hub.bus.tap.messages("fedimg.image.test")
-            if m.at >= t0 and m.body.get("image_name") == target.image_name
-        ]
+        assert target.image_name not in hub.test_requests(t0)
         hub.bus.wait_hub(hub.hub, timeout=30)
     finally:
         hub.server.reset()
@@ -336,9 +343,9 @@ def test_hostile_metadata_refuses_the_compose_before_any_aws_call(hub: Hub, faul
         hub.server.replace(rel, future_metadata(hub.tree.images_json.read_text()))
     else:
         hub.server.redirect(rel, hub.away.url_of(rel))
-    before, writes, t0 = hub.stage_errors(), hub.mutating_calls(STAGE_WRITES), time.time()
+    before, writes = hub.stage_errors(), hub.mutating_calls(STAGE_WRITES)
     try:
-        hub.bus.publish("pungi", "compose.status.change", compose_message(hub.tree, hub.server.url))
+        t0 = hub.send_compose()
         wait_until(lambda: hub.stage_errors() > before, 60, "the compose refused in the hub log")
         assert hub.requests_away() == 0
         assert hub.server.hits_of(rel) >= 1
@@ -354,9 +361,8 @@ def test_a_compose_of_5000_images_takes_20_and_each_404_is_asked_once(hub: Hub) 
     hub.server.replace("metadata/images.json", huge_images_json(hub.tree.images_json.read_text()))
     own = [i.image_name for i in hub.tree.raw_images()]
     taken = [junk_name(n) for n in range(20 - len(own))]
-    t0 = time.time()
     try:
-        hub.bus.publish("pungi", "compose.status.change", compose_message(hub.tree, hub.server.url))
+        t0 = hub.send_compose()
         wait_until(
             lambda: set(taken) <= set(hub.uploads(t0, "failed")),
             300,
