@@ -177,11 +177,13 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     setup_cli_logging(args.verbose)
     stdout = out or sys.stdout
     try:
-        cfg = AutocloudConfig.from_fedmsg(load_fedmsg_config())
+        raw = load_fedmsg_config()
+        cfg = AutocloudConfig.from_fedmsg(raw)
+        # Checked before any work: a bus that cannot publish would fail at the first message.
+        publisher = cli_publisher(not args.no_publish and args.command == "test", raw)
     except ConfigError as exc:
         log.error("bad fedmsg config: %s", exc)
         return EXIT_ERROR
-    publisher = cli_publisher(not args.no_publish)
     try:
         if args.command == "test":
             return cmd_test(cfg, Emitter(publisher), args, stdout)

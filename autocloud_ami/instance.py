@@ -43,7 +43,7 @@ from botocore.exceptions import ClientError, WaiterError
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from fedimg.aws import error_code
+from fedimg.aws import error_code, tag_specs
 
 log = logging.getLogger(__name__)
 
@@ -190,11 +190,6 @@ def launch_spec(
         subnet_id=subnet_id,
         self_destruct=self_destruct,
     )
-
-
-def tag_specs(resource_types: Iterable[str], tags: Mapping[str, str]) -> list[dict[str, Any]]:
-    listed = [{"Key": k, "Value": v[:256]} for k, v in tags.items()]
-    return [{"ResourceType": rt, "Tags": list(listed)} for rt in resource_types]
 
 
 def self_destruct_user_data(deadline: datetime) -> str:

@@ -8,13 +8,15 @@ known, so tests can check exactly what a snapshot must contain.
 ``ComposeServer`` serves the tree like kojipkgs does: GET and HEAD with HTTP
 Range (206 + Content-Range), from a thread per request, on a loopback port.
 Tests flip fault switches on it: 404 a path, stall a path, serve an HTML page
-or arbitrary bytes instead of a file. ``hits`` counts the requests per path.
+or arbitrary bytes instead of a file, redirect a path elsewhere, cut a file's
+answers short. ``hits`` counts every request per path (whatever the answer).
 """
 
 from __future__ import annotations
 
 import hashlib
 import http.server
+import io
 import logging
 import re
 import shutil
@@ -258,8 +260,10 @@ def compose_message(
 class _Faults:
     missing: set[str] = field(default_factory=set)
     stalled: set[str] = field(default_factory=set)
-    replaced: dict[str, tuple[bytes, str]] = field(default_factory=dict)
+    replaced: dict[str, tuple[bytes, str, bool]] = field(default_factory=dict)  # +Range?
     no_range: set[str] = field(default_factory=set)
+    redirected: dict[str, tuple[int, str]] = field(default_factory=dict)
+    cut: dict[str, list[int]] = field(default_factory=dict)  # path: [after bytes, answers left]
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -288,16 +292,26 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if rel in faults.missing:
             self._send(404, HTML_PAGE, "text/html", body)
             return
+        if rel in faults.redirected:
+            status, location = faults.redirected[rel]
+            self.send_response(status)
+            self.send_header("Location", location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if rel in faults.replaced:
-            data, ctype = faults.replaced[rel]
-            self._send(200, data, ctype, body)
+            data, ctype, ranges = faults.replaced[rel]
+            if ranges:
+                self._send_file(data, ctype, body, True, rel)
+            else:
+                self._send(200, data, ctype, body)
             return
         target = (owner.root / rel).resolve()
         if owner.root.resolve() not in target.parents or not target.is_file():
             self._send(404, HTML_PAGE, "text/html", body)
             return
         ctype = "application/json" if target.suffix == ".json" else "application/octet-stream"
-        self._send_file(target, ctype, body, rel not in faults.no_range)
+        self._send_file(target, ctype, body, rel not in faults.no_range, rel)
 
     def _send(self, status: int, data: bytes, ctype: str, body: bool) -> None:
         self.send_response(status)
@@ -307,8 +321,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if body:
             self.wfile.write(data)
 
-    def _send_file(self, target: Path, ctype: str, body: bool, ranges: bool) -> None:
-        size = target.stat().st_size
+    def _send_file(
+        self, target: Path | bytes, ctype: str, body: bool, ranges: bool, rel: str
+    ) -> None:
+        size = len(target) if isinstance(target, bytes) else target.stat().st_size
         start, end = 0, size - 1
         header = self.headers.get("Range")
         status = 200
@@ -331,14 +347,21 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         if not body:
             return
-        with target.open("rb") as f:
+        with io.BytesIO(target) if isinstance(target, bytes) else target.open("rb") as f:
             f.seek(start)
             left = end - start + 1
+            cut_after = self.server.owner._cut_after(rel, left)
+            if cut_after is not None:
+                self.close_connection = True  # short of the Content-Length sent
+                left = cut_after
             while left > 0:
                 piece = f.read(min(left, 256 * 1024))
                 if not piece:
                     break
-                self.wfile.write(piece)
+                try:
+                    self.wfile.write(piece)
+                except ConnectionError:
+                    return  # the client went away
                 left -= len(piece)
 
 
@@ -416,9 +439,32 @@ class ComposeServer:
         """Serve an HTML error page with status 200 for ``rel``."""
         self.replace(rel, HTML_PAGE, "text/html; charset=utf-8")
 
-    def replace(self, rel: str, data: bytes, content_type: str = "application/json") -> None:
-        """Serve ``data`` with status 200 for ``rel``."""
-        self.faults.replaced[f"compose/{rel}"] = (data, content_type)
+    def replace(
+        self, rel: str, data: bytes, content_type: str = "application/json", ranges: bool = False
+    ) -> None:
+        """Serve ``data`` for ``rel``: with status 200, or as a file (Range too) if ``ranges``."""
+        self.faults.replaced[f"compose/{rel}"] = (data, content_type, ranges)
+
+    def redirect(self, rel: str, location: str, status: int = 302) -> None:
+        """Answer ``rel`` with a redirect to ``location`` (any URL, any host)."""
+        self.faults.redirected[f"compose/{rel}"] = (status, location)
+
+    def cut(self, rel: str, after: int, answers: int | None = None) -> None:
+        """Close the connection after ``after`` body bytes of ``rel`` (Range answers too).
+
+        Only the next ``answers`` answers are cut when it is set; every one otherwise.
+        """
+        self.faults.cut[f"compose/{rel}"] = [after, -1 if answers is None else answers]
+
+    def _cut_after(self, rel: str, length: int) -> int | None:
+        """Body bytes to send of an answer of ``length`` before cutting it, or None."""
+        with self._lock:
+            fault = self.faults.cut.get(rel)
+            if fault is None or fault[1] == 0 or fault[0] >= length:
+                return None
+            if fault[1] > 0:
+                fault[1] -= 1
+            return fault[0]
 
     def ignore_ranges(self, rel: str) -> None:
         """Answer Range requests for ``rel`` with the whole file (status 200)."""

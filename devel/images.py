@@ -19,8 +19,10 @@ import lzma
 import random
 import re
 import shutil
+import struct
 import subprocess
 import threading
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -268,6 +270,41 @@ def concatenate_streams(target: Path, parts: Iterable[Path], padding: int = 0) -
     return file_sha256(target)[0]
 
 
+def _multibyte(value: int) -> bytes:
+    """An xz multibyte integer."""
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def xz_index(records: Iterable[tuple[int, int]]) -> bytes:
+    """An xz index of (unpadded size, uncompressed size) block records, CRC32 included."""
+    listed = list(records)
+    body = b"\x00" + _multibyte(len(listed))
+    body += b"".join(_multibyte(u) + _multibyte(s) for u, s in listed)
+    body += bytes(-len(body) % 4)
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def forged_xz(claimed_raw_size: int, block_bytes: int = 1024) -> bytes:
+    """One xz stream whose framing is valid and whose index claims ``claimed_raw_size``.
+
+    The block is ``block_bytes`` of junk (a multiple of 4): what a hostile
+    server serves to make a size probe, which reads only the stream footer,
+    index and header, believe any size.
+    """
+    flags = b"\x00\x04"  # CRC64 check, as build_raw_xz writes
+    header = b"\xfd7zXZ\x00" + flags + struct.pack("<I", zlib.crc32(flags))
+    index = xz_index([(block_bytes, claimed_raw_size)])
+    fields = struct.pack("<I", len(index) // 4 - 1) + flags
+    footer = struct.pack("<I", zlib.crc32(fields)) + fields + b"YZ"
+    return header + bytes(block_bytes) + index + footer
+
+
 # ---------------------------------------------------------------------------
 # Serving images over HTTP (tests, the benchmark, demos)
 
@@ -277,10 +314,11 @@ class Route:
     """What the server answers for one path.
 
     ``content`` is a file or bytes. Faults: ``status`` other than 200 (answered
-    with no body), ``ranges=False`` (Range headers ignored: a plain 200),
-    ``stall_after`` (send that many body bytes, then nothing until the server
-    stops), ``cut_after`` (send that many body bytes of a longer declared
-    Content-Length, then close the connection).
+    with no body; with ``location``, a redirect there), ``ranges=False`` (Range
+    headers ignored: a plain 200), ``stall_after`` (send that many body bytes,
+    then nothing until the server stops), ``cut_after`` (send that many body
+    bytes of a longer declared Content-Length, then close the connection; only
+    the first ``cuts`` answers when that is set).
     """
 
     content: Path | bytes = b""
@@ -288,6 +326,8 @@ class Route:
     ranges: bool = True
     stall_after: int | None = None
     cut_after: int | None = None
+    location: str | None = None
+    cuts: int | None = None
 
     def size(self) -> int:
         if isinstance(self.content, bytes):
@@ -346,6 +386,7 @@ class ImageServer:
         self.routes: dict[str, Route] = {}
         self.requests: list[tuple[str, str | None]] = []
         self.bytes_sent: dict[str, int] = {}
+        self.cut: dict[str, int] = {}  # answers cut short per path
         self.release = threading.Event()
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer((host, port), self._handler_class())
@@ -382,6 +423,17 @@ class ImageServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def _cut_after(self, path: str, route: Route, length: int) -> int | None:
+        """``route.cut_after`` for an answer of ``length`` it cuts short, while ``cuts`` last."""
+        if route.cut_after is None or route.cut_after >= length:
+            return None
+        with self._lock:
+            done = self.cut.get(path, 0)
+            if route.cuts is not None and done >= route.cuts:
+                return None
+            self.cut[path] = done + 1
+        return route.cut_after
+
     def _count(self, path: str, sent: int) -> None:
         with self._lock:
             self.bytes_sent[path] = self.bytes_sent.get(path, 0) + sent
@@ -410,6 +462,8 @@ class ImageServer:
                 if route is None or route.status != 200:
                     status = 404 if route is None else route.status
                     self.send_response(status)
+                    if route is not None and route.location is not None:
+                        self.send_header("Location", route.location)
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
@@ -443,7 +497,7 @@ class ImageServer:
 
             def _send_body(self, path: str, route: Route, start: int, length: int) -> None:
                 limit = length
-                for fault in (route.stall_after, route.cut_after):
+                for fault in (route.stall_after, server._cut_after(path, route, length)):
                     if fault is not None:
                         limit = min(limit, fault)
                 sent = 0

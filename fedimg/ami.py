@@ -19,7 +19,7 @@ from typing import Any, Final, Protocol
 from botocore.exceptions import ClientError
 
 from fedimg import tags
-from fedimg.aws import error_code
+from fedimg.aws import error_code, tag_specs
 from fedimg.messages import VIRT_TYPE
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ def register_params(
         "RootDeviceName": ROOT_DEVICE,
         "BootMode": BOOT_MODES[image.arch],
         "BlockDeviceMappings": [{"DeviceName": ROOT_DEVICE, "Ebs": ebs}],
-        "TagSpecifications": [{"ResourceType": "image", "Tags": list(tags)}],
+        "TagSpecifications": tag_specs(("image",), {t["Key"]: t["Value"] for t in tags}),
     }
 
 

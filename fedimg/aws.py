@@ -3,16 +3,43 @@
 Credentials and the endpoint come from boto3's normal chain, so
 ``AWS_ENDPOINT_URL`` pointing at a ``moto_server`` just works. Tests replace
 an ``AwsClients`` with one built on moto (in process) or point it elsewhere.
+
+``tag_list`` and ``tag_specs`` are the ONE way tags are written, by fedimg and
+autocloud_ami on every resource: within AWS's limits, keys of 128 and values
+of 256 characters, at most 50 tags. A longer value (the image URL of a long
+image name) is cut to 256 characters; the full value stays in the messages.
+A key AWS would refuse is a bug and raises ValueError before any call.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, Final
 
 import boto3
 import botocore.config
 from botocore.exceptions import ClientError
+
+TAG_KEY_MAX: Final = 128
+TAG_VALUE_MAX: Final = 256
+TAGS_MAX: Final = 50
+
+
+def tag_list(values: Mapping[str, str]) -> list[dict[str, str]]:
+    """``{k: v}`` as AWS's ``[{"Key": k, "Value": v}]``, within AWS's limits (see above)."""
+    if len(values) > TAGS_MAX:
+        raise ValueError(f"{len(values)} tags; AWS allows {TAGS_MAX} per resource")
+    for key in values:
+        if not 1 <= len(key) <= TAG_KEY_MAX or key.lower().startswith("aws:"):
+            raise ValueError(f"tag key {key[: TAG_KEY_MAX + 8]!r} is not one AWS takes")
+    return [{"Key": k, "Value": str(v)[:TAG_VALUE_MAX]} for k, v in values.items()]
+
+
+def tag_specs(resource_types: Iterable[str], values: Mapping[str, str]) -> list[dict[str, Any]]:
+    """``TagSpecifications``: the same ``tag_list`` for each of ``resource_types``."""
+    listed = tag_list(values)
+    return [{"ResourceType": rt, "Tags": [dict(t) for t in listed]} for rt in resource_types]
 
 
 def error_code(exc: BaseException) -> str:

@@ -23,6 +23,8 @@ from fedimg.settings import ConfigError, load_fedmsg_config, setup_cli_logging
 
 log = logging.getLogger("fedimg")
 
+PUBLISHING = frozenset({"stage", "promote", "reconcile"})  # the commands that send messages
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedimg", description=__doc__.split("\n\n")[0])
@@ -50,11 +52,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_cli_logging(args.verbose)
     try:
-        cfg = FedimgConfig.from_fedmsg(load_fedmsg_config())
+        raw = load_fedmsg_config()
+        cfg = FedimgConfig.from_fedmsg(raw)
+        # Checked before any work: a bus that cannot publish would fail at the first message.
+        publisher = cli_publisher(not args.no_publish and args.command in PUBLISHING, raw)
     except ConfigError as exc:
         log.error("bad fedmsg config: %s", exc)
         return 2
-    publisher = cli_publisher(not args.no_publish)
     emitter = Emitter(publisher)
 
     if args.command == "stage":

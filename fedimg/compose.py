@@ -7,23 +7,29 @@ images of the configured variants and arches as frozen ``CloudImage`` values,
 each with an absolute URL that is guaranteed to lie under the compose location.
 
 Anything wrong with the compose as a whole (location not allowed, metadata
-missing, an HTML error page, invalid JSON, not productmd metadata, another
-compose's metadata) raises ``ComposeError``. An image entry that cannot be
-staged safely (a path leaving the compose, no sha256, a bad name) is set
-aside in ``ComposeImages.rejected`` with the reason, so the other images of
-the compose still go ahead.
+missing, an HTML error page, invalid JSON, not productmd metadata, a header
+version productmd cannot read, another compose's metadata) raises
+``ComposeError``. An image entry that cannot be staged safely (a path leaving
+the compose, no sha256, a bad name) is set aside in ``ComposeImages.rejected``
+with the reason, so the other images of the compose still go ahead. At most
+``fedimg.compose.max_images`` entries are taken from one compose, cut from the
+JSON before productmd reads it; the rest are set aside together, as ONE
+rejected entry saying how many and why.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import posixpath
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import quote, unquote, urlsplit
 
+import productmd.common
 import productmd.composeinfo
 import productmd.images
 import requests
@@ -71,7 +77,11 @@ class CloudImage:
 
 @dataclass(frozen=True)
 class RejectedImage:
-    """An images.json entry that matched the selection but cannot be staged."""
+    """An images.json entry that matched the selection but cannot be staged.
+
+    The entries beyond ``fedimg.compose.max_images`` are one RejectedImage
+    together, its ``path`` that of images.json.
+    """
 
     path: str
     reason: str
@@ -153,6 +163,58 @@ def select_images(
     return list(chosen.values()), list(rejected.values())
 
 
+def bound_images(
+    data: Any, *, variants: Iterable[str], arches: Iterable[str], max_images: int
+) -> tuple[Any, int]:
+    """Parsed images.json cut down to what fedimg may stage, and how many entries were cut.
+
+    productmd checks every image it reads against every other (quadratic:
+    minutes for thousands), so what it is given is bounded first: only the
+    wanted variants and arches, their entries whose format is raw.xz (or
+    missing: productmd refuses those), and of those the first ``max_images``
+    distinct paths in ``select_images``' order. ComposeError if a wanted part
+    is not shaped like images.json; without a ``payload.images`` object the
+    data is returned as it is, for productmd to refuse.
+    """
+    payload = data.get("payload") if isinstance(data, dict) else None
+    if not isinstance(payload, dict) or not isinstance(payload.get("images"), dict):
+        return data, 0
+    found = payload["images"]
+    wanted_variants, wanted_arches = set(variants), set(arches)
+    kept: dict[str, dict[str, list[Any]]] = {}
+    paths: set[str] = set()
+    skipped = 0
+    for variant in sorted(v for v in found if v in wanted_variants):
+        by_arch = found[variant]
+        if not isinstance(by_arch, dict):
+            raise ComposeError(f"{IMAGES_JSON}: images of {variant} are not an object")
+        for arch in sorted(a for a in by_arch if a in wanted_arches):
+            entries = by_arch[arch]
+            if not isinstance(entries, list) or not all(
+                isinstance(e, dict) and isinstance(e.get("path"), str) for e in entries
+            ):
+                raise ComposeError(f"{IMAGES_JSON}: {variant}/{arch} is not a list of images")
+            for entry in sorted(entries, key=lambda e: str(e["path"])):
+                if entry.get("format", RAW_XZ) != RAW_XZ:
+                    continue
+                path = entry["path"]
+                if path not in paths and len(paths) >= max_images:
+                    skipped += 1
+                    continue
+                paths.add(path)
+                kept.setdefault(variant, {}).setdefault(arch, []).append(entry)
+    return {**data, "payload": {**payload, "images": kept}}, skipped
+
+
+def too_many(skipped: int, max_images: int) -> RejectedImage:
+    """The one entry standing for the ``skipped`` images beyond ``max_images``."""
+    return RejectedImage(
+        IMAGES_JSON,
+        f"{skipped} more cloud raw.xz image(s) not staged: fedimg.compose.max_images "
+        f"allows {max_images} from one compose",
+    )
+
+
 def _cloud_image(
     entry: productmd.images.Image, variant: str, location: str, compose_id: str, release: str
 ) -> CloudImage:
@@ -182,14 +244,50 @@ def _cloud_image(
     )
 
 
-def parse_images(text: str) -> productmd.images.Images:
-    """Parse images.json text with productmd; ComposeError if it is not that."""
+def check_header_version(data: Any, label: str) -> None:
+    """ComposeError if ``data`` (parsed metadata JSON) has a header major version productmd lacks.
+
+    productmd reads older formats and converts them; a newer major version
+    would be read as if it were the current one. Anything else wrong with the
+    header is left to productmd's own checks.
+    """
+    header = data.get("header") if isinstance(data, dict) else None
+    version = header.get("version") if isinstance(header, dict) else None
+    if not isinstance(version, str) or not re.fullmatch(r"\d{1,9}\.\d{1,9}", version):
+        return
+    supported = productmd.common.VERSION
+    if int(version.split(".")[0]) > supported[0]:
+        raise ComposeError(
+            f"{label} has productmd header version {version}; the productmd fedimg uses reads "
+            f"major version {supported[0]} at most (it writes {'.'.join(map(str, supported))})"
+        )
+
+
+def _load_json(text: str, label: str) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:  # json.JSONDecodeError is a ValueError too
+        raise ComposeError(f"{label} is not valid JSON: {exc}") from exc
+
+
+def parse_images(
+    text: str, bound: Callable[[Any], tuple[Any, int]] | None = None
+) -> tuple[productmd.images.Images, int]:
+    """Parse images.json text with productmd; ComposeError if it is not that.
+
+    ``bound`` (e.g. ``bound_images`` with the settings) cuts the parsed JSON
+    down before productmd reads it; the int returned is what it cut.
+    """
     if text.lstrip()[:1] == "<":
         raise ComposeError(f"{IMAGES_JSON} is HTML or XML, not JSON (an error page?)")
+    data = _load_json(text, IMAGES_JSON)
+    check_header_version(data, IMAGES_JSON)
+    data, skipped = bound(data) if bound is not None else (data, 0)
     images = productmd.images.Images()
     try:
-        images.loads(text)
-    except ValueError as exc:  # json.JSONDecodeError is a ValueError too
+        images.deserialize(data)  # what Images.loads does after json.loads
+        images.validate()
+    except ValueError as exc:
         raise ComposeError(f"{IMAGES_JSON} is not valid productmd images metadata: {exc}") from exc
     except (KeyError, TypeError, AttributeError) as exc:
         raise ComposeError(
@@ -197,14 +295,17 @@ def parse_images(text: str) -> productmd.images.Images:
         ) from exc
     if not isinstance(images.compose.id, str) or not COMPOSE_ID_RE.match(images.compose.id):
         raise ComposeError(f"{IMAGES_JSON} has an invalid compose id {images.compose.id!r}")
-    return images
+    return images, skipped
 
 
 def parse_composeinfo(text: str) -> productmd.composeinfo.ComposeInfo:
     """Parse composeinfo.json text with productmd; ComposeError if it is not that."""
+    data = _load_json(text, COMPOSEINFO_JSON)
+    check_header_version(data, COMPOSEINFO_JSON)
     info = productmd.composeinfo.ComposeInfo()
     try:
-        info.loads(text)
+        info.deserialize(data)  # what ComposeInfo.loads does after json.loads
+        info.validate()
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ComposeError(
             f"{COMPOSEINFO_JSON} is not productmd composeinfo: {type(exc).__name__} {exc}"
@@ -267,7 +368,12 @@ def read_compose(
     text = fetch_text(session, f"{base}/{IMAGES_JSON}", cfg.allowed_hosts)
     if text is None:
         raise ComposeError(f"{base}/{IMAGES_JSON} does not exist")
-    images = parse_images(text)
+    images, skipped = parse_images(
+        text,
+        functools.partial(
+            bound_images, variants=cfg.variants, arches=cfg.arches, max_images=cfg.max_images
+        ),
+    )
     compose_id = str(images.compose.id)
     if expected_compose_id is not None and compose_id != expected_compose_id:
         raise ComposeError(
@@ -277,6 +383,8 @@ def read_compose(
     selected, rejected = select_images(
         images, base, compose_id, release, variants=cfg.variants, arches=cfg.arches
     )
+    if skipped:
+        rejected.append(too_many(skipped, cfg.max_images))
     for bad in rejected:
         log.error("compose %s: not staging %s: %s", compose_id, bad.path[:200], bad.reason)
     log.info(

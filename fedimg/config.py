@@ -16,6 +16,8 @@ from fedimg.messages import FAILED, NEEDS_INSPECTION, SUMMARY_TESTCASE
 from fedimg.settings import ConfigError, load, load_consumer_config, setting
 
 REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")
+# EBS's largest gp2/gp3/io1/standard volume: no image can be bigger.
+MAX_VOLUME_GIB = 16384
 VOLUME_TYPES = frozenset({"gp2", "gp3", "io1", "io2", "standard", "st1", "sc1"})
 ARCHES = frozenset({"x86_64", "aarch64"})
 
@@ -43,7 +45,9 @@ class FedimgConfig:
     variants: list[str] = setting("fedimg.compose.variants", ["Cloud", "AtomicHost", "CloudImages"])
     arches: list[str] = setting("fedimg.compose.arches", ["x86_64", "aarch64"])
     allowed_hosts: list[str] = setting("fedimg.compose.allowed_hosts", [])
+    max_images: int = setting("fedimg.compose.max_images", 50)
     stage_workers: int = setting("fedimg.stage.workers", 2)
+    max_volume_gib: int = setting("fedimg.stage.max_volume_gib", 32)
     http_timeout: float = setting("fedimg.http.timeout", 60.0)
     http_retries: int = setting("fedimg.http.retries", 5)
     required_testcases: list[str] = setting("fedimg.gate.required_testcases", [SUMMARY_TESTCASE])
@@ -85,10 +89,17 @@ class FedimgConfig:
             "stage_workers",
             "copy_concurrency",
             "aws_max_attempts",
+            "max_images",
+            "max_volume_gib",
             "stage_max_attempts",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.max_volume_gib > MAX_VOLUME_GIB:
+            raise ValueError(
+                f"fedimg.stage.max_volume_gib: {self.max_volume_gib} is more than EBS's "
+                f"largest volume ({MAX_VOLUME_GIB} GiB)"
+            )
         if not self.required_testcases:
             raise ValueError("fedimg.gate.required_testcases: at least one testcase is needed")
 

@@ -30,7 +30,7 @@ from typing import Any, Protocol, TypeVar
 from botocore.exceptions import BotoCoreError, ClientError
 
 from fedimg import tags
-from fedimg.aws import error_code
+from fedimg.aws import error_code, tag_specs
 from fedimg.messages import StagedImage
 
 log = logging.getLogger(__name__)
@@ -288,7 +288,6 @@ class Copier:
         assert source is not None
         primary, fallback = copy_names(source_name, source)
         name = fallback if self.name_taken(region, primary, image) else primary
-        tag_list = tags.as_list(copy_tags(image))
         token = copy_token(source, region, replacing)
         what = f"{image.compose_id} {source} -> {region}"
         answer = self.retrying(
@@ -298,10 +297,7 @@ class Copier:
                 Name=name,
                 Description=copy_description(image, self.source_region),
                 ClientToken=token,
-                TagSpecifications=[
-                    {"ResourceType": "image", "Tags": tag_list},
-                    {"ResourceType": "snapshot", "Tags": tag_list},
-                ],
+                TagSpecifications=tag_specs(("image", "snapshot"), copy_tags(image)),
             ),
             TRANSIENT,
             f"{what}: copy_image",

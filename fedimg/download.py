@@ -7,7 +7,9 @@ so the snapshot can be sized before the download starts.
 ``stream_raw`` downloads once, hashes the compressed bytes, decompresses with
 a bounded output per step and yields raw chunks. The last chunk is held back
 until the sha256 is verified: a consumer that finishes its work after the
-last chunk can never finish on a bad download.
+last chunk can never finish on a bad download. A connection cut short is
+resumed from the last byte received with a Range request, as often and with
+the backoff the session's ``fedimg.http.RetryPolicy`` says, then fails.
 
 xz file format (https://tukaani.org/xz/xz-file-format.txt), as used here:
 a file is one or more streams, each optionally followed by stream padding
@@ -25,12 +27,15 @@ import logging
 import lzma
 import re
 import struct
+import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import requests
 import urllib3.exceptions
+
+from fedimg.http import retry_policy
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +54,7 @@ MAX_STREAMS = 1024
 # less CPU than 1 MiB (benchmarks/upload.py, docs/performance.md).
 DEFAULT_CHUNK = 256 * 1024
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
+_sleep = time.sleep  # the backoff between resumes; a test may record it instead
 _IDENTITY = {"Accept-Encoding": "identity"}
 
 
@@ -67,6 +73,10 @@ class ChecksumMismatch(DownloadError):
 
 class CorruptImage(DownloadError):
     """The file is not a valid xz image of the declared size."""
+
+
+class ImageTooLarge(DownloadError):
+    """The image's xz index claims more raw bytes than the largest volume allowed."""
 
 
 def check_sha256(sha256: str) -> str:
@@ -225,12 +235,101 @@ def _raise_for_status(resp: requests.Response, url: str) -> None:
         raise DownloadError(url, f"HTTP {resp.status_code} {resp.reason}")
 
 
-def probe_raw_size(session: requests.Session, url: str, *, log_context: str = "") -> int:
+# A transfer that broke off (connection closed, reset or stalled): worth resuming.
+_CUT = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
+
+
+def _compressed(
+    session: requests.Session, url: str, chunk_size: int, log_context: str
+) -> Iterator[bytes]:
+    """The bytes of ``url`` as served, resuming a cut transfer where it broke off.
+
+    At most ``retry_policy(session).retries`` resumes, each after its backoff;
+    then, or on any other HTTP failure, ``DownloadError``.
+    """
+    policy = retry_policy(session)
+    received = 0
+    resumes = 0
+    file_size: int | None = None  # from the first answer: a resumed one must agree
+    while True:
+        try:
+            resp = _open_at(session, url, received, file_size)
+        except requests.RequestException as exc:  # the session already retried it
+            raise DownloadError(url, f"download failed after {received} bytes: {exc}") from exc
+        with resp:
+            if file_size is None and resp.headers.get("Content-Length", "").isdigit():
+                file_size = int(resp.headers["Content-Length"])
+            try:
+                for piece in resp.iter_content(chunk_size):
+                    received += len(piece)
+                    yield piece
+                return
+            except _CUT as exc:
+                cut: requests.RequestException = exc
+            except requests.RequestException as exc:
+                raise DownloadError(url, f"download failed after {received} bytes: {exc}") from exc
+        if resumes >= policy.retries:
+            raise DownloadError(
+                url, f"download failed after {received} bytes and {resumes} resumes: {cut}"
+            ) from cut
+        resumes += 1
+        delay = policy.delay(resumes)
+        log.warning(
+            "%s: %s cut after %d bytes (%s); resuming from there in %.1fs (%d of %d)",
+            log_context,
+            url,
+            received,
+            type(cut).__name__,
+            delay,
+            resumes,
+            policy.retries,
+        )
+        _sleep(delay)
+
+
+def _open_at(
+    session: requests.Session, url: str, offset: int, file_size: int | None
+) -> requests.Response:
+    """GET ``url`` from byte ``offset`` on (a Range request unless 0), its answer checked."""
+    headers = dict(_IDENTITY)
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    resp = session.get(url, headers=headers, stream=True)
+    try:
+        _raise_for_status(resp, url)
+        if not offset:
+            if resp.status_code != 200:
+                raise DownloadError(url, f"unexpected HTTP {resp.status_code} for a GET")
+            return resp
+        if resp.status_code != 206:
+            raise DownloadError(
+                url, f"cannot resume at byte {offset}: HTTP {resp.status_code}, need 206"
+            )
+        match = _CONTENT_RANGE_RE.match(resp.headers.get("Content-Range", ""))
+        if not match or int(match.group(1)) != offset:
+            raise DownloadError(url, f"cannot resume at byte {offset}: another range answered")
+        if file_size is not None and int(match.group(3)) != file_size:
+            raise DownloadError(url, "the file changed size while it was downloaded")
+    except BaseException:
+        resp.close()
+        raise
+    return resp
+
+
+def probe_raw_size(
+    session: requests.Session,
+    url: str,
+    *,
+    log_context: str = "",
+    max_raw_gib: int | None = None,
+) -> int:
     """The uncompressed size of the xz file at ``url``, read from its index with Range requests.
 
     Handles several concatenated streams and stream padding. Raises
-    ``CorruptImage`` if the tail is not valid xz and ``DownloadError`` on HTTP
-    errors or a server that ignores Range (the file is never downloaded whole).
+    ``CorruptImage`` if the tail is not valid xz, ``ImageTooLarge`` if the
+    index claims more than ``max_raw_gib`` GiB (``fedimg.stage.max_volume_gib``)
+    and ``DownloadError`` on HTTP errors (a 404 is not retried) or a server
+    that ignores Range (the file is never downloaded whole).
     """
     reader = _RangeReader(session, url, log_context)
     reader.tail(PROBE_WINDOW)
@@ -248,6 +347,12 @@ def probe_raw_size(session: requests.Session, url: str, *, log_context: str = ""
     if not streams:
         raise CorruptImage(url, "empty file")
     total = sum(s.uncompressed_size for s in streams)
+    if max_raw_gib is not None and total > max_raw_gib * 2**30:
+        raise ImageTooLarge(
+            url,
+            f"its xz index claims {total} bytes raw ({-(-total // 2**30)} GiB), more than "
+            f"the largest volume allowed (fedimg.stage.max_volume_gib = {max_raw_gib} GiB)",
+        )
     log.info(
         "%s: %s is %d bytes raw (%d xz streams, %d blocks, %d range requests)",
         log_context,
@@ -353,10 +458,13 @@ def stream_raw(
     """Download ``url`` once and yield its decompressed bytes, in chunks of <= chunk_size.
 
     Exactly ``raw_size`` bytes are yielded, and the final chunk only after the
-    compressed file's sha256 matched ``sha256``. Raises ``DownloadError`` (HTTP
-    error, stall, cut connection), ``ChecksumMismatch`` or ``CorruptImage``
-    (not xz, corrupt or truncated xz, more or fewer raw bytes than
-    ``raw_size``). Memory stays O(chunk_size) whatever the image.
+    compressed file's sha256 matched ``sha256``. A connection cut or stalled
+    mid-file is resumed from the last byte received (a Range request), at
+    most the session's ``RetryPolicy.retries`` times with its backoff. Raises
+    ``DownloadError`` (HTTP error, stall or cut connection beyond those
+    resumes), ``ChecksumMismatch`` or ``CorruptImage`` (not xz, corrupt or
+    truncated xz, more or fewer raw bytes than ``raw_size``). Memory stays
+    O(chunk_size) whatever the image.
     """
     expected = check_sha256(sha256)
     if raw_size <= 0:
@@ -369,25 +477,16 @@ def stream_raw(
     compressed = 0
     held: bytes | None = None
     log.info("%s: downloading %s (%d bytes raw)", log_context, url, raw_size)
-    try:
-        with session.get(url, headers=_IDENTITY, stream=True) as resp:
-            _raise_for_status(resp, url)
-            if resp.status_code != 200:
-                raise DownloadError(url, f"unexpected HTTP {resp.status_code} for a GET")
-            for piece in resp.iter_content(chunk_size):
-                digest.update(piece)
-                compressed += len(piece)
-                for out in xz.feed(piece):
-                    produced += len(out)
-                    if produced > raw_size:
-                        raise CorruptImage(
-                            url, f"decompresses to more than the declared {raw_size} bytes"
-                        )
-                    if held is not None:
-                        yield held
-                    held = out
-    except requests.RequestException as exc:
-        raise DownloadError(url, f"download failed after {compressed} bytes: {exc}") from exc
+    for piece in _compressed(session, url, chunk_size, log_context):
+        digest.update(piece)
+        compressed += len(piece)
+        for out in xz.feed(piece):
+            produced += len(out)
+            if produced > raw_size:
+                raise CorruptImage(url, f"decompresses to more than the declared {raw_size} bytes")
+            if held is not None:
+                yield held
+            held = out
     actual = digest.hexdigest()
     if actual != expected:
         raise ChecksumMismatch(url, f"sha256 is {actual}, expected {expected}")

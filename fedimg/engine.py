@@ -207,7 +207,9 @@ class Engine:
     ) -> Engine:
         """Build the engine and its seams; IntentError if the state directory is unusable."""
         aws = aws or AwsClients(max_attempts=cfg.aws_max_attempts)
-        session = session or make_session(cfg.http_retries, cfg.http_timeout)
+        session = session or make_session(
+            cfg.http_retries, cfg.http_timeout, allowed_hosts=cfg.allowed_hosts
+        )
         intents = IntentStore(cfg.state_dir)
         intents.check()
         return cls(

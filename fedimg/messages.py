@@ -21,6 +21,7 @@ import functools
 import json
 import logging
 import re
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
@@ -41,6 +42,8 @@ from fedimg_messages.schemas import (
 
 if TYPE_CHECKING:
     from fedora_messaging.message import Message as FedoraMessage
+
+from fedimg.settings import ConfigError
 
 SCHEMA_VERSION: Final = 1
 MAX_BODY_BYTES: Final = 64 * 1024
@@ -240,9 +243,70 @@ def fedmsg_publisher(**fedmsg_overrides: Any) -> Publisher:
     return publish
 
 
-def cli_publisher(publish: bool = True) -> Publisher:
-    """For the CLIs: fedmsg.publish, or with ``--no-publish`` a Publisher that only logs."""
+def fedmsg_publish_problem(config: Mapping[str, Any], hostname: str | None = None) -> str | None:
+    """Why ``fedmsg.publish`` from this process could not send with ``config``, or None.
+
+    Mirrors how fedmsg 1.1's FedMsgContext sets up its publisher: with
+    ``active`` it connects to the endpoint named ``name`` (default
+    ``relay_inbound``); otherwise it binds ``endpoints[name]``, ``name``
+    defaulting to ``<caller's top-level package>.<short host name>`` (here
+    ``fedimg.<host>``, as ``fedmsg_publisher`` is the caller). Without a
+    publisher fedmsg only fails at the first message, after work was done.
+    """
+    host = (hostname or socket.gethostname()).split(".", 1)[0]
+    if config.get("mute"):
+        return "mute is True, so fedmsg sends nothing: set mute to False"
+    if not config.get("zmq_enabled", True):
+        return "zmq_enabled is False: only a moksha hub can publish then; set it to True"
+    if config.get("active"):
+        name = config.get("name", "relay_inbound")  # as fedmsg reads it: None stays None
+        if not isinstance(name, str) or not config.get(name):
+            return (
+                f"active is True but {name!r} is not set: set it to fedmsg-relay's "
+                'inbound endpoint, e.g. ["tcp://relay.example:9941"]'
+            )
+    else:
+        name = str(config.get("name") or f"{__name__.split('.')[0]}.{host}")
+        endpoints = config.get("endpoints")
+        if not isinstance(endpoints, Mapping) or not endpoints.get(name):
+            return (
+                f"active is False and endpoints has no {name!r} to bind: set active to True "
+                f"and relay_inbound to fedmsg-relay's inbound endpoint, or add endpoints[{name!r}]"
+            )
+    if config.get("sign_messages"):
+        return _signing_problem(config, host, name)
+    return None
+
+
+def _signing_problem(config: Mapping[str, Any], host: str, name: str) -> str | None:
+    """What fedmsg 1.1 would miss when it signs the first message, or None."""
+    if config.get("crypto_backend") == "gpg":
+        if "gpg_signing_key" in config or host in (config.get("gpg_keys") or {}):
+            return None
+        return f"sign_messages is True but neither gpg_signing_key nor gpg_keys[{host!r}] is set"
+    if "cert_prefix" in config:
+        cert = f"{config['cert_prefix']}.{host}"
+    else:
+        cert = f"shell.{host}" if name == "relay_inbound" else name
+    if cert in (config.get("certnames") or {}):
+        return None
+    return f"sign_messages is True but certnames has no {cert!r} (the certificate to sign with)"
+
+
+def cli_publisher(
+    publish: bool = True, fedmsg_config: Mapping[str, Any] | None = None
+) -> Publisher:
+    """For the CLIs: fedmsg.publish, or with ``--no-publish`` a Publisher that only logs.
+
+    With ``fedmsg_config``, a config fedmsg could not publish with is a
+    ``ConfigError`` now, before any work, saying what to set.
+    """
     if publish:
+        problem = fedmsg_publish_problem(fedmsg_config) if fedmsg_config is not None else None
+        if problem:
+            raise ConfigError(
+                f"the bus cannot publish: {problem}; or run with --no-publish to only log messages"
+            )
         return fedmsg_publisher()
 
     def log_only(modname: str, topic: str, body: dict[str, Any]) -> None:

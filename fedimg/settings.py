@@ -181,7 +181,17 @@ def load_fedmsg_config() -> dict[str, Any]:
             filenames = [location]
         if not filenames:
             raise ConfigError(f"FEDMSG_CONFIG={location} holds no fedmsg config file")
-    return dict(fedmsg.config.load_config([], None, filenames=filenames, invalidate_cache=True))
+    try:
+        loaded = fedmsg.config.load_config([], None, filenames=filenames, invalidate_cache=True)
+    except (ValueError, KeyError, SyntaxError) as exc:  # fedmsg's own checks, a broken file
+        hint = (
+            ' (a dict such as {"relay_outbound": ["tcp://relay.example:9940"]}; '
+            "fedmsg.d/base.py has one)"
+            if "endpoints" in str(exc)
+            else ""
+        )
+        raise ConfigError(f"fedmsg config: {type(exc).__name__}: {exc}{hint}") from exc
+    return dict(loaded)
 
 
 def setup_cli_logging(verbose: bool) -> None:

@@ -31,7 +31,7 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from fedimg.aws import error_code
+from fedimg.aws import error_code, tag_list
 
 log = logging.getLogger(__name__)
 
@@ -376,7 +376,7 @@ def upload_snapshot(
             Timeout=timeout_minutes,
             ClientToken=client_token,
             Description=description,
-            Tags=[{"Key": k, "Value": v} for k, v in tags.items()],
+            Tags=tag_list(tags),
         )
     except (ClientError, BotoCoreError) as exc:
         _close(raw)

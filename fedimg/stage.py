@@ -316,7 +316,8 @@ class Stager:
             cfg,
             emitter,
             aws or AwsClients(max_attempts=cfg.aws_max_attempts),
-            session or make_session(cfg.http_retries, cfg.http_timeout),
+            session
+            or make_session(cfg.http_retries, cfg.http_timeout, allowed_hosts=cfg.allowed_hosts),
             progress=progress,
         )
 
@@ -477,7 +478,9 @@ class Stager:
             found = ec2.describe_snapshots(SnapshotIds=[resume_from])["Snapshots"][0]
             log.info("%s: registering from snapshot %s of an earlier run", ctx, resume_from)
             return resume_from, int(found["VolumeSize"]), False
-        raw_size = probe_raw_size(self.session, image.url, log_context=ctx)
+        raw_size = probe_raw_size(
+            self.session, image.url, log_context=ctx, max_raw_gib=self.cfg.max_volume_gib
+        )
         progress = self.progress(ctx, raw_size)
         raw = stream_raw(self.session, image.url, image.sha256, raw_size, log_context=ctx)
         try:

@@ -2,6 +2,9 @@
 
 ``fedimg:state`` moves  (none) -> testing -> promoting -> released, or
 testing -> rejected. Everything else needed to resume is in the other tags.
+
+Tags are written within AWS's limits through ``fedimg.aws.tag_list`` (here
+``as_list``) and ``fedimg.aws.tag_specs``; the full values stay in the messages.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from enum import StrEnum
 from typing import Any
 
+from fedimg.aws import tag_list
 from fedimg.messages import StagedImage
 
 COMPOSE_ID = "fedimg:compose-id"
@@ -41,8 +45,8 @@ def as_dict(tags: Iterable[Mapping[str, str]] | None) -> dict[str, str]:
 
 
 def as_list(tags: Mapping[str, str]) -> list[dict[str, str]]:
-    """A dict as AWS's ``[{"Key": k, "Value": v}]``, values cut to AWS's 256 chars."""
-    return [{"Key": k, "Value": str(v)[:256]} for k, v in tags.items()]
+    """A dict as AWS's ``[{"Key": k, "Value": v}]``, within AWS's limits (``aws.tag_list``)."""
+    return tag_list(tags)
 
 
 def image_tags(image: StagedImage, state: State, staged_at: str) -> dict[str, str]:

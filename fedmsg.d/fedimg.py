@@ -45,12 +45,24 @@ config = {
     # Hosts a compose location may be on; empty allows any http(s) host.
     # Production: ["kojipkgs.fedoraproject.org"].
     "fedimg.compose.allowed_hosts": [],
+    # The most cloud raw.xz images taken from one compose (in images.json order:
+    # variant, arch, path). The rest are skipped, with one ERROR line saying how
+    # many; a Fedora compose has a handful, so a hostile or broken images.json
+    # listing thousands cannot keep the hub busy for hours.
+    "fedimg.compose.max_images": 50,
     # -- staging -----------------------------------------------------------------
     # Images of a compose staged at once (each with upload_workers block writers);
     # shared by every compose this process handles.
     "fedimg.stage.workers": 2,
-    # HTTP read timeout (seconds) and retries (connection errors, 429, 5xx) for
-    # compose metadata and image downloads.
+    # The largest raw image (GiB) fedimg turns into a snapshot. The size the
+    # image's xz index claims is checked against it before anything is created in
+    # AWS; Fedora's cloud images are 5-7 GiB raw. At most 16384 (EBS's largest volume).
+    "fedimg.stage.max_volume_gib": 32,
+    # HTTP read timeout (seconds) and retries (connection errors, 429, 5xx; never
+    # 404) for compose metadata and image downloads. A download cut short is
+    # resumed from the last byte received (HTTP Range) up to `retries` times,
+    # with the same exponential backoff. Every request and redirect hop must go
+    # to a host in fedimg.compose.allowed_hosts.
     "fedimg.http.timeout": 60.0,
     "fedimg.http.retries": 5,
     # -- the gate ----------------------------------------------------------------

@@ -7,6 +7,10 @@ it: ``parse`` (the contract's parser raises InvalidMessage) or
 AWS call: the compose-host allow-list, the AMI-id check of a result's item).
 ``RAW_PAYLOADS`` are zmq frames that are not a fedmsg envelope at all.
 ``BAD_IMAGE_PATHS`` are images.json paths that must never leave the compose.
+``IMAGE_FAULTS`` are what a hostile compose server does with one image file
+(``serve_fault`` applies one to a ``devel.compose.ComposeServer``);
+``future_metadata``, ``huge_images_json`` and ``long_image_name`` build the
+metadata and names that test fedimg's limits.
 
 The valid bodies the mutations start from are in ``VALID``; tests check that
 each of them is accepted, so every refusal is down to the mutation.
@@ -15,12 +19,16 @@ each of them is accepted, so every refusal is down to the mutation.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
 import jsonschema
 
+from devel.compose import ComposeServer
+from devel.images import forged_xz
 from fedimg.messages import Topics
 
 ALLOWED_HOST: Final = "kojipkgs.fedoraproject.org"
@@ -405,3 +413,93 @@ def message_corpus() -> list[BadMessage]:
             bad if n == 0 else BadMessage(bad.topic, f"{bad.name} #{n}", bad.body, bad.refused_at)
         )
     return unique
+
+
+# -- hostile compose servers and files (what fedimg stage downloads) ------------------------
+
+NOT_ALLOWED_HOST: Final = "127.0.0.2"  # a second loopback address, never in allowed_hosts
+FUTURE_HEADER_VERSION: Final = "99.0"
+CLAIMED_RAW_SIZE: Final = 100 * 2**40  # what a forged xz index claims: 100 TiB
+HUGE_COMPOSE_ENTRIES: Final = 5000
+LONG_NAME_LENGTH: Final = 253  # a valid image name; its URL is longer than a tag value
+
+REDIRECT_AWAY: Final = "redirect to a host not allowed"
+CLAIMS_100_TIB: Final = "xz index claims 100 TiB"
+CUT_EVERY_ANSWER: Final = "cut after 256 KiB on every answer"
+CUT_AFTER_1_MIB: Final = "cut after 1 MiB on every answer"
+# (fault, staged?): refused faults fail that image only; the 1 MiB cuts are resumed.
+IMAGE_FAULTS: Final = (
+    (REDIRECT_AWAY, False),
+    (CLAIMS_100_TIB, False),
+    (CUT_EVERY_ANSWER, False),
+    (CUT_AFTER_1_MIB, True),
+)
+
+
+def serve_fault(fault: str, server: ComposeServer, rel: str, elsewhere: ComposeServer) -> None:
+    """Make ``server`` answer image ``rel`` as ``fault`` says.
+
+    ``elsewhere`` serves the same tree on a host outside the allowed hosts:
+    the redirect points there, so following it would fetch a good image.
+    A cut fault cuts each answer longer than the cut; the 256 KiB one
+    outlasts a few resumes of a 1.5 MiB image, the 1 MiB one does not.
+    """
+    if fault == REDIRECT_AWAY:
+        server.redirect(rel, elsewhere.url_of(rel))
+    elif fault == CLAIMS_100_TIB:
+        server.replace(rel, forged_xz(CLAIMED_RAW_SIZE), "application/x-xz", ranges=True)
+    elif fault == CUT_EVERY_ANSWER:
+        server.cut(rel, 256 * 1024)
+    elif fault == CUT_AFTER_1_MIB:
+        server.cut(rel, 1024 * 1024)
+    else:
+        raise ValueError(f"unknown image fault {fault!r}")
+
+
+def future_metadata(text: str, version: str = FUTURE_HEADER_VERSION) -> bytes:
+    """productmd metadata (images.json, composeinfo.json) with its header version changed."""
+    data = json.loads(text)
+    data["header"]["version"] = version
+    return json.dumps(data).encode()
+
+
+def junk_name(n: int) -> str:
+    """The file name of the ``n``-th made-up image (sorts after the compose's own)."""
+    return f"Fedora-Cloud-Base-Junk-{n:05d}.x86_64.raw.xz"
+
+
+def huge_images_json(text: str, entries: int = HUGE_COMPOSE_ENTRIES) -> bytes:
+    """images.json plus ``entries`` Cloud x86_64 raw.xz images that the server 404s.
+
+    Each made-up entry is valid metadata (name, sha256, size), and its path
+    sorts after the compose's own Cloud x86_64 image, so those come first.
+    """
+    data = json.loads(text)
+    images = data["payload"]["images"].setdefault("Cloud", {}).setdefault("x86_64", [])
+    for n in range(entries):
+        name = junk_name(n)
+        images.append(
+            {
+                "path": f"Cloud/x86_64/images/{name}",
+                "arch": "x86_64",
+                "format": "raw.xz",
+                "type": "raw-xz",
+                "subvariant": f"Junk_{n}",  # productmd wants one per (subvariant, type, ...)
+                "size": 1024,
+                "mtime": 1714521600,
+                "checksums": {"sha256": hashlib.sha256(name.encode()).hexdigest()},
+                "bootable": False,
+                "disc_number": 1,
+                "disc_count": 1,
+                "implant_md5": None,
+                "volume_id": None,
+            }
+        )
+    return json.dumps(data).encode()
+
+
+def long_image_name(arch: str = "x86_64", length: int = LONG_NAME_LENGTH) -> str:
+    """A valid image file name of exactly ``length`` characters."""
+    tail = f".{arch}.raw.xz"
+    stem = "Fedora-Cloud-Base-40-20240501.0-"
+    return stem + "x" * (length - len(stem) - len(tail)) + tail

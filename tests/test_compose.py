@@ -9,16 +9,30 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import productmd.images
 import pytest
 import requests
 from hypothesis import given
 from hypothesis import strategies as st
 
 from devel.compose import ComposeServer, ComposeTree, build_compose, compose_message
-from fedimg.compose import ComposeError, image_url, read_compose
+from fedimg.compose import (
+    ComposeError,
+    bound_images,
+    check_header_version,
+    image_url,
+    read_compose,
+)
 from fedimg.config import FedimgConfig
 from fedimg.http import make_session
 from fedimg.messages import InvalidMessage, parse_compose_status
+from tests.corpus import (
+    FUTURE_HEADER_VERSION,
+    HUGE_COMPOSE_ENTRIES,
+    future_metadata,
+    huge_images_json,
+    junk_name,
+)
 
 BASE = "http://127.0.0.1:8000/compose"
 
@@ -316,3 +330,141 @@ def test_builds_what_it_says(tree: ComposeTree) -> None:
         assert built.facts.nonzero_blocks == built.spec.data_blocks
         assert built.facts.raw_size == built.spec.raw_mib * 1024 * 1024
     assert Path(tree.images_json).is_file() and Path(tree.composeinfo_json).is_file()
+
+
+# -- metadata from the future, and composes listing thousands of images -------------------
+
+
+@pytest.mark.parametrize("name", ["metadata/images.json", "metadata/composeinfo.json"])
+def test_a_metadata_header_version_productmd_cannot_read_is_refused(
+    tree: ComposeTree,
+    server: ComposeServer,
+    session: requests.Session,
+    name: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server.replace(name, future_metadata((tree.compose_dir / name).read_text()))
+    if name.endswith("images.json"):
+        with pytest.raises(ComposeError) as info:
+            read_compose(session, server.url, config(), tree.compose_id)
+        assert FUTURE_HEADER_VERSION in str(info.value)
+        return
+    # composeinfo.json only gives the release: it is ignored, with a warning.
+    with caplog.at_level(logging.WARNING, logger="fedimg.compose"):
+        found = read_compose(session, server.url, config(), tree.compose_id, "40-announced")
+    assert found.release_version == "40-announced"
+    assert len(found.images) == 3
+    assert [r.levelno for r in caplog.records if r.name == "fedimg.compose"].count(
+        logging.WARNING
+    ) == 1
+
+
+@pytest.mark.parametrize("version", ["1.0", "1.1", "1.2", "1.99"])
+def test_header_versions_of_the_supported_major_are_read(
+    tree: ComposeTree, server: ComposeServer, session: requests.Session, version: str
+) -> None:
+    server.replace("metadata/images.json", future_metadata(tree.images_json.read_text(), version))
+    found = read_compose(session, server.url, config(), tree.compose_id)
+    assert len(found.images) == 3
+
+
+def test_check_header_version_leaves_other_shapes_to_productmd() -> None:
+    for data in ({}, [], {"header": []}, {"header": {"version": 2}}, {"header": {"version": "x"}}):
+        check_header_version(data, "x.json")
+    with pytest.raises(ComposeError):
+        check_header_version({"header": {"version": "2.0"}}, "x.json")
+
+
+def test_a_huge_compose_is_bounded_before_productmd_reads_it(
+    tree: ComposeTree,
+    server: ComposeServer,
+    session: requests.Session,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """5,000 made-up entries: productmd (quadratic in images) sees only the first 20."""
+    server.replace("metadata/images.json", huge_images_json(tree.images_json.read_text()))
+    added: list[str] = []
+    real_add = productmd.images.Images.add
+
+    def spy(self: Any, variant: str, arch: str, image: Any) -> None:
+        added.append(str(image.path))
+        real_add(self, variant, arch, image)
+
+    monkeypatch.setattr(productmd.images.Images, "add", spy)
+    with caplog.at_level(logging.INFO, logger="fedimg.compose"):
+        found = read_compose(session, server.url, config(max_images=20), tree.compose_id)
+    assert len(added) == 20
+    names = [i.image_name for i in found.images]
+    assert {b.image_name for b in tree.raw_images()} <= set(names), "the compose's own first"
+    assert names[3:] == [junk_name(n) for n in range(17)]
+    (summary,) = found.rejected
+    assert str(HUGE_COMPOSE_ENTRIES - 17) in summary.reason
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, "said once"
+
+
+def test_bound_images_keeps_the_order_select_images_uses() -> None:
+    def entry(path: str, fmt: str = "raw.xz") -> dict[str, Any]:
+        return {"path": path, "format": fmt}
+
+    data = {
+        "header": {"version": "1.2"},
+        "payload": {
+            "compose": {"id": "x"},
+            "images": {
+                "Server": {"x86_64": [entry("s/a.raw.xz")]},
+                "Cloud": {
+                    "x86_64": [
+                        entry("c/x/b.raw.xz"),
+                        entry("c/x/a.qcow2", "qcow2"),
+                        entry("c/x/a.raw.xz"),
+                    ],
+                    "aarch64": [entry("c/a/z.raw.xz")],
+                    "ppc64le": [entry("c/p/a.raw.xz")],
+                },
+                "AtomicHost": {"x86_64": [entry("c/x/a.raw.xz")]},  # the same file again
+            },
+        },
+    }
+    kept, skipped = bound_images(
+        data, variants=["Cloud", "AtomicHost"], arches=["x86_64", "aarch64"], max_images=2
+    )
+    assert kept["payload"]["images"] == {
+        "AtomicHost": {"x86_64": [entry("c/x/a.raw.xz")]},
+        "Cloud": {"aarch64": [entry("c/a/z.raw.xz")], "x86_64": [entry("c/x/a.raw.xz")]},
+    }
+    assert skipped == 1  # c/x/b.raw.xz
+    assert kept["payload"]["compose"] == {"id": "x"} and kept["header"] == data["header"]
+    assert len(data["payload"]["images"]["Cloud"]["x86_64"]) == 3, "the input is not changed"
+
+
+@pytest.mark.parametrize(
+    "images",
+    [
+        {"Cloud": []},
+        {"Cloud": {"x86_64": {"a": 1}}},
+        {"Cloud": {"x86_64": ["not an image"]}},
+        {"Cloud": {"x86_64": [{"format": "raw.xz"}]}},
+        {"Cloud": {"x86_64": [{"path": 7}]}},
+    ],
+)
+def test_bound_images_refuses_wanted_parts_that_are_not_images(images: dict[str, Any]) -> None:
+    data = {"payload": {"images": images}}
+    with pytest.raises(ComposeError):
+        bound_images(data, variants=["Cloud"], arches=["x86_64"], max_images=5)
+
+
+def test_bound_images_leaves_unwanted_and_unshaped_metadata_alone() -> None:
+    kept, skipped = bound_images(
+        {"payload": {"images": {"Server": ["junk"]}}},
+        variants=["Cloud"],
+        arches=["x86_64"],
+        max_images=5,
+    )
+    assert (kept, skipped) == ({"payload": {"images": {}}}, 0)
+    for shapeless in ([], {"payload": []}, {"payload": {"images": []}}):
+        assert bound_images(shapeless, variants=["Cloud"], arches=["x86_64"], max_images=1) == (
+            shapeless,
+            0,
+        )

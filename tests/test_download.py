@@ -29,6 +29,7 @@ from devel.images import (
     concatenate_streams,
     file_sha256,
     parse_range,
+    xz_index,
 )
 from fedimg import download
 from fedimg.download import (
@@ -119,28 +120,13 @@ def test_decode_multibyte_refuses_bad_integers(data: bytes) -> None:
         decode_multibyte(data, 0)
 
 
-def _index(records: list[tuple[int, int]]) -> bytes:
-    def mb(n: int) -> bytes:
-        out = bytearray()
-        while True:
-            byte = n & 0x7F
-            n >>= 7
-            out.append(byte | (0x80 if n else 0))
-            if not n:
-                return bytes(out)
-
-    body = b"\x00" + mb(len(records)) + b"".join(mb(u) + mb(s) for u, s in records)
-    body += bytes(-len(body) % 4)
-    return body + struct.pack("<I", zlib.crc32(body))
-
-
 def test_parse_index_adds_block_sizes() -> None:
-    count, padded, raw = parse_index(_index([(13, 1000), (250, 70000)]))
+    count, padded, raw = parse_index(xz_index([(13, 1000), (250, 70000)]))
     assert (count, padded, raw) == (2, 16 + 252, 71000)
 
 
 def test_parse_index_refuses_bad_crc_and_padding() -> None:
-    good = _index([(13, 1000)])
+    good = xz_index([(13, 1000)])
     with pytest.raises(ValueError, match="CRC32"):
         parse_index(good[:-1] + bytes([good[-1] ^ 1]))
     body = b"\x00\x01\x0d\x88\x07\x01\x00\x00"  # non-zero index padding

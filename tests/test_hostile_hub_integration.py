@@ -6,7 +6,11 @@ Every bad message of every consumed topic, and zmq frames that are not fedmsg
 at all, are published; then bad image files are served for a real compose.
 Each bad message must produce a WARNING/ERROR record from the project's
 loggers (counted by level, never by wording), no mutating AWS call, no
-success message, and the hub must still answer a ping afterwards.
+success message, and the hub must still answer a ping afterwards. The
+hostile compose servers (tests/corpus.py IMAGE_FAULTS, metadata from the
+future or redirected away, a compose of 5,000 images) run against the same
+hub, with a second compose server on 127.0.0.2 (not an allowed host) that
+must never be asked anything.
 """
 
 from __future__ import annotations
@@ -25,7 +29,19 @@ from devel.bus import LocalBus, ManagedProcess, wait_until
 from devel.compose import ComposeServer, ComposeTree, build_compose, compose_message
 from devel.motoserver import MotoServer
 from devel.stack import LOOPBACK, StackOptions, hub_settings
-from tests.corpus import ALLOWED_HOST, RAW_PAYLOADS, TOPICS, message_corpus
+from tests.corpus import (
+    ALLOWED_HOST,
+    HUGE_COMPOSE_ENTRIES,
+    IMAGE_FAULTS,
+    NOT_ALLOWED_HOST,
+    RAW_PAYLOADS,
+    TOPICS,
+    future_metadata,
+    huge_images_json,
+    junk_name,
+    message_corpus,
+    serve_fault,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -42,6 +58,8 @@ NEVER_FOR_A_MESSAGE = {
     "CreateSecurityGroup",
     "CreateTags",
 }
+# What staging creates (autocloud_ami's test runs, still going from earlier tests, make others).
+STAGE_WRITES = {"StartSnapshot", "RegisterImage"}
 _RECORD = re.compile(r"^<(fedimg|autocloud_ami)[a-z_.]* (WARNING|ERROR)> ", re.M)
 # The project's loggers, with their level and name on every line (the text is never matched).
 LOGGING = {
@@ -64,6 +82,7 @@ class Hub:
     server: ComposeServer
     bus: LocalBus
     hub: ManagedProcess
+    away: ComposeServer  # the same compose on a host outside allowed_hosts
 
     def ec2(self) -> Any:
         return boto3.client(
@@ -81,6 +100,63 @@ class Hub:
     def mutating_calls(self, forbidden: set[str]) -> list[str]:
         return sorted(c.operation for c in self.moto.recorded_calls() if c.operation in forbidden)
 
+    def stage_errors(self) -> int:
+        """ERROR records of the engine and the stager (a compose or an image failed) so far."""
+        return len(re.findall(r"^<fedimg\.(engine|stage) ERROR> ", self.hub.output(), re.M))
+
+    def requests_away(self) -> int:
+        with self.away._lock:
+            return sum(self.away.hits.values())
+
+    def uploads(self, since: float, status: str) -> list[str]:
+        """Image names of fedimg.image.upload messages with ``status`` published since ``since``."""
+        assert self.bus.tap is not None
+        return [
+            str(m.body.get("image_name"))
+            for m in self.bus.tap.messages("fedimg.image.upload")
+            if m.at >= since and m.body.get("status") == status
+        ]
+
+    def send_compose(self) -> float:
+        """Publish the compose's FINISHED message; the time just before it."""
+        t0 = time.time()
+        self.bus.publish(
+            "pungi", "compose.status.change", compose_message(self.tree, self.server.url)
+        )
+        return t0
+
+    def test_requests(self, since: float) -> list[str]:
+        """Image names of fedimg.image.test messages published since ``since``."""
+        assert self.bus.tap is not None
+        return [
+            str(m.body.get("image_name"))
+            for m in self.bus.tap.messages("fedimg.image.test")
+            if m.at >= since
+        ]
+
+    def left_by(self, image_name: str) -> list[str]:
+        """AMIs and snapshots an image left in the staging region."""
+        ec2 = self.ec2()
+        snaps = ec2.describe_snapshots(
+            OwnerIds=["self"],
+            Filters=[{"Name": "tag:fedimg:image-name", "Values": [image_name]}],
+        )["Snapshots"]
+        amis = [
+            i["ImageId"]
+            for i in ec2.describe_images(Owners=["self"])["Images"]
+            if str(i.get("Name", "")).startswith(image_name[: -len(".raw.xz")])
+        ]
+        return amis + [s["SnapshotId"] for s in snaps]
+
+    def forget(self, image_name: str) -> None:
+        """Deregister the AMIs and delete the snapshots of an image, as if never staged."""
+        ec2 = self.ec2()
+        for resource in self.left_by(image_name):
+            if resource.startswith("ami-"):
+                ec2.deregister_image(ImageId=resource)
+        for resource in self.left_by(image_name):
+            ec2.delete_snapshot(SnapshotId=resource)
+
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
@@ -97,7 +173,12 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
     for key in ("status_directory", "datagrepper_url"):  # no backlog here
         settings.pop(key)
     settings["fedimg.compose.allowed_hosts"] = [LOOPBACK, ALLOWED_HOST]
-    settings["fedimg.http.retries"] = 0
+    settings["fedimg.http.retries"] = 2  # a 404 is still asked once; cut downloads resume
+    settings["fedimg.compose.max_images"] = 20
+    # Each test's message is the only attempt at its faulty image: no reconcile pass
+    # retries it in between, and the same image failing test after test is not given up.
+    settings["fedimg.reconcile.interval"] = 24 * 3600.0
+    settings["fedimg.stage.max_attempts"] = 1000
     settings["logging"] = LOGGING
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")
@@ -105,13 +186,14 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
     try:
         with (
             ComposeServer(tree.root) as server,
+            ComposeServer(tree.root, host=NOT_ALLOWED_HOST) as away,
             LocalBus(
                 settings={**settings, "moksha.workers_per_consumer": 4},
                 workdir=Path(workdir / "bus"),
                 extra_env=moto.env(),
             ) as bus,
         ):
-            yield Hub(tree, moto, server, bus, bus.start_hub(timeout=90))
+            yield Hub(tree, moto, server, bus, bus.start_hub(timeout=90), away)
     finally:
         moto.stop()
 
@@ -212,11 +294,86 @@ def test_a_bad_image_file_fails_that_image_only_and_leaves_nothing(hub: Hub, fau
             or any(t.get("Value") == image.image_name for t in i.get("Tags", []))
         ]
         assert failed_amis == []
-        assert not [
-            m
-            for m in hub.bus.tap.messages("fedimg.image.test")
-            if m.at >= t0 and m.body.get("image_name") == image.image_name
-        ]
+        assert image.image_name not in hub.test_requests(t0)
         hub.bus.wait_hub(hub.hub, timeout=30)
+    finally:
+        hub.server.reset()
+
+
+@pytest.mark.parametrize(("fault", "staged"), IMAGE_FAULTS, ids=[f for f, _ in IMAGE_FAULTS])
+def test_a_hostile_compose_server_fails_that_image_only_and_never_reaches_another_host(
+    hub: Hub, fault: str, staged: bool
+) -> None:
+    target = hub.tree.raw_images()[0]
+    others = [i.image_name for i in hub.tree.raw_images()[1:]]
+    hub.server.reset()
+    serve_fault(fault, hub.server, target.path, hub.away)
+    try:
+        t0 = hub.send_compose()
+        wait_until(
+            lambda: set(others) <= set(hub.uploads(t0, "completed")),
+            120,
+            "the other images of the compose staged (or found)",
+        )
+        outcome = "completed" if staged else "failed"
+        wait_until(
+            lambda: target.image_name in hub.uploads(t0, outcome),
+            120,
+            f"fedimg.image.upload {outcome} for {target.image_name}",
+        )
+        assert hub.requests_away() == 0, "a host outside allowed_hosts was contacted"
+        if staged:
+            assert hub.server.hits_of(target.path) >= 3  # the probe, the GET, a resume
+            return
+        wait_until(lambda: not hub.left_by(target.image_name), 60, "nothing left by the image")
+        assert target.image_name not in hub.uploads(t0, "completed")
+        assert target.image_name not in hub.test_requests(t0)
+        hub.bus.wait_hub(hub.hub, timeout=30)
+    finally:
+        hub.server.reset()
+        if staged:
+            hub.forget(target.image_name)  # later tests need it unstaged
+
+
+@pytest.mark.parametrize("fault", ["header version 99.0", "images.json redirected away"])
+def test_hostile_metadata_refuses_the_compose_before_any_aws_call(hub: Hub, fault: str) -> None:
+    rel = "metadata/images.json"
+    hub.server.reset()
+    if fault.startswith("header"):
+        hub.server.replace(rel, future_metadata(hub.tree.images_json.read_text()))
+    else:
+        hub.server.redirect(rel, hub.away.url_of(rel))
+    before, writes = hub.stage_errors(), hub.mutating_calls(STAGE_WRITES)
+    try:
+        t0 = hub.send_compose()
+        wait_until(lambda: hub.stage_errors() > before, 60, "the compose refused in the hub log")
+        assert hub.requests_away() == 0
+        assert hub.server.hits_of(rel) >= 1
+        assert hub.mutating_calls(STAGE_WRITES) == writes
+        assert hub.uploads(t0, "started") == []
+        hub.bus.wait_hub(hub.hub, timeout=30)
+    finally:
+        hub.server.reset()
+
+
+def test_a_compose_of_5000_images_takes_20_and_each_404_is_asked_once(hub: Hub) -> None:
+    hub.server.reset()
+    hub.server.replace("metadata/images.json", huge_images_json(hub.tree.images_json.read_text()))
+    own = [i.image_name for i in hub.tree.raw_images()]
+    taken = [junk_name(n) for n in range(20 - len(own))]
+    try:
+        t0 = hub.send_compose()
+        wait_until(
+            lambda: set(taken) <= set(hub.uploads(t0, "failed")),
+            300,
+            f"{len(taken)} made-up images failed",
+        )
+        wait_until(lambda: set(own) <= set(hub.uploads(t0, "completed")), 120, "own images")
+        hub.bus.wait_hub(hub.hub, timeout=30)
+        for name in taken:
+            assert hub.server.hits_of(f"Cloud/x86_64/images/{name}") == 1, name
+        made_up = {n for n in hub.uploads(t0, "started") if n.startswith("Fedora-Cloud-Base-Junk")}
+        assert made_up == set(taken), f"{HUGE_COMPOSE_ENTRIES - len(taken)} are never started"
+        assert hub.server.hits_of(f"Cloud/x86_64/images/{junk_name(len(taken))}") == 0
     finally:
         hub.server.reset()

@@ -6,7 +6,9 @@ WARNING or ERROR record, without a domain call, an AWS call, an HTTP request
 or a published message. The consumers are built without a hub (their
 ``consume`` is what moksha calls) around fakes that raise ``Touched`` (a
 BaseException the consumers' ``except Exception`` cannot swallow) if anything
-reaches them.
+reaches them. The hostile compose servers and files (redirects to hosts not
+allowed, forged sizes, cut downloads, metadata from the future, a compose of
+5,000 images) are staged on moto, as the hub stages them.
 """
 
 from __future__ import annotations
@@ -14,16 +16,22 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import boto3
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from moto import mock_aws
 
 from autocloud_ami import consumer as ac_consumer
-from fedimg import consumers
+from devel.compose import ComposeServer, ComposeTree, build_compose
+from fedimg import consumers, download, tags
+from fedimg.aws import AwsClients
 from fedimg.compose import ComposeError, image_url, read_compose
 from fedimg.config import FedimgConfig
 from fedimg.engine import Engine
@@ -42,20 +50,30 @@ from fedimg.messages import (
     parse_result_notice,
     parse_test_request,
 )
+from fedimg.stage import StageOutcome
 from tests.corpus import (
     ALLOWED_HOST,
     BAD_IMAGE_PATHS,
+    CLAIMS_100_TIB,
     COMPOSE_TOPIC,
     DISALLOWED_LOCATIONS,
     HOSTILE_URLS,
+    HUGE_COMPOSE_ENTRIES,
+    IMAGE_FAULTS,
     LOCATION,
+    NOT_ALLOWED_HOST,
     PING_TOPIC,
+    REDIRECT_AWAY,
     RESULT_TOPIC,
     TASKOTRON_TOPIC,
     TEST_TOPIC,
     VALID,
     BadMessage,
+    future_metadata,
+    huge_images_json,
+    junk_name,
     message_corpus,
+    serve_fault,
 )
 from tests.engine_support import make_engine
 
@@ -362,3 +380,171 @@ def test_an_accepted_image_path_stays_under_the_compose(path: str) -> None:
     segments = path.split("/")
     assert ".." not in segments and "." not in segments and "" not in segments
     assert url.isascii() and url.isprintable() and " " not in url
+
+
+# -- hostile compose servers and files, staged in process (moto, loopback servers) ---------------
+#
+# Two compose servers serve the same generated compose: "home" on 127.0.0.1 (the
+# allowed host) and "away" on 127.0.0.2 (not allowed); each counts every request.
+# The engine is built by Engine.from_config, as the hub builds it, so its HTTP
+# session is the one production uses.
+
+
+@dataclass
+class Hostile:
+    tree: ComposeTree
+    home: ComposeServer
+    away: ComposeServer
+    aws: AwsClients
+    recorder: Any
+    written: list[str]  # AWS operations that create or change something, in order
+    waited: list[float]  # backoff delays between download resumes
+
+    state_dir: Path
+
+    def stage(self, **settings: Any) -> list[StageOutcome]:
+        """``fedimg stage`` by hand: the engine built from the settings, as the hub builds it."""
+        raw = {
+            "fedimg.resultsdb_url": "http://127.0.0.1:9/api/v2.0",
+            "fedimg.compose.allowed_hosts": ["127.0.0.1"],
+            "fedimg.aws.upload_workers": 2,
+            "fedimg.stage.workers": 3,
+            "fedimg.http.retries": 2,
+            "fedimg.http.timeout": 5.0,
+            "fedimg.state_dir": str(self.state_dir),
+            **settings,
+        }
+        engine = Engine.from_config(
+            FedimgConfig.from_fedmsg(raw), Emitter(self.recorder), aws=self.aws
+        )
+        engine.stager.available_timeout, engine.stager.poll_interval = 10.0, 0.05
+        try:
+            return engine.stage_location(self.home.url, self.tree.compose_id)
+        finally:
+            engine.close()
+
+    def requests_away(self) -> int:
+        with self.away._lock:
+            return sum(self.away.hits.values())
+
+    def left_in_aws(self, image_name: str) -> list[str]:
+        """AMIs and snapshots this image left in the staging region."""
+        ec2 = self.aws.ec2("us-east-1")
+        stem = image_name[: -len(".raw.xz")]
+        amis = [i["ImageId"] for i in ec2.describe_images(Owners=["self"])["Images"]]
+        amis = [
+            i["ImageId"]
+            for i in ec2.describe_images(Owners=["self"])["Images"]
+            if str(i.get("Name", "")).startswith(stem)
+        ]
+        snaps = ec2.describe_snapshots(
+            OwnerIds=["self"],
+            Filters=[{"Name": f"tag:{tags.IMAGE_NAME}", "Values": [image_name]}],
+        )["Snapshots"]
+        return amis + [s["SnapshotId"] for s in snaps]
+
+
+WRITES = frozenset(
+    {"StartSnapshot", "RegisterImage", "CreateTags", "CopyImage", "ModifyImageAttribute"}
+)
+
+
+@pytest.fixture(scope="module")
+def hostile_tree(tmp_path_factory: pytest.TempPathFactory) -> ComposeTree:
+    return build_compose(tmp_path_factory.mktemp("hostile-compose"))
+
+
+@pytest.fixture
+def hostile(
+    hostile_tree: ComposeTree, recorder: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Iterator[Hostile]:
+    monkeypatch.setenv("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")
+    written: list[str] = []
+    waited: list[float] = []
+    monkeypatch.setattr(download, "_sleep", waited.append)
+
+    def hook(model: Any, **_: Any) -> None:
+        if model.name in WRITES:
+            written.append(model.name)
+
+    session = boto3.session.Session()
+    session.events.register("provide-client-params", hook)
+    with (
+        mock_aws(),
+        ComposeServer(hostile_tree.root) as home,
+        ComposeServer(hostile_tree.root, host=NOT_ALLOWED_HOST) as away,
+    ):
+        aws = AwsClients(max_attempts=2, session=session)
+        yield Hostile(hostile_tree, home, away, aws, recorder, written, waited, tmp_path)
+
+
+@pytest.mark.parametrize(("fault", "staged"), IMAGE_FAULTS, ids=[f for f, _ in IMAGE_FAULTS])
+def test_a_hostile_image_file_fails_that_image_only_and_leaves_nothing(
+    hostile: Hostile, fault: str, staged: bool
+) -> None:
+    target = next(i for i in hostile.tree.raw_images() if i.spec.variant == "Cloud")
+    serve_fault(fault, hostile.home, target.path, hostile.away)
+    outcomes = {o.image_name: o for o in hostile.stage()}
+    assert hostile.requests_away() == 0, "a host outside allowed_hosts was contacted"
+    others = [i.image_name for i in hostile.tree.raw_images() if i is not target]
+    assert [outcomes[name].status for name in others] == ["staged", "staged"]
+    mine = outcomes[target.image_name]
+    if staged:
+        assert mine.status == "staged", mine.reason
+        assert hostile.waited  # resumed after a backoff
+        return
+    assert mine.status == "failed" and mine.reason
+    assert hostile.left_in_aws(target.image_name) == []
+    failed = [
+        b
+        for b in hostile.recorder.bodies("fedimg.image.upload")
+        if b["image_name"] == target.image_name and b["status"] == "failed"
+    ]
+    assert len(failed) == 1
+    assert target.image_name not in {
+        b["image_name"] for b in hostile.recorder.bodies("fedimg.image.test")
+    }
+    if fault in (REDIRECT_AWAY, CLAIMS_100_TIB):  # refused before anything was created
+        assert hostile.written.count("StartSnapshot") == len(others)
+    else:  # cut beyond the resumes: the snapshot it was going into is deleted
+        assert hostile.written.count("StartSnapshot") == len(others) + 1
+        assert hostile.waited == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("fault", ["future header", "metadata redirected away"])
+def test_hostile_compose_metadata_refuses_the_compose_at_no_cost(
+    hostile: Hostile, fault: str
+) -> None:
+    rel = "metadata/images.json"
+    if fault == "future header":
+        hostile.home.replace(rel, future_metadata(hostile.tree.images_json.read_text()))
+    else:
+        hostile.home.redirect(rel, hostile.away.url_of(rel))
+    (outcome,) = hostile.stage()
+    assert outcome.status == "failed" and outcome.ami_id is None
+    assert hostile.requests_away() == 0
+    assert hostile.written == []
+    assert hostile.recorder.sent == []
+
+
+def test_a_huge_compose_stages_a_bounded_number_of_images_and_404s_fail_once(
+    hostile: Hostile, caplog: pytest.LogCaptureFixture
+) -> None:
+    """5,000 entries, all answering 404: 20 taken (the compose's own 3 first), each
+    404 asked once (retries are allowed, a 404 is not retried), the rest said once."""
+    tree = hostile.tree
+    hostile.home.replace("metadata/images.json", huge_images_json(tree.images_json.read_text()))
+    with caplog.at_level(logging.ERROR, logger="fedimg.compose"):
+        outcomes = hostile.stage(**{"fedimg.compose.max_images": 20})
+    by_name = {o.image_name: o for o in outcomes}
+    assert [by_name[i.image_name].status for i in tree.raw_images()] == ["staged"] * 3
+    taken = [junk_name(n) for n in range(17)]
+    assert all(by_name[name].status == "failed" for name in taken)
+    summary = [o for o in outcomes if o.image_name == "images.json"]
+    assert len(summary) == 1 and str(HUGE_COMPOSE_ENTRIES - 17) in summary[0].reason
+    assert len(outcomes) == 3 + 17 + 1
+    for name in taken:
+        assert hostile.home.hits_of(f"Cloud/x86_64/images/{name}") == 1
+    assert hostile.home.hits_of(f"Cloud/x86_64/images/{junk_name(17)}") == 0
+    assert hostile.written.count("StartSnapshot") == 3
+    assert len([r for r in caplog.records if r.name == "fedimg.compose"]) == 1

@@ -20,6 +20,8 @@ def test_defaults() -> None:
     assert cfg.required_testcases == ["autocloud.ami.all"]
     assert cfg.delete_rejected is False
     assert cfg.copy_concurrency == 25
+    assert cfg.max_images == 50
+    assert cfg.max_volume_gib == 32
 
 
 def test_defaults_are_not_shared_between_instances() -> None:
@@ -59,6 +61,11 @@ def test_values_are_read_and_typed() -> None:
         {"fedimg.gate.delete_rejected": "yes"},
         {"fedimg.resultsdb_url": "file:///tmp/db"},
         {"fedimg.gate.required_testcases": []},
+        {"fedimg.compose.max_images": 0},
+        {"fedimg.compose.max_images": "50"},
+        {"fedimg.stage.max_volume_gib": 0},
+        {"fedimg.stage.max_volume_gib": 16385},  # more than EBS's largest volume
+        {"fedimg.stage.max_volume_gib": 32.5},
     ],
 )
 def test_bad_settings_fail_loudly(extra: dict[str, Any]) -> None:
