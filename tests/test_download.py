@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import lzma
-import shutil
 import struct
 import subprocess
 import time
@@ -44,8 +43,6 @@ from fedimg.download import (
 )
 from fedimg.http import make_session
 
-needs_xz = pytest.mark.skipif(shutil.which("xz") is None, reason="needs the xz binary")
-
 
 @pytest.fixture
 def server() -> Iterator[ImageServer]:
@@ -78,8 +75,6 @@ def noisy(tmp_path_factory: pytest.TempPathFactory) -> ImageFacts:
 @pytest.fixture(scope="module")
 def multi(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, int]:
     """Two streams with 8 bytes of stream padding; the second has 16 xz blocks."""
-    if shutil.which("xz") is None:
-        pytest.skip("needs the xz binary")
     tmp_path = tmp_path_factory.mktemp("multi")
     a = build_raw_xz(tmp_path / "a.raw.xz", 10 * BLOCK + 7, [0, 10], seed=2)
     b = build_raw_xz(tmp_path / "b.raw.xz", 32 * BLOCK, [1, 31], seed=3, xz_block_size=2 * BLOCK)
@@ -193,7 +188,6 @@ def test_probe_single_stream(
 
 
 @pytest.mark.integration
-@needs_xz
 def test_probe_multi_block_multi_stream_with_padding(
     server: ImageServer, session: requests.Session, multi: tuple[Path, str, int]
 ) -> None:
@@ -204,7 +198,6 @@ def test_probe_multi_block_multi_stream_with_padding(
 
 
 @pytest.mark.integration
-@needs_xz
 def test_probe_reads_only_the_tail_of_a_big_file(
     server: ImageServer,
     session: requests.Session,
@@ -289,7 +282,6 @@ def test_stream_raw_yields_the_raw_image(
 
 
 @pytest.mark.integration
-@needs_xz
 def test_stream_raw_multi_stream(
     server: ImageServer, session: requests.Session, multi: tuple[Path, str, int]
 ) -> None:
