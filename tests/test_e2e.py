@@ -68,7 +68,8 @@ from tests.e2e_support import (
     short,
 )
 
-pytestmark = pytest.mark.integration
+# A whole stack, or the demo, per test or module: more than the default timeout.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 X86 = "Fedora-Cloud-Base-40-20240501.0.x86_64.raw.xz"
 ARM = "Fedora-Cloud-Base-40-20240501.0.aarch64.raw.xz"
