@@ -9,10 +9,12 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): setup.py pyproject.toml
+# fedimg-messages/ (the message schema package) is a distribution of its own
+# that fedimg requires: installed from this clone in the same pip run.
+$(STAMP): setup.py pyproject.toml fedimg-messages/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade pip
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[hub,test]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ./fedimg-messages -e '.[hub,test]'
 	touch $(STAMP)
 
 lint: $(STAMP)

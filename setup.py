@@ -23,6 +23,13 @@ setup(
         "paramiko>=3.4,<6",
         "cryptography>=42",  # throwaway test-instance keys (autocloud_ami.instance)
         "jsonschema>=4.17,<5",
+        # The second transport (AMQP/RabbitMQ), and the schemas of what is published:
+        # fedimg-messages lives in ./fedimg-messages, install it from there in the same
+        # pip run (`pip install ./fedimg-messages .`); fedora-image-uploader-messages
+        # gives the fedora_image_uploader.published.v1.aws message its schema header.
+        "fedora-messaging>=3.7,<4",
+        "fedimg-messages>=1.0,<2",
+        "fedora-image-uploader-messages>=1.2,<2",
     ],
     extras_require={
         # moksha loads consumers with pkg_resources, which resolves the entry
@@ -41,6 +48,7 @@ setup(
             "mypy>=1.10",
             "types-requests",
             "types-paramiko",
+            "types-PyYAML",
         ],
     },
     entry_points={

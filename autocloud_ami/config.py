@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from fedimg.messages import ARCHES, REGION_RE
-from fedimg.settings import ConfigError, load, setting
+from fedimg.settings import ConfigError, load, load_consumer_config, setting
 
 NAMESPACE = "autocloud_ami"
 
@@ -159,6 +159,11 @@ class AutocloudConfig:
     def from_fedmsg(cls, raw: Mapping[str, Any]) -> AutocloudConfig:
         """Validate and return the ``autocloud_ami.*`` part of a fedmsg config."""
         return load(cls, raw, NAMESPACE)
+
+    @classmethod
+    def from_consumer_config(cls, consumer_config: Mapping[str, Any]) -> AutocloudConfig:
+        """Validate and return a fedora-messaging ``[consumer_config]`` (same keys)."""
+        return load_consumer_config(cls, consumer_config, NAMESPACE)
 
 
 __all__ = ["AutocloudConfig", "ConfigError", "check_cidr", "parse_host_port"]

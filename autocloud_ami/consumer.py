@@ -23,7 +23,9 @@ from moksha.hub.api.producer import PollingProducer
 from autocloud_ami.config import AutocloudConfig
 from fedimg.backlog import ResumableBacklog
 from fedimg.messages import (
+    FAILED,
     IMAGE_TEST,
+    PASSED,
     Emitter,
     InvalidMessage,
     Topics,
@@ -41,6 +43,7 @@ class AmiTestConsumer(ResumableBacklog, FedmsgConsumer):
     """Tests every AMI fedimg asks for (``fedimg.image.test`` status ``started``)."""
 
     config_key = CONFIG_KEY
+    start_error = ""  # why it did not start: fedimg's health check reports it
 
     def __init__(self, hub: Any) -> None:
         self.topics = Topics.from_fedmsg(hub.config)
@@ -48,8 +51,13 @@ class AmiTestConsumer(ResumableBacklog, FedmsgConsumer):
         if hub.config.get(self.config_key):
             from autocloud_ami.job import Deps
 
-            self.cfg = AutocloudConfig.from_fedmsg(hub.config)
-            self.deps = Deps.from_config(self.cfg, Emitter(fedmsg_publisher()))
+            try:
+                self.cfg = AutocloudConfig.from_fedmsg(hub.config)
+                self.deps = Deps.from_config(self.cfg, Emitter(fedmsg_publisher()))
+            except Exception as exc:
+                type(self).start_error = f"{type(exc).__name__}: {exc}"[:300]
+                log.error("AmiTestConsumer did not start: %s", type(self).start_error)
+                raise
             log.info(
                 "autocloud_ami: testing AMIs in %s, at most %d at once",
                 ", ".join(self.cfg.regions),
@@ -89,13 +97,14 @@ class AmiTestConsumer(ResumableBacklog, FedmsgConsumer):
             image.compose_id,
             image.ami_id,
             result.job_id,
-            "PASSED" if result.passed else "FAILED",
+            PASSED if result.passed else FAILED,
         )
 
 
 class SweepProducer(PollingProducer):
     """Sweeps leaked test resources and flushes the ResultsDB spool, periodically."""
 
+    config_key = CONFIG_KEY
     frequency = 600.0
     now = True  # also once at start-up (in a worker thread: the hub is not held up)
 

@@ -58,6 +58,7 @@ from fedimg.messages import (
     AMI_QUEUED,
     AMI_RUNNING,
     AMI_SUCCESS,
+    FAILED,
     REGION_RE,
     AmiTestEvent,
     Emitter,
@@ -422,7 +423,7 @@ def test_ami(request: StagedImage, deps: Deps, *, job_id: str | None = None) -> 
         report, reason = job.run_tests()
     finally:
         deps.slots.release()
-    summary_outcome = "PASSED" if report.passed else "FAILED"
+    summary_outcome = PASSED if report.passed else FAILED
     ref_urls, index_url = job.keep_outputs(report, summary_outcome)
     results = build_results(
         request,

@@ -52,15 +52,21 @@ import requests
 from requests.adapters import HTTPAdapter
 from resultsdb_api import ResultsDBapi, ResultsDBapiException
 
-from fedimg.messages import StagedImage
+from fedimg.messages import (
+    FAILED,
+    PASSED,
+    RESULTSDB_ITEM_TYPE,
+    RESULTSDB_SOURCE,
+    SUMMARY_TESTCASE,
+    TESTCASE_PREFIX,
+    StagedImage,
+)
 
 log = logging.getLogger(__name__)
 
-TESTCASE_PREFIX = "autocloud.ami."
-SUMMARY_TESTCASE = "autocloud.ami.all"
-ITEM_TYPE = "ami"
-SOURCE = "autocloud"
-PASSED, FAILED, SKIPPED = "PASSED", "FAILED", "SKIPPED"
+ITEM_TYPE = RESULTSDB_ITEM_TYPE
+SOURCE = RESULTSDB_SOURCE
+SKIPPED = "SKIPPED"
 REJECTED_STATUSES = frozenset({400, 413, 422})
 NOTE_MAX = 200
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")

@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 
 from autocloud_ami.ssh import CommandResult, SshError, SshSession
 from autocloud_ami.suite import Check, Family, evaluate, evaluate_all
+from fedimg.messages import FAILED, PASSED
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,6 @@ __all__ = [
     "run_suite",
 ]
 
-PASSED = "PASSED"
-FAILED = "FAILED"
 SKIPPED = "SKIPPED"
 
 OSTREE_PROBE = "test -e /run/ostree-booted"

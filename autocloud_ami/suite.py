@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Literal, get_args
 
+from fedimg.messages import TESTCASE_PREFIX
+
 if TYPE_CHECKING:
     from autocloud_ami.ssh import CommandResult
 
-TESTCASE_PREFIX = "autocloud.ami."
 CHECK_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,99}$")
 
 

@@ -24,6 +24,7 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -35,6 +36,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import boto3
+import requests
 from moto import mock_aws
 from moto.core import DEFAULT_ACCOUNT_ID
 from moto.ec2.models import ec2_backends
@@ -43,10 +45,15 @@ from fedimg import tags
 from fedimg.aws import AwsClients
 from fedimg.config import FedimgConfig
 from fedimg.copies import Timing
+from fedimg.engine import Engine
+from fedimg.intents import IntentStore
+from fedimg.locks import Guard
 from fedimg.messages import Emitter, StagedImage
+from fedimg.plan import Scope
 from fedimg.promote import Promoter
 from fedimg.regions import commercial
 from fedimg.results import DummyResults
+from fedimg.stage import Stager
 
 STAGING = "us-east-1"
 TARGET_RATIO = 1.3
@@ -161,11 +168,11 @@ def promote_once(
             aws.ec2(region).describe_regions(RegionNames=[region])
         aws.calls.clear()
         sent: list[str] = []
+        emitter = Emitter(lambda m, t, b: sent.append(f"{m}.{t}"))
         promoter = Promoter(
             cfg,
-            Emitter(lambda m, t, b: sent.append(f"{m}.{t}")),
+            emitter,
             aws,
-            results,
             timing=Timing(
                 copy_timeout=args.copy_seconds * 20 + 60,
                 retry_timeout=60,
@@ -174,8 +181,17 @@ def promote_once(
                 backoff_max=args.poll * 4,
             ),
         )
+        state_dir = Path(tempfile.mkdtemp(prefix="fedimg-bench-"))
+        engine = Engine(
+            cfg,
+            stager=Stager(cfg, emitter, aws, requests.Session()),
+            promoter=promoter,
+            results=results,
+            intents=IntentStore(state_dir),
+            guard=Guard(state_dir),
+        )
         started = time.perf_counter()
-        decision = promoter.evaluate(ami)
+        decision = engine.converge_ami(ami, Scope.MESSAGE)
         wall = time.perf_counter() - started
         for timer in aws.timers:
             timer.cancel()
@@ -189,7 +205,7 @@ def promote_once(
             sum(aws.calls.values()),
             aws.calls["CopyImage"],
             promoter.slots.peak,
-            decision.release and state is tags.State.RELEASED,
+            decision.action == "release" and state is tags.State.RELEASED,
         )
 
 

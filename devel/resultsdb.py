@@ -9,6 +9,11 @@ and error bodies (``resultsdb/controllers/api_v2.py``,
 server's fedmsg plugin does.
 
     python -m devel.resultsdb --host 127.0.0.1 --port 5001 --db /tmp/resultsdb.sqlite [--no-bus]
+        [--amqp-conf fedora-messaging.toml]
+
+``--amqp-conf`` also publishes every new result over AMQP the way today's real
+server does (``fedora_messaging.api.publish`` of a base ``Message`` with topic
+``resultsdb.result.new``), beside (or, with ``--no-bus``, instead of) fedmsg.
 
 Deliberate differences, all stricter than the real server and invisible to a
 well-behaved client: unknown fields in a POST body are rejected (the real one
@@ -1276,12 +1281,54 @@ def fedmsg_bus() -> SerialPublisher:
     ).start()
 
 
+def fan_out(*publishers: Publisher) -> Publisher:
+    """One Publisher that hands every message to each of ``publishers`` (fedmsg and AMQP).
+
+    A failing bus does not keep the message from the others; the first error
+    is raised once all were tried.
+    """
+
+    def publish(modname: str, topic: str, body: dict[str, Any]) -> None:
+        first: Exception | None = None
+        for each in publishers:
+            try:
+                each(modname, topic, body)
+            except Exception as exc:  # noqa: BLE001 - raised below, after the other buses
+                first = first or exc
+        if first is not None:
+            raise first
+
+    return publish
+
+
+def amqp_bus(conf_path: Path) -> Publisher:
+    """Publish through fedora-messaging, configured by the TOML at ``conf_path``.
+
+    As the real ResultsDB does (its "fedmsg" plugin calls
+    ``fedora_messaging.api.publish``): topic ``resultsdb.result.new`` under the
+    config's ``topic_prefix``, body = the result as the API returns it.
+    """
+    from fedora_messaging import config
+
+    from fedimg.messages import amqp_publisher
+
+    if not conf_path.is_file():
+        raise FileNotFoundError(f"fedora-messaging config {conf_path} is not a file")
+    config.conf.load_config(str(conf_path))
+    return amqp_publisher()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="A local ResultsDB API v2.0 stand-in.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--db", default=":memory:", help="SQLite file (default: in memory)")
-    parser.add_argument("--no-bus", action="store_true", help="do not publish result.new")
+    parser.add_argument("--no-bus", action="store_true", help="do not publish through fedmsg")
+    parser.add_argument(
+        "--amqp-conf",
+        type=Path,
+        help="also publish result.new through fedora-messaging, with this TOML config",
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -1293,7 +1340,12 @@ def main(argv: list[str] | None = None) -> int:
         log.info("publishing resultsdb.result.new through fedmsg")
     elif not args.no_bus:
         log.warning("no fedmsg config found ($FEDMSG_CONFIG or ./fedmsg.d): not publishing")
-    server = ResultsDBServer(args.db, args.host, args.port, publisher=bus).start()
+    buses: list[Publisher] = [bus] if bus is not None else []
+    if args.amqp_conf is not None:
+        buses.append(amqp_bus(args.amqp_conf))
+        log.info("publishing resultsdb.result.new through fedora-messaging (%s)", args.amqp_conf)
+    publisher = fan_out(*buses) if buses else None
+    server = ResultsDBServer(args.db, args.host, args.port, publisher=publisher).start()
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())

@@ -134,6 +134,7 @@ def hub_settings(
         "fedimg.promote.copy_timeout": 120.0,
         "fedimg.promote.publish_retry_timeout": 60.0,
         "fedimg.reconcile.interval": 30.0,
+        "fedimg.state_dir": str(workdir / "fedimg-state"),
         # autocloud_ami: the test runs
         "autocloud_ami.enabled": True,
         "autocloud_ami.resultsdb_url": resultsdb_url,

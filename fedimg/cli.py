@@ -58,11 +58,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     emitter = Emitter(publisher)
 
     if args.command == "stage":
-        from fedimg.stage import cli_stage
+        from fedimg.engine import cli_stage
 
         return cli_stage(cfg, emitter, args.compose_location, args.compose_id)
     if args.command == "promote":
-        from fedimg.promote import cli_promote
+        from fedimg.engine import cli_promote
 
         return cli_promote(cfg, emitter, args.ami_id)
     if args.command == "status":
@@ -70,9 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return cli_status(cfg, args.compose)
     if args.command == "reconcile":
-        from fedimg.promote import cli_reconcile
+        from fedimg.engine import cli_reconcile
 
-        return cli_reconcile(cfg, emitter)
+        return cli_reconcile(cfg, emitter, print)
     raise AssertionError(args.command)
 
 

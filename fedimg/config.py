@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from fedimg.settings import ConfigError, load, setting
+from fedimg.messages import FAILED, NEEDS_INSPECTION, SUMMARY_TESTCASE
+from fedimg.settings import ConfigError, load, load_consumer_config, setting
 
 REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")
 VOLUME_TYPES = frozenset({"gp2", "gp3", "io1", "io2", "standard", "st1", "sc1"})
@@ -45,18 +46,23 @@ class FedimgConfig:
     stage_workers: int = setting("fedimg.stage.workers", 2)
     http_timeout: float = setting("fedimg.http.timeout", 60.0)
     http_retries: int = setting("fedimg.http.retries", 5)
-    required_testcases: list[str] = setting("fedimg.gate.required_testcases", ["autocloud.ami.all"])
-    reject_outcomes: list[str] = setting(
-        "fedimg.gate.reject_outcomes", ["FAILED", "NEEDS_INSPECTION"]
-    )
+    required_testcases: list[str] = setting("fedimg.gate.required_testcases", [SUMMARY_TESTCASE])
+    reject_outcomes: list[str] = setting("fedimg.gate.reject_outcomes", [FAILED, NEEDS_INSPECTION])
     gate_deadline: float = setting("fedimg.gate.deadline", 6 * 3600.0)
     delete_rejected: bool = setting("fedimg.gate.delete_rejected", False)
     copy_concurrency: int = setting("fedimg.promote.max_concurrent_copies", 25)
     copy_timeout: float = setting("fedimg.promote.copy_timeout", 3 * 3600.0)
     publish_retry_timeout: float = setting("fedimg.promote.publish_retry_timeout", 1800.0)
+    fedora_image_uploader_message: bool = setting(
+        "fedimg.promote.fedora_image_uploader_message",
+        True,
+        doc="also announce a release as fedora_image_uploader.published.v1.aws.*",
+    )
     reconcile_interval: float = setting("fedimg.reconcile.interval", 300.0)
     retest_after: float = setting("fedimg.gate.retest_after", 3 * 3600.0)
     orphan_grace: float = setting("fedimg.reconcile.orphan_grace", 2 * 3600.0)
+    state_dir: str = setting("fedimg.state_dir", "/var/lib/fedimg")
+    stage_max_attempts: int = setting("fedimg.stage.max_attempts", 3)
 
     def __post_init__(self) -> None:
         check_region(self.staging_region)
@@ -72,7 +78,15 @@ class FedimgConfig:
             raise ValueError(f"fedimg.compose.arches: unsupported arches {bad}")
         if urlsplit(self.resultsdb_url).scheme not in ("http", "https"):
             raise ValueError(f"fedimg.resultsdb_url: not an http(s) URL: {self.resultsdb_url!r}")
-        for name in ("upload_workers", "stage_workers", "copy_concurrency", "aws_max_attempts"):
+        if not self.state_dir:
+            raise ValueError("fedimg.state_dir: a directory is needed for durable intents")
+        for name in (
+            "upload_workers",
+            "stage_workers",
+            "copy_concurrency",
+            "aws_max_attempts",
+            "stage_max_attempts",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if not self.required_testcases:
@@ -82,6 +96,11 @@ class FedimgConfig:
     def from_fedmsg(cls, raw: Mapping[str, Any]) -> FedimgConfig:
         """Validate and return the ``fedimg.*`` part of a fedmsg config."""
         return load(cls, raw, "fedimg")
+
+    @classmethod
+    def from_consumer_config(cls, consumer_config: Mapping[str, Any]) -> FedimgConfig:
+        """Validate and return a fedora-messaging ``[consumer_config]`` (same keys)."""
+        return load_consumer_config(cls, consumer_config, "fedimg")
 
 
 __all__ = ["ConfigError", "FedimgConfig", "check_region"]

@@ -1,23 +1,31 @@
-"""fedimg's moksha consumers: thin callbacks around the domain modules.
+"""fedimg's moksha consumers and producer: thin callers of the lifecycle engine.
 
-Each consumer parses a message with the contract, calls ONE domain function,
-and lets that function emit its messages. A malformed body is logged and
-dropped; an unexpected error is logged with its traceback; neither stops the
-hub. Settings are validated when an enabled consumer starts.
+Each consumer parses a message with the contract and asks its
+``fedimg.engine.Engine`` to converge ONE scope (a compose, an AMI); the
+reconcile producer asks it to converge everything. A malformed body is
+logged and dropped; an unexpected error is logged with its traceback;
+neither stops the hub. Settings are validated, and the state directory
+checked, when an enabled consumer starts; one that cannot start says so at
+ERROR once and makes the health check answer unhealthy.
+
+Every consumer builds its own engine (``self.lifecycle``: moksha's consumers
+already use ``self.engine`` for a database): they coordinate through the
+locks and intents of ``fedimg.state_dir`` exactly as separate processes do.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
-import threading
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from fedmsg.consumers import FedmsgConsumer
 from moksha.hub.api.producer import PollingProducer
 
 from fedimg.backlog import ResumableBacklog
 from fedimg.config import FedimgConfig
+from fedimg.engine import Engine
+from fedimg.health import check_hub
 from fedimg.messages import (
     COMPOSE_STATUS,
     HUB_PING,
@@ -34,35 +42,22 @@ from fedimg.messages import (
     unwrap,
 )
 
-if TYPE_CHECKING:
-    from fedimg.promote import Promoter
-    from fedimg.stage import Stager
-
 log = logging.getLogger(__name__)
 
-_promoters: dict[int, Promoter] = {}
-_stagers: dict[int, Stager] = {}
-_promoters_lock = threading.Lock()
+
+def _start(cls: type, build: Any) -> Any:
+    """Run ``build()``; on failure remember why (for the health check), log once, re-raise."""
+    try:
+        return build()
+    except Exception as exc:
+        cls.start_error = f"{type(exc).__name__}: {exc}"[:300]  # type: ignore[attr-defined]
+        log.error("%s did not start: %s", cls.__name__, cls.start_error)  # type: ignore[attr-defined]
+        raise
 
 
-def shared_promoter(hub: Any, cfg: FedimgConfig, emitter: Emitter) -> Promoter:
-    """One Promoter per hub: the listener and the reconcile pass share its locks and slots."""
-    from fedimg.promote import Promoter
-
-    with _promoters_lock:
-        if id(hub) not in _promoters:
-            _promoters[id(hub)] = Promoter.from_config(cfg, emitter)
-        return _promoters[id(hub)]
-
-
-def shared_stager(hub: Any, cfg: FedimgConfig, emitter: Emitter) -> Stager:
-    """One Stager per hub: the reconcile pass sees what the listener is staging."""
-    from fedimg.stage import Stager
-
-    with _promoters_lock:
-        if id(hub) not in _stagers:
-            _stagers[id(hub)] = Stager.from_config(cfg, emitter)
-        return _stagers[id(hub)]
+def build_engine(hub: Any) -> Engine:
+    cfg = FedimgConfig.from_fedmsg(hub.config)
+    return Engine.from_config(cfg, Emitter(fedmsg_publisher()))
 
 
 class FedimgConsumer(ResumableBacklog, FedmsgConsumer):
@@ -70,21 +65,18 @@ class FedimgConsumer(ResumableBacklog, FedmsgConsumer):
 
     consumes: ClassVar[tuple[MessageType, ...]] = ()
     config_key: ClassVar[str]
-    needs_settings: ClassVar[bool] = True
+    needs_engine: ClassVar[bool] = True
+    start_error: ClassVar[str] = ""
 
     def __init__(self, hub: Any) -> None:
         self.hub_ref = hub
         self.topics = Topics.from_fedmsg(hub.config)
         self.topic = [self.topics.of(mtype) for mtype in self.consumes]
         if hub.config.get(self.config_key):
-            if self.needs_settings:
-                self.cfg = FedimgConfig.from_fedmsg(hub.config)
             self.emitter = Emitter(fedmsg_publisher())
-            self.setup()
+            if self.needs_engine:
+                self.lifecycle = _start(type(self), lambda: build_engine(hub))
         super().__init__(hub)
-
-    def setup(self) -> None:
-        """Build the domain objects (called once, only when enabled)."""
 
     def consume(self, message: dict[str, Any]) -> None:
         topic = str(message.get("topic", "?"))
@@ -105,15 +97,32 @@ class FedimgConsumer(ResumableBacklog, FedmsgConsumer):
 
 
 class HealthConsumer(FedimgConsumer):
-    """Answers ``fedimg.hub.ping`` with ``fedimg.hub.pong``: the hub is live end to end."""
+    """Answers ``fedimg.hub.ping`` with ``fedimg.hub.pong``: healthy only if all of us run."""
 
     config_key = "fedimg.health.enabled"
     consumes = (HUB_PING,)
-    needs_settings = False
+    needs_engine = False
+
+    def __init__(self, hub: Any) -> None:
+        super().__init__(hub)
+        self._reported: set[str] = set()
 
     def handle(self, mtype: MessageType, body: Any) -> None:
         HUB_PING.validate(body)
-        self.emitter.emit(HUB_PONG, {"token": body["token"], "host": socket.gethostname()})
+        health = check_hub(self.hub_ref)
+        for problem in health.problems:
+            if problem not in self._reported:
+                self._reported.add(problem)
+                log.error("health: %s", problem)
+        self.emitter.emit(
+            HUB_PONG,
+            {
+                "token": body["token"],
+                "host": socket.gethostname(),
+                "healthy": health.healthy,
+                "components": health.summary,
+            },
+        )
 
 
 class StageConsumer(FedimgConsumer):
@@ -122,15 +131,12 @@ class StageConsumer(FedimgConsumer):
     config_key = "fedimg.stage.enabled"
     consumes = (COMPOSE_STATUS,)
 
-    def setup(self) -> None:
-        self.stager = shared_stager(self.hub_ref, self.cfg, self.emitter)
-
     def handle(self, mtype: MessageType, body: Any) -> None:
         status = parse_compose_status(body)
         if not status.finished:
             log.debug("%s: status %s, nothing to stage", status.compose_id, status.status)
             return
-        self.stager.stage_compose(status)
+        self.lifecycle.accept_compose(status)
 
 
 class PromoteConsumer(FedimgConsumer):
@@ -139,44 +145,42 @@ class PromoteConsumer(FedimgConsumer):
     config_key = "fedimg.promote.enabled"
     consumes = (RESULT_NEW, TASKOTRON_RESULT_NEW)
 
-    def setup(self) -> None:
-        self.promoter = shared_promoter(self.hub_ref, self.cfg, self.emitter)
-
     def handle(self, mtype: MessageType, body: Any) -> None:
-        notice = parse_result_notice(mtype, body)
-        self.promoter.on_result(notice)
+        self.lifecycle.on_result(parse_result_notice(mtype, body))
 
 
 class ReconcileProducer(PollingProducer):
-    """At start-up and every ``fedimg.reconcile.interval`` seconds, resume unfinished work.
+    """At start-up and every ``fedimg.reconcile.interval`` seconds, converge everything.
 
-    ``fedimg.reconcile``: AMIs ``testing`` whose results are complete (or whose
-    deadline passed) are gated, those whose results never came get their test
-    requested once more; AMIs ``promoting`` get their missing regions; with
-    stage enabled in this hub, what a killed stage left is cleaned up or
-    staged again. This is what makes a lost message or a killed hub harmless.
+    Runs with ``fedimg.promote.enabled``: every AMI ``testing`` is gated (or its
+    test requested once more), every AMI ``promoting`` gets its missing
+    regions; with ``fedimg.stage.enabled`` too, every recorded compose intent
+    is finished and what a killed stage left is staged again or cleaned up.
+    This is what makes a lost message or a killed hub harmless.
     """
 
+    config_key = "fedimg.promote.enabled"
+    start_error: ClassVar[str] = ""
     now = True
 
     def __init__(self, hub: Any) -> None:
-        if not hub.config.get(PromoteConsumer.config_key):
+        if not hub.config.get(self.config_key):
             self.now = False  # no pass at start-up...
             self.die = True  # ...and the polling thread returns at once
             self.frequency = 60.0
             super().__init__(hub)
             return
-        cfg = FedimgConfig.from_fedmsg(hub.config)
+
+        def build() -> tuple[FedimgConfig, Engine]:
+            return FedimgConfig.from_fedmsg(hub.config), build_engine(hub)
+
+        cfg, self.lifecycle = _start(type(self), build)
         self.frequency = cfg.reconcile_interval
-        emitter = Emitter(fedmsg_publisher())
-        self.promoter = shared_promoter(hub, cfg, emitter)
-        self.stager = shared_stager(hub, cfg, emitter) if cfg.stage_enabled else None
+        self.stage = cfg.stage_enabled
         super().__init__(hub)
 
     def poll(self) -> None:
-        from fedimg.reconcile import reconcile
-
         try:
-            reconcile(self.promoter, self.stager)
+            self.lifecycle.reconcile(stage=self.stage)
         except Exception:
             log.exception("reconcile pass failed")

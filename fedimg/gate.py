@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal, Protocol
 
-PASSED = "PASSED"
+from fedimg.messages import PASSED
+
 RELEASE: Literal["release"] = "release"
 REJECT: Literal["reject"] = "reject"
 WAIT: Literal["wait"] = "wait"

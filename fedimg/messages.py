@@ -7,38 +7,48 @@ bodies it emits (compatible with upstream fedimg 2.x and Autocloud, see
 
 A ``MessageType`` names a topic (``modname`` + ``name``) and carries a JSON
 ``body_schema``; ``Topics`` turns it into the full fedmsg topic for the local
-``topic_prefix`` and ``environment``. Parsers return small frozen dataclasses
+``topic_prefix`` and ``environment``. The schemas of every topic fedimg and
+autocloud_ami publish come from the schema package ``fedimg_messages``
+(``fedimg-messages/`` in this repository), whose fedora-messaging classes
+carry the same dictionaries: one contract on both buses. Parsers return small frozen dataclasses
 and raise ``InvalidMessage`` with a clear reason for anything malformed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
 import jsonschema
+from fedimg_messages import schemas
+from fedimg_messages.schemas import (
+    AMI_ID_RE,
+    ARCHES,
+    COMPOSE_ID_RE,
+    IMAGE_NAME_RE,
+    REGION_RE,
+    SERVICE,
+    SHA256_RE,
+    VIRT_TYPE,
+)
+
+if TYPE_CHECKING:
+    from fedora_messaging.message import Message as FedoraMessage
 
 SCHEMA_VERSION: Final = 1
 MAX_BODY_BYTES: Final = 64 * 1024
 MAX_BODY_DEPTH: Final = 32
 
-AMI_ID_RE: Final = re.compile(r"^ami-(?:[0-9a-f]{8}|[0-9a-f]{17})\Z")
-REGION_RE: Final = re.compile(r"^[a-z]{2}(?:-[a-z]+)+-\d{1,2}\Z")
-COMPOSE_ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,199}\Z")
-IMAGE_NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,254}\Z")
-SHA256_RE: Final = re.compile(r"^[0-9a-f]{64}\Z")
 TESTCASE_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}\Z")
-ARCHES: Final = ("x86_64", "aarch64")
 FINISHED_STATUSES: Final = ("FINISHED", "FINISHED_INCOMPLETE")
 OUTCOMES: Final = ("PASSED", "INFO", "FAILED", "NEEDS_INSPECTION")
-SERVICE: Final = "EC2"
-VIRT_TYPE: Final = "hvm"
 
 
 class InvalidMessage(ValueError):
@@ -46,47 +56,14 @@ class InvalidMessage(ValueError):
 
 
 # -- schemas ---------------------------------------------------------------
+# What fedimg and autocloud_ami publish is defined by the schema package
+# (fedimg-messages/, ``fedimg_messages.schemas``): the fedora-messaging classes
+# carry the same dictionaries. The topics consumed from others are described
+# here, from the same building blocks.
 
-_STR = {"type": "string", "maxLength": 2048}
-_ID = {"type": "string", "maxLength": 255}
-_AMI = {"type": "string", "pattern": AMI_ID_RE.pattern}
-_REGION = {"type": "string", "pattern": REGION_RE.pattern}
-_COMPOSE = {"type": "string", "pattern": COMPOSE_ID_RE.pattern}
-_IMAGE = {"type": "string", "pattern": IMAGE_NAME_RE.pattern}
-_ARCH = {"type": "string", "enum": list(ARCHES)}
-# Printable ASCII only: no whitespace, control or format characters (RTL override, NUL).
-_URL = {"type": "string", "maxLength": 2048, "pattern": "^https?://[!-~]+\\Z"}
-_EXTRA = {
-    "type": "object",
-    "properties": {
-        "id": _AMI,
-        "virt_type": {"const": VIRT_TYPE},
-        "vol_type": {"type": "string", "maxLength": 16},
-        "source_image_id": _AMI,
-    },
-}
-
-
-def _obj(required: list[str], **props: Any) -> dict[str, Any]:
-    return {"type": "object", "required": required, "properties": props}
-
-
-_IMAGE_EVENT = _obj(
-    ["image_name", "destination", "service", "status", "compose", "architecture"],
-    image_url=_URL,
-    image_name=_IMAGE,
-    destination=_REGION,
-    service={"const": SERVICE},
-    status={"enum": ["started", "completed", "failed"]},
-    compose=_COMPOSE,
-    compose_id=_COMPOSE,
-    architecture=_ARCH,
-    subvariant=_ID,
-    release=_ID,
-    image_sha256={"type": "string", "pattern": SHA256_RE.pattern},
-    reason=_STR,
-    extra=_EXTRA,
-)
+_STR = schemas.TEXT
+_ID = schemas.NAME
+_obj = schemas.obj
 
 
 def _depth(value: Any) -> int:
@@ -141,14 +118,19 @@ class MessageType:
         return f"{self.modname}.{self.name}"
 
 
+def _published(modname: str, name: str, body_schema: Mapping[str, Any]) -> MessageType:
+    """A type fedimg or autocloud_ami publishes: its schema comes from the schema package."""
+    return MessageType(modname, name, body_schema, str(body_schema["description"]))
+
+
 COMPOSE_STATUS = MessageType(
     "pungi",
     "compose.status.change",
     _obj(
         ["status", "compose_id"],
         status=_ID,
-        compose_id=_COMPOSE,
-        location=_URL,
+        compose_id=schemas.COMPOSE,
+        location=schemas.URL,
         release_version=_ID,
         release_short=_ID,
         compose_date=_ID,
@@ -157,71 +139,15 @@ COMPOSE_STATUS = MessageType(
     ),
     "a pungi compose changed status",
 )
-IMAGE_UPLOAD = MessageType("fedimg", "image.upload", _IMAGE_EVENT, "an AMI upload")
-IMAGE_TEST = MessageType("fedimg", "image.test", _IMAGE_EVENT, "an AMI test request or verdict")
-IMAGE_COPY = MessageType(
-    "fedimg",
-    "image.copy",
-    _obj(
-        ["image_name", "destination", "architecture", "service", "compose_id", "extra"],
-        image_name=_IMAGE,
-        destination=_REGION,
-        architecture=_ARCH,
-        service={"const": SERVICE},
-        compose_id=_COMPOSE,
-        extra=_EXTRA,
-    ),
-    "an AMI copy to one region was started",
-)
-IMAGE_PUBLISH = MessageType(
-    "fedimg",
-    "image.publish",
-    _obj(
-        ["image_name", "destination", "architecture", "service", "compose", "extra"],
-        image_name=_IMAGE,
-        image_url=_URL,
-        destination=_REGION,
-        architecture=_ARCH,
-        service={"const": SERVICE},
-        compose=_COMPOSE,
-        extra=_EXTRA,
-    ),
-    "an AMI was made public in one region",
-)
-IMAGE_RELEASE = MessageType(
-    "fedimg",
-    "image.release",
-    _obj(
-        ["compose_id", "image_name", "architecture", "regions"],
-        compose_id=_COMPOSE,
-        image_name=_IMAGE,
-        architecture=_ARCH,
-        subvariant=_ID,
-        release={"type": ["integer", "string"]},
-        regions={"type": "object", "additionalProperties": _AMI},
-        failed_regions={"type": "object", "additionalProperties": _STR},
-    ),
-    "an image is public in every region it could reach",
-)
-
-_AMI_EVENT = _obj(
-    ["compose_id", "ami_id", "region", "status", "job_id"],
-    compose_id=_COMPOSE,
-    ami_id=_AMI,
-    region=_REGION,
-    image_name=_IMAGE,
-    architecture=_ARCH,
-    status={"enum": ["queued", "running", "success", "failed"]},
-    job_id=_ID,
-    passed={"type": "integer", "minimum": 0},
-    failed={"type": "integer", "minimum": 0},
-    results_url=_URL,
-    reason=_STR,
-)
-AMI_QUEUED = MessageType("autocloud", "ami.queued", _AMI_EVENT, "an AMI test is queued")
-AMI_RUNNING = MessageType("autocloud", "ami.running", _AMI_EVENT, "an AMI test is running")
-AMI_SUCCESS = MessageType("autocloud", "ami.success", _AMI_EVENT, "an AMI passed its gating tests")
-AMI_FAILED = MessageType("autocloud", "ami.failed", _AMI_EVENT, "an AMI failed its tests")
+IMAGE_UPLOAD = _published("fedimg", "image.upload", schemas.IMAGE_UPLOAD)
+IMAGE_TEST = _published("fedimg", "image.test", schemas.IMAGE_TEST)
+IMAGE_COPY = _published("fedimg", "image.copy", schemas.IMAGE_COPY)
+IMAGE_PUBLISH = _published("fedimg", "image.publish", schemas.IMAGE_PUBLISH)
+IMAGE_RELEASE = _published("fedimg", "image.release", schemas.IMAGE_RELEASE)
+AMI_QUEUED = _published("autocloud", "ami.queued", schemas.AMI_QUEUED)
+AMI_RUNNING = _published("autocloud", "ami.running", schemas.AMI_RUNNING)
+AMI_SUCCESS = _published("autocloud", "ami.success", schemas.AMI_SUCCESS)
+AMI_FAILED = _published("autocloud", "ami.failed", schemas.AMI_FAILED)
 
 _LISTED = {"type": "array", "items": _STR, "maxItems": 64}
 RESULT_NEW = MessageType(
@@ -250,15 +176,8 @@ TASKOTRON_RESULT_NEW = MessageType(
     "ResultsDB 2017 notification (sent only on outcome changes)",
 )
 
-HUB_PING = MessageType(
-    "fedimg", "hub.ping", _obj(["token"], token=_ID), "asks every fedimg hub to answer"
-)
-HUB_PONG = MessageType(
-    "fedimg",
-    "hub.pong",
-    _obj(["token", "host"], token=_ID, host=_ID),
-    "a fedimg hub is subscribed and can publish",
-)
+HUB_PING = _published("fedimg", "hub.ping", schemas.HUB_PING)
+HUB_PONG = _published("fedimg", "hub.pong", schemas.HUB_PONG)
 
 ALL_TYPES: Final = (
     HUB_PING,
@@ -332,6 +251,61 @@ def cli_publisher(publish: bool = True) -> Publisher:
     return log_only
 
 
+def message_class(topic: str) -> type[FedoraMessage]:
+    """The fedora-messaging class a topic (without the broker's prefix) is sent as.
+
+    Every topic of ours has its class in the schema package; the release
+    announcement ``fedora_image_uploader.published.v1.aws.<...>`` is sent as
+    ``AwsPublishedV1`` (the class whose topic is the longest dotted prefix);
+    anything else (``resultsdb.result.new`` from the devel stand-in) as the base
+    ``Message``, exactly as the real ResultsDB sends it.
+    """
+    from fedimg_messages.messages import ALL
+    from fedora_image_uploader_messages.publish import AwsPublishedV1
+    from fedora_messaging.message import Message
+
+    best: type[FedoraMessage] = Message
+    for cls in (*ALL, AwsPublishedV1):
+        matches = topic == cls.topic or topic.startswith(cls.topic + ".")
+        if matches and len(cls.topic) > len(best.topic):
+            best = cls
+    return best
+
+
+def amqp_publisher(timeout: int = 30) -> Publisher:
+    """A Publisher that sends with ``fedora_messaging.api.publish``, each topic as its class.
+
+    The broker, TLS and ``topic_prefix`` come from the fedora-messaging config
+    (``$FEDORA_MESSAGING_CONF``, or ``fedora-messaging --conf`` in a consumer).
+    The class validates the body again before it is sent; a broker that does not
+    confirm within ``timeout`` seconds raises ``PublishTimeout``, a refused
+    message ``PublishReturned``/``PublishForbidden``, a dead connection
+    ``ConnectionException`` (all fedora_messaging.exceptions).
+    """
+    from fedora_messaging import api
+
+    def publish(modname: str, topic: str, body: dict[str, Any]) -> None:
+        _share_running_reactor()
+        full = f"{modname}.{topic}"
+        api.publish(message_class(full)(topic=full, body=body), timeout=timeout)
+
+    return publish
+
+
+def _share_running_reactor() -> None:
+    """Inside ``fedora-messaging consume`` the reactor already runs (main thread).
+
+    ``api.publish`` waits through crochet, whose set-up would start the
+    reactor in a thread of its own; told ``no_setup`` it uses the running one.
+    """
+    import crochet
+    from twisted.internet import reactor
+
+    if getattr(reactor, "running", False):
+        with contextlib.suppress(RuntimeError):  # crochet already runs its own reactor
+            crochet.no_setup()
+
+
 @dataclass
 class Emitter:
     """Validates a body against its type, then hands it to the Publisher."""
@@ -342,6 +316,11 @@ class Emitter:
         mtype.validate(body)
         self.publish(mtype.modname, mtype.name, body)
         return body
+
+    def announce(self, announcement: Announcement) -> dict[str, Any]:
+        """Publish a message whose topic is built per image (see ``aws_published_event``)."""
+        self.publish(announcement.modname, announcement.name, announcement.body)
+        return announcement.body
 
 
 def unwrap(message: Mapping[str, Any]) -> tuple[str, Any]:
@@ -545,6 +524,100 @@ def release_event(
     return body
 
 
+AWS_PUBLISHED_MODNAME: Final = "fedora_image_uploader"
+AWS_PUBLISHED_PREFIX: Final = "published.v1.aws"
+_TOPIC_WORD_RE: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """A message whose topic carries per-image words: ``modname`` + ``name`` and its body."""
+
+    modname: str
+    name: str
+    body: dict[str, Any]
+
+    @property
+    def topic(self) -> str:
+        return f"{self.modname}.{self.name}"
+
+
+def aws_published_event(
+    image: StagedImage, ami_name: str, regions: Mapping[str, str]
+) -> Announcement:
+    """``fedora_image_uploader.published.v1.aws.<subvariant>.<release>.<arch>`` for a release.
+
+    The message Fedora's websites and tooling read today (what
+    fedora-image-uploader sends; schema ``AwsPublishedV1`` of the PyPI package
+    ``fedora-image-uploader-messages``): ``image_name`` is the AMI's name,
+    ``regions`` maps every region the image is public in to its AMI id and
+    ``release`` is a number. Pure; raises InvalidMessage when the image cannot
+    be described that way (a release such as ``Rawhide``, no subvariant, no region).
+    """
+    if not image.release.isdigit():
+        raise InvalidMessage(f"{image.compose_id}: release {image.release[:50]!r} is not a number")
+    for word, what in ((image.subvariant, "subvariant"), (image.architecture, "architecture")):
+        if not _TOPIC_WORD_RE.match(word):
+            raise InvalidMessage(f"{image.compose_id}: {what} {word[:80]!r} cannot be a topic word")
+    if not ami_name or len(ami_name) > 128:
+        raise InvalidMessage(f"{image.compose_id}: AMI name {ami_name[:200]!r} is not 1-128 chars")
+    if not regions:
+        raise InvalidMessage(f"{image.compose_id}: a release in no region is not announced")
+    for region, ami in regions.items():
+        if not REGION_RE.match(region) or not AMI_ID_RE.match(ami):
+            raise InvalidMessage(
+                f"{image.compose_id}: bad region/AMI {region[:50]!r}: {ami[:50]!r}"
+            )
+    body = {
+        "architecture": image.architecture,
+        "compose_id": image.compose_id,
+        "image_name": ami_name,
+        "regions": dict(sorted(regions.items())),
+        "release": int(image.release),
+        "subvariant": image.subvariant,
+    }
+    from fedora_image_uploader_messages.publish import AwsPublishedV1
+
+    schema = AwsPublishedV1.body_schema
+    error = jsonschema.exceptions.best_match(
+        jsonschema.validators.validator_for(schema)(schema).iter_errors(body)
+    )
+    if error is not None:
+        raise InvalidMessage(
+            f"{image.compose_id}: not an AwsPublishedV1 body: {error.message:.300}"
+        )
+    name = f"{AWS_PUBLISHED_PREFIX}.{image.subvariant}.{body['release']}.{image.architecture}"
+    return Announcement(AWS_PUBLISHED_MODNAME, name, body)
+
+
+def announce_aws_published(
+    emitter: Emitter,
+    image: StagedImage,
+    ami_name: str,
+    regions: Mapping[str, str],
+    enabled: bool,
+) -> dict[str, Any] | None:
+    """At release: publish ``aws_published_event`` unless disabled; the body, or None.
+
+    An image that cannot be announced that way is logged and skipped (the
+    release itself stands; ``fedimg.image.release`` was sent).
+    """
+    if not enabled:
+        return None
+    try:
+        announcement = aws_published_event(image, ami_name, regions)
+    except InvalidMessage as exc:
+        logging.getLogger(__name__).warning(
+            "compose %s AMI %s: no %s message: %s",
+            image.compose_id,
+            image.ami_id,
+            AWS_PUBLISHED_MODNAME,
+            exc,
+        )
+        return None
+    return emitter.announce(announcement)
+
+
 @dataclass(frozen=True)
 class AmiTestEvent:
     """Fields of ``autocloud.ami.*``."""
@@ -625,3 +698,15 @@ def parse_result_notice(mtype: MessageType, body: Any) -> ResultNotice:
             result_id=body["result"].get("id"),
         )
     raise InvalidMessage(f"{mtype} is not a result message")
+
+
+# -- ResultsDB conventions (the other half of the contract) ------------------------------
+# autocloud_ami posts, fedimg's gate reads: one result per suite check under
+# ``autocloud.ami.<check>``, one summary ``autocloud.ami.all`` posted LAST, every
+# one about the item ``<ami id>`` of type ``ami``, with ``source`` = ``autocloud``.
+
+RESULTSDB_ITEM_TYPE: Final = "ami"
+RESULTSDB_SOURCE: Final = "autocloud"
+TESTCASE_PREFIX: Final = "autocloud.ami."
+SUMMARY_TESTCASE: Final = TESTCASE_PREFIX + "all"
+PASSED, INFO, FAILED, NEEDS_INSPECTION = OUTCOMES

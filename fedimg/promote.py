@@ -1,74 +1,57 @@
-"""Promote a tested AMI: the gate's verdict, then copy/publish everywhere, or reject.
+"""fedimg promote's actuator: release (copy and publish everywhere), or reject.
 
 Flow for one staging AMI (its record is the ``fedimg:state`` tag, see
-``fedimg.tags``)::
+``fedimg.tags``); ``fedimg.plan`` decides, ``fedimg.engine`` calls::
 
-    testing --gate: release--> promoting --every region public--> released
-       |                          '--some region failed: stays promoting (resume retries)
-       '----gate: reject-----> rejected
+    testing --Release--> promoting --every region public--> released
+       |                    '--some region failed: stays promoting (Promote retries)
+       '----Reject-----> rejected
 
-A ResultsDB message is only a hint to look again: ``on_result`` never trusts
-its body. The AMI is looked up in the staging region (it must be ours and in
-``testing``), ResultsDB is asked for the latest result of every required
-testcase, and the pure ``fedimg.gate.decide`` gives the verdict. ResultsDB
-being unavailable means "wait", never a decision.
-
-Concurrency: one evaluation per AMI at a time in this process (a second one
-returns at once, asking the running one to look again if it ends up
-waiting), and the state tag is re-read under that lock, so any number of
-messages (per-test results, summaries, replays) lead to one promotion. Copies
-are found before they are created (see ``fedimg.copies``), so a resume or a
-second process never makes a second copy either.
+Copies are found before they are created (see ``fedimg.copies``), so a
+resume, a replay or a second process never makes a second copy. Nothing is
+made public before the gate said release.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
-import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
 from fedimg import tags
-from fedimg.aws import AwsClients, error_code
+from fedimg.aws import AwsClients
 from fedimg.config import FedimgConfig
 from fedimg.copies import Clock, Copier, Ec2Factory, RegionResult, Slots, Timing, describe_error
-from fedimg.gate import Decision, decide
+from fedimg.facts import SnapshotFacts, parse_when
+from fedimg.gate import Decision
 from fedimg.messages import (
-    AMI_ID_RE,
     IMAGE_COPY,
     IMAGE_PUBLISH,
     IMAGE_RELEASE,
     IMAGE_TEST,
     Emitter,
-    ResultNotice,
     StagedImage,
+    announce_aws_published,
     copy_event,
     image_event,
     publish_event,
     release_event,
 )
+from fedimg.observe import describe_staging_ami
 from fedimg.regions import target_regions
-from fedimg.results import ResultsSource, ResultsUnavailable
 from fedimg.tags import State
 
 log = logging.getLogger(__name__)
 
-ITEM_TYPE = "ami"
-
 
 class NotEligible(Exception):
     """The AMI is not one this step may act on (unknown, not fedimg's, wrong state)."""
-
-
-class Busy(Exception):
-    """Another evaluation of the same AMI is running in this process."""
 
 
 @dataclass(frozen=True)
@@ -108,29 +91,18 @@ class Promotion:
         return not self.failed and bool(self.regions)
 
 
-def _parse_time(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
-
-
 def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
 class Promoter:
-    """The gate and the promotion of staging AMIs; one per process (consumer or CLI)."""
+    """Release, promote, reject and re-test staging AMIs (``fedimg.engine`` decides when)."""
 
     def __init__(
         self,
         cfg: FedimgConfig,
         emitter: Emitter,
         aws: Ec2Factory,
-        results: ResultsSource,
         *,
         now: Callable[[], datetime] = _utcnow,
         clock: Clock | None = None,
@@ -139,7 +111,6 @@ class Promoter:
         self.cfg = cfg
         self.emitter = emitter
         self.aws = aws
-        self.results = results
         self.now = now
         self.copier = Copier(
             aws,
@@ -149,9 +120,6 @@ class Promoter:
             clock or Clock(),
         )
         self.slots = Slots(cfg.copy_concurrency)
-        self._guard = threading.Lock()
-        self._busy: set[str] = set()
-        self._recheck: set[str] = set()
 
     @classmethod
     def from_config(
@@ -159,149 +127,58 @@ class Promoter:
         cfg: FedimgConfig,
         emitter: Emitter,
         aws: Ec2Factory | None = None,
-        results: ResultsSource | None = None,
     ) -> Promoter:
-        if aws is None:
-            aws = AwsClients(max_attempts=cfg.aws_max_attempts)
-        if results is None:
-            from fedimg.results import ResultsDBSource
-
-            results = ResultsDBSource(
-                cfg.resultsdb_url, max_retries=cfg.http_retries, timeout=cfg.http_timeout
-            )
-        return cls(cfg, emitter, aws, results)
+        return cls(cfg, emitter, aws or AwsClients(max_attempts=cfg.aws_max_attempts))
 
     @property
     def ec2(self) -> Any:
         """The EC2 client of the staging region."""
         return self.aws.ec2(self.cfg.staging_region)
 
-    # -- entry points ---------------------------------------------------------
-    def on_result(self, notice: ResultNotice) -> Decision | None:
-        """A ResultsDB message arrived: re-evaluate the AMI it names, if it is one of ours."""
-        if notice.item_type != ITEM_TYPE:
-            log.debug(
-                "result %s for %s %r: not an AMI, ignored",
-                notice.result_id,
-                notice.item_type,
-                notice.item[:100],
-            )
-            return None
-        if not AMI_ID_RE.match(notice.item):
-            log.warning(
-                "result %s of type ami names %r, not an AMI id: ignored",
-                notice.result_id,
-                notice.item[:100],
-            )
-            return None
-        if notice.testcase not in self.cfg.required_testcases:
-            log.debug(
-                "%s: result %s for testcase %s (not required): evaluating anyway",
-                notice.item,
-                notice.result_id,
-                notice.testcase,
-            )
-        try:
-            return self.evaluate(notice.item)
-        except NotEligible as exc:
-            log.info(
-                "%s: result %s (%s %s) ignored: %s",
-                notice.item,
-                notice.result_id,
-                notice.testcase,
-                notice.outcome,
-                exc,
-            )
-        except Busy:
-            log.info(
-                "%s: result %s: an evaluation is running, it will look again",
-                notice.item,
-                notice.result_id,
-            )
-        return None
-
-    def evaluate(self, ami_id: str) -> Decision:
-        """Run the gate for a ``testing`` AMI and act on the verdict.
-
-        Raises NotEligible (unknown AMI, not fedimg's, not in testing) or Busy.
-        """
-        with self._exclusive(ami_id):
-            while True:
-                with self._guard:
-                    self._recheck.discard(ami_id)
-                decision = self._evaluate_locked(ami_id)
-                with self._guard:
-                    again = ami_id in self._recheck
-                if not (decision.wait and again):
-                    return decision
-                log.info("%s: new results arrived while evaluating; looking again", ami_id)
-
-    def resume(self, ami_id: str) -> Promotion:
-        """Finish a ``promoting`` AMI: copy to and publish in the regions still missing."""
-        with self._exclusive(ami_id):
-            staged = self.lookup(ami_id)
-            if staged.state is not State.PROMOTING:
-                raise NotEligible(f"state is {staged.state}, not promoting")
-            log.info("%s: resuming promotion", staged.label)
-            return self._promote(staged)
-
-    # -- the decision -----------------------------------------------------------
+    # -- the record -------------------------------------------------------------
     def lookup(self, ami_id: str) -> StagingAmi:
         """The staging AMI as AWS describes it; NotEligible if it is not a fedimg AMI."""
-        try:
-            images = self.ec2.describe_images(ImageIds=[ami_id], Owners=["self"])["Images"]
-        except ClientError as exc:
-            if error_code(exc) in ("InvalidAMIID.NotFound", "InvalidAMIID.Malformed"):
-                raise NotEligible(
-                    f"no AMI {ami_id} in {self.cfg.staging_region} ({error_code(exc)})"
-                ) from exc
-            raise
-        if not images:
+        described = describe_staging_ami(self.ec2, ami_id)
+        if described is None:
             raise NotEligible(f"no AMI {ami_id} of ours in {self.cfg.staging_region}")
-        described = images[0]
+        return self.staging_ami(described)
+
+    def staging_ami(self, described: Mapping[str, Any]) -> StagingAmi:
+        """A described AMI as a StagingAmi; NotEligible if it carries no fedimg tags."""
         image = tags.staged_image(described, self.cfg.staging_region)
         if image is None:
             raise NotEligible("not a fedimg AMI (no fedimg tags)")
+        values = tags.as_dict(described.get("Tags"))
         staged_at = (
-            _parse_time(tags.as_dict(described.get("Tags")).get(tags.STAGED_AT))
-            or _parse_time(described.get("CreationDate"))
+            parse_when(values.get(tags.STAGED_AT))
+            or parse_when(described.get("CreationDate"))
             or self.now()
         )
         return StagingAmi(image, described, tags.state_of(described), staged_at)
-
-    def _evaluate_locked(self, ami_id: str) -> Decision:
-        staged = self.lookup(ami_id)
-        if staged.state is not State.TESTING:
-            raise NotEligible(f"state is {staged.state}, not testing")
-        required = list(self.cfg.required_testcases)
-        try:
-            results = self.results.latest(ami_id, item_type=ITEM_TYPE, testcases=required)
-        except ResultsUnavailable as exc:
-            log.warning(
-                "%s: ResultsDB unavailable, no decision (will look again): %s", staged.label, exc
-            )
-            return Decision("wait", f"ResultsDB unavailable: {exc}"[:300])
-        decision = decide(
-            results,
-            required,
-            self.cfg.reject_outcomes,
-            staged_at=staged.staged_at,
-            now=self.now(),
-            deadline=timedelta(seconds=self.cfg.gate_deadline),
-        )
-        log.info("%s: gate says %s: %s", staged.label, decision.verdict, decision.reason)
-        if decision.release:
-            self.release(staged, decision)
-        elif decision.reject:
-            self.reject(staged, decision)
-        return decision
 
     # -- acting on it -------------------------------------------------------------
     def release(self, staged: StagingAmi, decision: Decision) -> Promotion:
         """Mark promoting, announce the pass, then copy and publish everywhere."""
         self._set_state(staged, State.PROMOTING)
         self.emitter.emit(IMAGE_TEST, image_event(staged.image, "completed", decision.reason))
-        return self._promote(staged)
+        return self.promote(staged)
+
+    def request_test(self, staged: StagingAmi, count: int, reason: str) -> None:
+        """Ask for the test again: ``fedimg:test-requested`` first, so a crash cannot make two."""
+        self.copier.tag(
+            self.cfg.staging_region,
+            [staged.ami_id],
+            {tags.TEST_REQUESTED: str(count)},
+            f"{staged.label}: test re-request",
+        )
+        self.emitter.emit(IMAGE_TEST, image_event(staged.image, "started"))
+        log.warning(
+            "%s: no complete results %.0fs after staging (%s); test requested again (%d)",
+            staged.label,
+            (self.now() - staged.staged_at).total_seconds(),
+            reason,
+            count,
+        )
 
     def reject(self, staged: StagingAmi, decision: Decision) -> None:
         """Announce the failure, mark rejected; copy nothing, publish nothing."""
@@ -313,7 +190,7 @@ class Promoter:
         if self.cfg.delete_rejected:
             self._delete(staged)
 
-    def _promote(self, staged: StagingAmi) -> Promotion:
+    def promote(self, staged: StagingAmi) -> Promotion:
         try:
             regions = target_regions(self.cfg, self.ec2)
         except (ClientError, BotoCoreError) as exc:
@@ -335,6 +212,13 @@ class Promoter:
         failed = {r.region: r.error or "unknown error" for r in results if not r.ok}
         if done:
             self.emitter.emit(IMAGE_RELEASE, release_event(staged.image, done, failed))
+            announce_aws_published(
+                self.emitter,
+                staged.image,
+                staged.name,
+                done,
+                self.cfg.fedora_image_uploader_message,
+            )
         if failed:
             log.error(
                 "%s: released in %d region(s); FAILED in %s; state stays promoting, "
@@ -403,9 +287,9 @@ class Promoter:
     def _staging_snapshots(self, staged: StagingAmi, everything: bool = False) -> list[str]:
         """The staging AMI's snapshots: its block device mappings plus the tagged one.
 
-        A tagged snapshot without ``fedimg:uploaded`` beside one with it is what a
-        killed upload left (``fedimg.reconcile`` deletes it): it is neither
-        published nor re-tagged, unless ``everything`` (deleting a rejected AMI).
+        An untrusted (half-written) snapshot beside a trusted one is what a killed
+        upload left (the reconcile pass deletes it): it is neither published nor
+        re-tagged, unless ``everything`` (deleting a rejected AMI).
         """
         wanted = {
             tags.COMPOSE_ID: staged.image.compose_id,
@@ -416,9 +300,9 @@ class Promoter:
         found = self.copier.snapshots_of(self.cfg.staging_region, staged.described, wanted)
         filters = [{"Name": f"tag:{k}", "Values": [v]} for k, v in wanted.items()]
         tagged = self.ec2.describe_snapshots(OwnerIds=["self"], Filters=filters)["Snapshots"]
-        uploaded = [s for s in tagged if tags.UPLOADED in tags.as_dict(s.get("Tags"))]
-        if uploaded and not everything:
-            tagged = uploaded
+        trusted = [s for s in tagged if SnapshotFacts.from_aws(s, self.now()).trusted]
+        if trusted and not everything:
+            tagged = trusted
         return list(dict.fromkeys([*found, *sorted(s["SnapshotId"] for s in tagged)]))
 
     def _set_state(self, staged: StagingAmi, state: State) -> None:
@@ -444,100 +328,3 @@ class Promoter:
             except ClientError as exc:
                 # InvalidSnapshot.InUse: another volume type's AMI still uses it.
                 log.warning("%s: snapshot %s kept: %s", staged.label, snap, describe_error(exc))
-
-    # -- per-AMI exclusion ----------------------------------------------------------
-    @contextmanager
-    def _exclusive(self, ami_id: str) -> Iterator[None]:
-        with self._guard:
-            if ami_id in self._busy:
-                self._recheck.add(ami_id)
-                raise Busy(ami_id)
-            self._busy.add(ami_id)
-        try:
-            yield
-        finally:
-            with self._guard:
-                self._busy.discard(ami_id)
-
-
-# -- reconcile ---------------------------------------------------------------------
-
-
-def staged_amis(ec2: Any, states: tuple[State, ...] | None = None) -> list[dict[str, Any]]:
-    """Every fedimg AMI we own in a region, optionally only in ``states``."""
-    if states:
-        filters = [{"Name": f"tag:{tags.STATE}", "Values": [s.value for s in states]}]
-    else:
-        filters = [{"Name": "tag-key", "Values": [tags.STATE]}]
-    images: list[dict[str, Any]] = []
-    for page in ec2.get_paginator("describe_images").paginate(Owners=["self"], Filters=filters):
-        images.extend(page.get("Images", []))
-    return sorted(images, key=lambda i: (i.get("CreationDate", ""), i["ImageId"]))
-
-
-def reconcile(promoter: Promoter) -> list[tuple[str, str]]:
-    """One pass over the staging AMIs only: testing -> gate (or re-request), promoting -> resume.
-
-    ``(ami_id, outcome)`` per AMI; an outcome starting with ``error`` means the
-    step raised (and was logged with its traceback). The whole pass, a stage's
-    leftovers included, is ``fedimg.reconcile.Reconciler``.
-    """
-    from fedimg.reconcile import Reconciler
-
-    return Reconciler(promoter).run().pairs()
-
-
-# -- CLI -------------------------------------------------------------------------------
-
-
-def cli_promote(cfg: FedimgConfig, emitter: Emitter, ami_id: str) -> int:
-    """``fedimg promote AMI_ID``: 0 only if the AMI ends up released."""
-    if not AMI_ID_RE.match(ami_id):
-        log.error("%r is not an AMI id", ami_id)
-        return 2
-    return promote_by_hand(Promoter.from_config(cfg, emitter), ami_id)
-
-
-def promote_by_hand(promoter: Promoter, ami_id: str) -> int:
-    """The gate by hand: evaluate a testing AMI, resume a promoting one."""
-    try:
-        staged = promoter.lookup(ami_id)
-        if staged.state is State.RELEASED:
-            log.info("%s: already released", staged.label)
-            return 0
-        if staged.state is State.REJECTED:
-            log.error("%s: rejected by the gate; refusing to release it", staged.label)
-            return 1
-        if staged.state is State.PROMOTING:
-            promotion = promoter.resume(ami_id)
-            if not promotion.complete:
-                log.error("%s: not released in %s", staged.label, ", ".join(promotion.failed))
-        elif staged.state is State.TESTING:
-            decision = promoter.evaluate(ami_id)
-            if not decision.release:
-                log.error(
-                    "%s: not released: %s %s", staged.label, decision.verdict, decision.reason
-                )
-        else:
-            log.error("%s: unknown state %r; refusing to act", staged.label, staged.state)
-            return 1
-        final = promoter.lookup(ami_id).state
-    except (NotEligible, Busy) as exc:
-        log.error("%s: %s", ami_id, exc)
-        return 1
-    if final is not State.RELEASED:
-        log.error("%s: state is %s, not released", ami_id, final)
-        return 1
-    return 0
-
-
-def cli_reconcile(cfg: FedimgConfig, emitter: Emitter) -> int:
-    """``fedimg reconcile``: one pass; non-zero if a step raised or a release is incomplete."""
-    from fedimg.reconcile import run_by_hand
-    from fedimg.stage import Stager
-
-    stager = Stager.from_config(cfg, emitter)
-    try:
-        return run_by_hand(Promoter.from_config(cfg, emitter), stager, print)
-    finally:
-        stager.close()

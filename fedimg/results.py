@@ -25,14 +25,14 @@ from urllib.parse import urlsplit
 import requests
 import resultsdb_api
 
-from fedimg.messages import OUTCOMES
+from fedimg.messages import OUTCOMES, RESULTSDB_ITEM_TYPE
 
 if TYPE_CHECKING:
     from fedimg.config import FedimgConfig
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ITEM_TYPE = "ami"
+DEFAULT_ITEM_TYPE = RESULTSDB_ITEM_TYPE
 _REASON_CHARS = 300
 
 

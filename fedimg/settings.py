@@ -10,6 +10,8 @@ carry the fedmsg config key in their metadata::
 ``load(Cfg, raw, namespace="fedimg")`` then checks every key under the
 namespace: unknown keys, missing required keys and wrong types all raise
 ``ConfigError`` at start-up, naming the key. Nothing is read at import time.
+A fedora-messaging consumer keeps the same keys in its TOML's
+``[consumer_config]``; ``load_consumer_config`` reads them with the same checks.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import os
 import sys
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, TypeVar
 
 _MISSING = dataclasses.MISSING
@@ -110,6 +112,51 @@ def load(cls: type[T], raw: Mapping[str, Any], namespace: str) -> T:
         return cls(**values)
     except ValueError as exc:  # __post_init__ checks
         raise ConfigError(str(exc)) from exc
+
+
+def flatten_keys(
+    raw: Mapping[str, Any], known: Collection[str], prefix: str = ""
+) -> dict[str, Any]:
+    """Dotted keys from TOML tables: ``{"fedimg": {"stage": {"enabled": true}}}`` and
+    ``{"fedimg.stage.enabled": true}`` both give ``{"fedimg.stage.enabled": True}``.
+
+    A path that is a ``known`` key stops there (a mapping setting keeps its
+    table); anything else nests down to its leaves, so a misspelt table still
+    ends as an unknown key. A key given both ways raises ConfigError.
+    """
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        full = f"{prefix}{key}"
+        if full in known or not isinstance(value, Mapping) or not value:
+            items = {full: value}.items()
+        else:
+            items = flatten_keys(value, known, full + ".").items()
+        for name, item in items:
+            if name in flat:
+                raise ConfigError(f"{name}: set twice (a quoted key and a table)")
+            flat[name] = item
+    return flat
+
+
+def load_consumer_config(cls: type[T], consumer_config: Mapping[str, Any], namespace: str) -> T:
+    """Build ``cls`` from a fedora-messaging ``[consumer_config]`` table.
+
+    The same keys as the fedmsg config and the same checks as ``load``; and
+    since the table belongs to this one consumer, a key outside ``namespace``
+    (``fedmig.stage.enabled``) is refused as unknown too.
+    """
+    if not isinstance(consumer_config, Mapping):
+        raise ConfigError(
+            f"consumer_config: expected a table, got {type(consumer_config).__name__}"
+        )
+    flat = flatten_keys(consumer_config, keys_of(cls))
+    foreign = sorted(k for k in flat if not k.startswith(namespace + "."))
+    if foreign:
+        raise ConfigError(
+            f"unknown consumer_config settings: {', '.join(foreign)} "
+            f"(this consumer reads only {namespace}.* keys)"
+        )
+    return load(cls, flat, namespace)
 
 
 def load_fedmsg_config() -> dict[str, Any]:

@@ -1,25 +1,22 @@
-"""fedimg stage: from a finished compose to candidate AMIs in the staging region.
+"""fedimg stage's actuator: upload an image into a snapshot, register its AMIs, announce them.
 
-``Stager.stage_compose`` is what the hub's ``StageConsumer`` calls for a
-FINISHED (or FINISHED_INCOMPLETE) compose and ``cli_stage`` what
-``fedimg stage --compose-location URL`` calls; both do the same, messages
-included. For every cloud raw.xz image of the compose, concurrently in a
-bounded pool (``fedimg.stage.workers``), and for every configured volume type:
+``fedimg.engine`` decides (``fedimg.plan``) and calls ``Stager`` for each step:
 
-1. find the AMI by its deterministic name (or its fedimg tags): if it exists,
-   re-announce it (``fedimg.image.upload`` completed, and ``fedimg.image.test``
-   started while it is still ``testing``) instead of uploading again;
-2. else announce ``fedimg.image.upload`` started, take the completed snapshot
-   an interrupted earlier run left (found by its sha256 tag) or stream the
-   image into a new one (download, verify, decompress, EBS direct APIs),
-   register one AMI per volume type from it, tag AMI and snapshot
-   (``fedimg:state=testing``), wait until the AMI is available, and announce
-   ``fedimg.image.upload`` completed and ``fedimg.image.test`` started (the
-   request for autocloud_ami) -- or ``fedimg.image.upload`` failed with the
-   reason, leaving no half-registered AMI and no orphan snapshot behind.
+* ``stage``: announce ``fedimg.image.upload`` started, take the trusted
+  snapshot the plan chose or stream the image into a new one (download,
+  verify, decompress, EBS direct APIs), register one AMI per volume type,
+  tagged ``fedimg:state=testing``, wait until it is available, and announce
+  ``fedimg.image.upload`` completed and ``fedimg.image.test`` started (the
+  request for autocloud_ami) -- or ``fedimg.image.upload`` failed with the
+  reason, leaving no half-registered AMI and no orphan snapshot behind;
+* ``announce``: an AMI that exists is announced again (a replay re-requests
+  its test while it is ``testing``);
+* ``adopt``, ``deregister``, ``delete_snapshot``, ``mark_resumed``: what a
+  crash left behind.
 
-One image's failure never stops the others. Every log line names the compose
-and the image (and the AMI once known).
+Progress of uploads goes to the log, or to one bar per image on a terminal
+(``TerminalBoard``). Every log line names the compose and the image (and
+the AMI once known).
 """
 
 from __future__ import annotations
@@ -33,8 +30,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, Final, Literal, Protocol
 
@@ -43,14 +39,13 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from fedimg import ami, tags
 from fedimg.aws import AwsClients, error_code
-from fedimg.compose import CloudImage, ComposeError, read_compose
+from fedimg.compose import CloudImage, ComposeError
 from fedimg.config import FedimgConfig
 from fedimg.download import DownloadError, probe_raw_size, stream_raw
 from fedimg.http import make_session
 from fedimg.messages import (
     IMAGE_TEST,
     IMAGE_UPLOAD,
-    ComposeStatus,
     Emitter,
     InvalidMessage,
     MessageType,
@@ -63,10 +58,9 @@ log = logging.getLogger(__name__)
 
 AVAILABLE_TIMEOUT: Final = 1800.0
 AVAILABLE_POLL: Final = 5.0
-COMPOSE_LABEL: Final = "metadata/images.json"
 REASON_MAX: Final = 1000
 
-Status = Literal["staged", "existing", "failed"]
+Status = Literal["staged", "existing", "failed", "busy", "waiting"]
 
 
 # -- outcomes ---------------------------------------------------------------------
@@ -272,7 +266,7 @@ class _Bar:
         self.board._draw(force=True)
 
 
-# -- the stager ---------------------------------------------------------------------
+# -- the stager: stage's actuator -------------------------------------------------------
 
 
 def _utcnow() -> str:
@@ -280,7 +274,12 @@ def _utcnow() -> str:
 
 
 class Stager:
-    """Stages compose images in ``cfg.staging_region``; safe to call from several threads."""
+    """Carries out stage's actions in ``cfg.staging_region``; ``fedimg.engine`` decides which.
+
+    Every method is one step of ``fedimg.plan`` (adopt, announce, stage from a
+    trusted snapshot or a new upload, deregister, delete) and emits the
+    messages of that step. Safe to call from several threads for different images.
+    """
 
     def __init__(
         self,
@@ -303,11 +302,6 @@ class Stager:
         self.poll_interval = poll_interval
         self.clock = clock
         self.region = cfg.staging_region
-        # One pool for every compose this process stages: the bound is global.
-        self._pool = ThreadPoolExecutor(cfg.stage_workers, thread_name_prefix="fedimg-stage")
-        self._locks_guard = threading.Lock()
-        self._locks: dict[str, threading.Lock] = {}
-        self._queued: set[str] = set()  # sha256 of images submitted and not finished
 
     @classmethod
     def from_config(
@@ -326,112 +320,11 @@ class Stager:
             progress=progress,
         )
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
+    @property
+    def ec2(self) -> Any:
+        return self.aws.ec2(self.region)
 
-    # -- entry points -----------------------------------------------------------
-    def stage_compose(self, status: ComposeStatus) -> list[StageOutcome]:
-        """Stage a compose announced by pungi (other statuses are ignored)."""
-        if not status.finished or not status.location:
-            log.info("compose %s: status %s, nothing to stage", status.compose_id, status.status)
-            return []
-        return self.stage_location(status.location, status.compose_id, status.release_version)
-
-    def stage_location(
-        self, location: str, compose_id: str | None = None, release_version: str | None = None
-    ) -> list[StageOutcome]:
-        """Stage every cloud image of the compose at ``location``; one outcome per AMI."""
-        who = compose_id or location
-        try:
-            found = read_compose(self.session, location, self.cfg, compose_id, release_version)
-        except ComposeError as exc:
-            log.error("compose %s: cannot read the compose: %s", who, exc)
-            return [StageOutcome(COMPOSE_LABEL, "", None, "failed", failure_reason(exc))]
-        outcomes = [
-            StageOutcome(bad.image_name, vol, None, "failed", bad.reason)
-            for bad in found.rejected
-            for vol in self.cfg.volume_types
-        ]
-        if not found.images:
-            log.info("compose %s: no cloud raw.xz image to stage, skipped", found.compose_id)
-            return outcomes
-        futures: list[Future[list[StageOutcome]]] = [
-            self._pool.submit(self._tracked, image) for image in found.images
-        ]
-        wait(futures)
-        for future in futures:
-            outcomes.extend(future.result())
-        staged = sum(o.ok for o in outcomes)
-        log.info(
-            "compose %s: %d of %d AMI(s) staged or found in %s",
-            found.compose_id,
-            staged,
-            len(outcomes),
-            self.region,
-        )
-        return outcomes
-
-    def submit_image(self, image: CloudImage) -> Future[list[StageOutcome]] | None:
-        """Stage one image in the pool (the reconcile pass resuming a crashed stage).
-
-        None if this process is already staging or about to stage that image.
-        """
-        with self._locks_guard:
-            if image.sha256 in self._queued:
-                return None
-            self._queued.add(image.sha256)
-        try:
-            return self._pool.submit(self._run_tracked, image)
-        except BaseException:
-            with self._locks_guard:
-                self._queued.discard(image.sha256)
-            raise
-
-    def busy(self, sha256: str) -> bool:
-        """Whether this process is staging (or has queued) the image with this sha256."""
-        with self._locks_guard:
-            lock = self._locks.get(sha256)
-            return sha256 in self._queued or (lock is not None and lock.locked())
-
-    def _tracked(self, image: CloudImage) -> list[StageOutcome]:
-        with self._locks_guard:
-            self._queued.add(image.sha256)
-        return self._run_tracked(image)
-
-    def _run_tracked(self, image: CloudImage) -> list[StageOutcome]:
-        try:
-            return self.stage_image(image)
-        finally:
-            with self._locks_guard:
-                self._queued.discard(image.sha256)
-
-    # -- one image --------------------------------------------------------------
-    def _image_lock(self, key: str) -> threading.Lock:
-        with self._locks_guard:
-            return self._locks.setdefault(key, threading.Lock())
-
-    def stage_image(self, image: CloudImage) -> list[StageOutcome]:
-        """Stage one image for every volume type; never raises for an expected failure."""
-        ctx = f"compose {image.compose_id} image {image.image_name}"
-        # The same image staged twice at once (a replay during the first run)
-        # waits for the first, then finds its AMIs.
-        with self._image_lock(image.sha256):
-            try:
-                return self._stage_image(image, ctx)
-            except EXPECTED_FAILURES as exc:
-                reason = failure_reason(exc)
-                log.error("%s: staging failed: %s", ctx, reason)
-            except Exception as exc:
-                reason = failure_reason(exc)
-                log.exception("%s: staging failed unexpectedly", ctx)
-        for vol in self.cfg.volume_types:
-            self._emit(IMAGE_UPLOAD, self._staged(image, vol), "failed", ctx, reason)
-        return [
-            StageOutcome(image.image_name, vol, None, "failed", reason)
-            for vol in self.cfg.volume_types
-        ]
-
-    def _staged(self, image: CloudImage, vol_type: str, ami_id: str | None = None) -> StagedImage:
+    def staged(self, image: CloudImage, vol_type: str, ami_id: str | None = None) -> StagedImage:
         return StagedImage(
             compose_id=image.compose_id,
             image_name=image.image_name,
@@ -445,80 +338,103 @@ class Stager:
             sha256=image.sha256,
         )
 
-    def _stage_image(self, image: CloudImage, ctx: str) -> list[StageOutcome]:
-        ec2 = self.aws.ec2(self.region)
-        outcomes: dict[str, StageOutcome] = {}
-        missing: list[str] = []
-        for vol in self.cfg.volume_types:
-            existing = self._find_existing(ec2, image, vol, ctx)
-            if existing is None:
-                missing.append(vol)
-            else:
-                outcomes[vol] = self._announce_existing(ec2, image, vol, existing, ctx)
-        if missing:
-            has_ami = any(o.ami_id for o in outcomes.values())
-            outcomes.update(self._create(ec2, image, missing, has_ami, ctx))
-        return [outcomes[vol] for vol in self.cfg.volume_types]
+    # -- the steps -----------------------------------------------------------------------
+    def adopt(self, image: CloudImage, vol: str, ami_id: str, ctx: str) -> None:
+        """Tag an AMI a crash left untagged (registered, never tagged) as ``testing``."""
+        described = ami.describe_image(self.ec2, ami_id) or {}
+        wanted = tags.image_tags(self.staged(image, vol, ami_id), tags.State.TESTING, self.clock())
+        ami.ensure_tags(self.ec2, ami_id, wanted, described.get("Tags"))
+        log.warning("%s: AMI %s (%s) was never tagged; adopted as testing", ctx, ami_id, vol)
 
-    def _find_existing(
-        self, ec2: Any, image: CloudImage, vol: str, ctx: str
-    ) -> dict[str, Any] | None:
-        found = ami.find_ami(ec2, ami.ami_name(image, vol), image.sha256, vol)
-        if found is None:
-            return None
-        if str(found.get("State")) in ami.BROKEN_STATES:
-            log.warning(
-                "%s: AMI %s is %s; deregistering it to stage anew",
-                ctx,
-                found["ImageId"],
-                found.get("State"),
-            )
-            ami.deregister_quietly(ec2, str(found["ImageId"]), ctx)
-            return None
-        return found
-
-    def _announce_existing(
-        self, ec2: Any, image: CloudImage, vol: str, found: dict[str, Any], ctx: str
+    def announce(
+        self, image: CloudImage, vol: str, ami_id: str, request_test: bool, ctx: str
     ) -> StageOutcome:
-        ami_id = str(found["ImageId"])
-        staged = self._staged(image, vol, ami_id)
-        state = tags.state_of(found)
-        if state is None:  # registered, but the run died before tagging it
-            wanted = tags.image_tags(staged, tags.State.TESTING, self.clock())
-            ami.ensure_tags(ec2, ami_id, wanted, found.get("Tags"))
-            state = tags.State.TESTING
-        log.info("%s: AMI %s (%s) already exists, state %s", ctx, ami_id, vol, state)
+        """The AMI exists: upload completed (once available), and its test if it is testing."""
+        staged = self.staged(image, vol, ami_id)
+        log.info("%s: AMI %s (%s) already exists", ctx, ami_id, vol)
         try:
-            if found.get("State") != "available":
-                ami.wait_available(ec2, ami_id, self.available_timeout, self.poll_interval)
+            described = ami.describe_image(self.ec2, ami_id) or {}
+            if described.get("State") != "available":
+                ami.wait_available(self.ec2, ami_id, self.available_timeout, self.poll_interval)
         except EXPECTED_FAILURES as exc:
             reason = failure_reason(exc)
             log.error("%s: AMI %s: not usable: %s", ctx, ami_id, reason)
             self._emit(IMAGE_UPLOAD, staged, "failed", ctx, reason)
             return StageOutcome(image.image_name, vol, ami_id, "failed", reason)
         self._emit(IMAGE_UPLOAD, staged, "completed", ctx)
-        if state is tags.State.TESTING:
+        if request_test:
             self._emit(IMAGE_TEST, staged, "started", ctx)
         else:
-            log.info("%s: AMI %s is %s, not asking for a test again", ctx, ami_id, state)
+            log.info("%s: AMI %s is past testing, not asking for a test again", ctx, ami_id)
         return StageOutcome(image.image_name, vol, ami_id, "existing")
 
-    def _create(
-        self, ec2: Any, image: CloudImage, vols: list[str], has_ami: bool, ctx: str
+    def deregister(self, ami_id: str, reason: str, ctx: str) -> None:
+        log.warning("%s: deregistering AMI %s: %s", ctx, ami_id, reason)
+        ami.deregister_quietly(self.ec2, ami_id, ctx)
+
+    def delete_snapshot(self, snapshot_id: str, reason: str, ctx: str) -> None:
+        try:
+            self.ec2.delete_snapshot(SnapshotId=snapshot_id)
+        except ClientError as exc:
+            if error_code(exc) == "InvalidSnapshot.NotFound":
+                return
+            if error_code(exc) == "InvalidSnapshot.InUse":
+                log.warning("%s: snapshot %s is in use; kept", ctx, snapshot_id)
+                return
+            raise
+        log.warning("%s: deleted snapshot %s (%s)", ctx, snapshot_id, reason)
+
+    def mark_resumed(self, snapshot_id: str, count: int, ctx: str) -> None:
+        self.ec2.create_tags(Resources=[snapshot_id], Tags=tags.as_list({tags.RESUMED: str(count)}))
+        log.warning("%s: staging again from snapshot %s (resume %d)", ctx, snapshot_id, count)
+
+    def fail(
+        self, image: CloudImage, vols: Iterable[str], reason: str, ctx: str
     ) -> dict[str, StageOutcome]:
+        """Announce ``fedimg.image.upload`` failed for these volume types (outcomes by type)."""
+        outcomes = {}
+        for vol in vols:
+            self._emit(IMAGE_UPLOAD, self.staged(image, vol), "failed", ctx, reason)
+            outcomes[vol] = StageOutcome(image.image_name, vol, None, "failed", reason)
+        return outcomes
+
+    def stage(
+        self,
+        image: CloudImage,
+        vols: Sequence[str],
+        resume_from: str | None,
+        ctx: str,
+        *,
+        has_ami: bool = False,
+    ) -> dict[str, StageOutcome]:
+        """Register an AMI per volume type in ``vols``: from ``resume_from`` or a new upload."""
+        try:
+            return self._create(image, list(vols), resume_from, has_ami, ctx)
+        except EXPECTED_FAILURES as exc:
+            reason = failure_reason(exc)
+            log.error("%s: staging failed: %s", ctx, reason)
+        except Exception as exc:
+            reason = failure_reason(exc)
+            log.exception("%s: staging failed unexpectedly", ctx)
+        return self.fail(image, vols, reason, ctx)
+
+    def _create(
+        self, image: CloudImage, vols: list[str], resume_from: str | None, has_ami: bool, ctx: str
+    ) -> dict[str, StageOutcome]:
+        ec2 = self.ec2
         staged_at = self.clock()
         for vol in vols:
-            self._emit(IMAGE_UPLOAD, self._staged(image, vol), "started", ctx)
+            self._emit(IMAGE_UPLOAD, self.staged(image, vol), "started", ctx)
         snap_tags = ami.snapshot_tags(
-            tags.image_tags(self._staged(image, vols[0]), tags.State.TESTING, staged_at)
+            tags.image_tags(self.staged(image, vols[0]), tags.State.TESTING, staged_at)
         )
         try:
-            snapshot_id, size_gib, created = self._snapshot(ec2, image, snap_tags, ctx)
+            snapshot_id, size_gib, created = self._snapshot(ec2, image, snap_tags, resume_from, ctx)
         except EXPECTED_FAILURES as exc:
             reason = failure_reason(exc)
             log.error("%s: no snapshot: %s", ctx, reason)
             for vol in vols:
-                self._emit(IMAGE_UPLOAD, self._staged(image, vol), "failed", ctx, reason)
+                self._emit(IMAGE_UPLOAD, self.staged(image, vol), "failed", ctx, reason)
             return {v: StageOutcome(image.image_name, v, None, "failed", reason) for v in vols}
         outcomes: dict[str, StageOutcome] = {}
 
@@ -549,27 +465,18 @@ class Stager:
         return outcomes
 
     def _snapshot(
-        self, ec2: Any, image: CloudImage, snap_tags: dict[str, str], ctx: str
+        self,
+        ec2: Any,
+        image: CloudImage,
+        snap_tags: dict[str, str],
+        resume_from: str | None,
+        ctx: str,
     ) -> tuple[str, int, bool]:
-        """(snapshot id, GiB, made now): one an earlier run left (completed), else a new upload."""
-        found = ami.find_snapshot(ec2, image.sha256)
-        if found is not None and tags.UPLOADED not in tags.as_dict(found.get("Tags")):
-            # Completed by EC2 but never marked by us (moto reports a half-written
-            # EBS-direct snapshot as completed): not trusted; reconcile deletes it.
-            log.warning(
-                "%s: snapshot %s lacks %s; not resuming from it",
-                ctx,
-                found["SnapshotId"],
-                tags.UPLOADED,
-            )
-            found = None
-        if found is not None:
-            log.info(
-                "%s: resuming from completed snapshot %s of an earlier run",
-                ctx,
-                found["SnapshotId"],
-            )
-            return str(found["SnapshotId"]), int(found["VolumeSize"]), False
+        """(snapshot id, GiB, made now): the trusted one the plan chose, else a new upload."""
+        if resume_from is not None:
+            found = ec2.describe_snapshots(SnapshotIds=[resume_from])["Snapshots"][0]
+            log.info("%s: registering from snapshot %s of an earlier run", ctx, resume_from)
+            return resume_from, int(found["VolumeSize"]), False
         raw_size = probe_raw_size(self.session, image.url, log_context=ctx)
         progress = self.progress(ctx, raw_size)
         raw = stream_raw(self.session, image.url, image.sha256, raw_size, log_context=ctx)
@@ -621,7 +528,7 @@ class Stager:
         staged_at: str,
         ctx: str,
     ) -> StageOutcome:
-        staged = self._staged(image, vol)
+        staged = self.staged(image, vol)
         params = ami.register_params(
             image,
             snapshot_id,
@@ -663,35 +570,3 @@ class Stager:
             self.emitter.emit(mtype, image_event(staged, status, reason))
         except Exception:
             log.exception("%s: could not publish %s %s", ctx, mtype, status)
-
-
-# -- the CLI ---------------------------------------------------------------------------
-
-
-def cli_stage(
-    cfg: FedimgConfig, emitter: Emitter, location: str, compose_id: str | None = None
-) -> int:
-    """``fedimg stage --compose-location URL``: 0 if every image was staged or found."""
-    board = TerminalBoard() if sys.stderr.isatty() else None
-    stager = Stager.from_config(cfg, emitter, progress=board)
-    try:
-        with board.attached() if board is not None else contextlib.nullcontext():
-            outcomes = stager.stage_location(location, compose_id)
-    finally:
-        stager.close()
-    who = compose_id or location
-    for o in outcomes:
-        log.info(
-            "compose %s: %s %s %s: %s%s",
-            who,
-            o.image_name,
-            o.vol_type or "-",
-            o.ami_id or "-",
-            o.status,
-            f" ({o.reason})" if o.reason else "",
-        )
-    failed = [o for o in outcomes if not o.ok]
-    if failed:
-        log.error("compose %s: %d of %d AMI(s) failed", who, len(failed), len(outcomes))
-        return 1
-    return 0

@@ -19,7 +19,10 @@ from fedimg import tags
 from fedimg.aws import AwsClients
 from fedimg.config import FedimgConfig
 from fedimg.copies import Ec2Factory, describe_error
-from fedimg.promote import staged_amis
+from fedimg.intents import IntentError, IntentStore
+from fedimg.messages import RESULTSDB_ITEM_TYPE
+from fedimg.observe import staged_amis
+from fedimg.plan import compose_progress
 from fedimg.regions import target_regions
 from fedimg.results import ResultsSource, ResultsUnavailable
 
@@ -104,7 +107,7 @@ def collect(
         ami_id = image["ImageId"]
         t = tags.as_dict(image.get("Tags"))
         try:
-            latest = results.latest(ami_id, item_type="ami")
+            latest = results.latest(ami_id, item_type=RESULTSDB_ITEM_TYPE)
             outcomes: dict[str, str] | None = {tc: r.outcome for tc, r in latest.items()}
         except ResultsUnavailable as exc:
             log.warning("%s %s: ResultsDB unavailable: %s", t.get(tags.COMPOSE_ID), ami_id, exc)
@@ -183,9 +186,40 @@ def cli_status(
             f"no staged AMIs{f' for {compose_id}' if compose_id else ''} in {cfg.staging_region}",
             file=stream,
         )
-        return 0
-    print(render(rows), file=stream)
+    else:
+        print(render(rows), file=stream)
+    pending = pending_composes(IntentStore(cfg.state_dir), compose_id)
+    if pending:
+        print("\ncomposes still being staged (fedimg.state_dir):", file=stream)
+        for line in pending:
+            print(f"  {line}", file=stream)
     return 0
 
 
-__all__ = ["Copy", "Row", "cli_status", "collect", "render", "tests_cell"]
+def pending_composes(intents: IntentStore, compose_id: str | None = None) -> list[str]:
+    """One line per recorded compose intent: what is staged, given up and still to do."""
+    lines = []
+    for cid in intents.compose_ids():
+        if compose_id and cid != compose_id:
+            continue
+        try:
+            intent = intents.get(cid)
+        except IntentError as exc:
+            lines.append(f"{cid}: unreadable intent: {exc}")
+            continue
+        if intent is None:
+            continue
+        if intent.images is None:
+            why = f" ({intent.last_error})" if intent.last_error else ""
+            lines.append(f"{cid}: metadata not read yet, {intent.read_attempts} tries{why}"[:300])
+            continue
+        shas = [i.sha256 for i in intent.images]
+        progress = compose_progress(shas, dict.fromkeys(intent.staged, True), intent.given_up)
+        lines.append(
+            f"{cid}: {len(progress.staged)} staged, {len(progress.given_up)} given up, "
+            f"{len(progress.pending)} to do, of {len(shas)} image(s)"
+        )
+    return lines
+
+
+__all__ = ["Copy", "Row", "cli_status", "collect", "pending_composes", "render", "tests_cell"]

@@ -7,6 +7,8 @@ mistyped key stops it with the key's name). Production overrides these in
 Keep this file in sync with fedimg/config.py (tests/test_stage.py checks it).
 """
 
+import os
+
 config = {
     # -- which consumers this hub runs -------------------------------------------
     # Stage: on pungi.compose.status.change FINISHED, upload the compose's cloud
@@ -73,6 +75,11 @@ config = {
     "fedimg.promote.copy_timeout": 3 * 3600.0,
     # Seconds to keep retrying making a copy public (InvalidAMIID.Unavailable).
     "fedimg.promote.publish_retry_timeout": 1800.0,
+    # On release, also publish fedora_image_uploader.published.v1.aws.<subvariant>.
+    # <release>.<arch> (the AwsPublishedV1 message Fedora's websites and tooling read
+    # from datagrepper today), beside fedimg.image.release. False: do not. An image
+    # whose release is not a number (Rawhide) is never announced that way.
+    "fedimg.promote.fedora_image_uploader_message": True,
     # -- reconcile ---------------------------------------------------------------
     # Seconds between passes resuming unfinished work from AWS tags and ResultsDB.
     "fedimg.reconcile.interval": 300.0,
@@ -80,4 +87,14 @@ config = {
     # staging region (a snapshot without an AMI, an AMI without fedimg tags):
     # longer than any upload may take (uploads give up after 90 minutes).
     "fedimg.reconcile.orphan_grace": 2 * 3600.0,
+    # -- durable state -------------------------------------------------------------
+    # Where accepted composes are remembered until every image is staged (one JSON
+    # file per compose, written atomically) and where workers lock images and AMIs
+    # (flock). Processes sharing it never stage an image or promote an AMI twice.
+    # Must be writable by the hub's user; checked at start-up. Production:
+    # /var/lib/fedimg (the default when the key is not set).
+    "fedimg.state_dir": os.environ.get("FEDIMG_STATE_DIR", ".fedimg-state"),
+    # Times an image of an accepted compose is tried (the message, then reconcile
+    # passes) before it is given up and its compose's intent can be dropped.
+    "fedimg.stage.max_attempts": 3,
 }

@@ -52,3 +52,15 @@ def local_bus() -> Iterator[LocalBus]:
 
     with LocalBus() as bus:
         yield bus
+
+
+@pytest.fixture(scope="session")
+def rabbitmq() -> Iterator[Any]:
+    """One private RabbitMQ node for the whole session (a start costs tens of seconds)."""
+    from devel.rabbitmq import RabbitMQ
+
+    node = RabbitMQ().start()
+    try:
+        yield node
+    finally:
+        node.stop()

@@ -43,12 +43,14 @@ from fedimg import tags
 from fedimg.aws import AwsClients, error_code
 from fedimg.config import FedimgConfig
 from fedimg.copies import CopyError, Timing
+from fedimg.engine import Engine
 from fedimg.http import make_session
 from fedimg.messages import Emitter, parse_compose_status
-from fedimg.promote import Promoter, reconcile
+from fedimg.promote import Promoter
 from fedimg.results import DummyResults
-from fedimg.stage import StageOutcome, Stager
+from fedimg.stage import StageOutcome
 from tests.conftest import Recorder
+from tests.engine_support import make_engine
 from tests.faults import (
     CONNECTION_ERROR,
     READ_TIMEOUT,
@@ -127,7 +129,7 @@ class StageWorld:
     aws: AwsClients
     recorder: Recorder
     caplog: pytest.LogCaptureFixture
-    stager: Stager
+    engine: Engine
 
     @property
     def ec2(self) -> Any:
@@ -141,7 +143,7 @@ class StageWorld:
         return self.aws.client(service, STAGING)
 
     def stage(self) -> StageOutcome:
-        (outcome,) = self.stager.stage_compose(
+        (outcome,) = self.engine.accept_compose(
             parse_compose_status(pungi_body(self.tree, self.server.url))
         )
         return outcome
@@ -165,6 +167,7 @@ def staging(
     waits: BotocoreWaits,
     recorder: Recorder,
     caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
 ) -> Iterator[StageWorld]:
     cfg = FedimgConfig(
         resultsdb_url="http://127.0.0.1:9/api/v2.0",
@@ -175,21 +178,23 @@ def staging(
         http_retries=0,
         http_timeout=5.0,
         aws_max_attempts=MAX_RETRIES,
+        state_dir=str(tmp_path / "state"),
     )
     aws = aws_clients()
     with ComposeServer(tree.root, stall_seconds=5) as server:
-        stager = Stager(
+        engine = make_engine(
             cfg,
             Emitter(recorder),
             aws,
-            make_session(cfg.http_retries, cfg.http_timeout),
+            tmp_path / "state",
+            session=make_session(cfg.http_retries, cfg.http_timeout),
             available_timeout=5.0,
             poll_interval=0.05,
         )
         try:
-            yield StageWorld(tree, server, aws, recorder, caplog, stager)
+            yield StageWorld(tree, server, aws, recorder, caplog, engine)
         finally:
-            stager.close()
+            engine.close()
 
 
 STAGE_CALLS = [
@@ -437,7 +442,7 @@ def test_a_whole_test_run_through_bursts_of_aws_faults_passes_and_leaves_nothing
 
 @dataclass
 class PromoteWorld:
-    promoter: Promoter
+    promoter: Engine
     aws: AwsClients
     results: DummyResults
     recorder: Recorder
@@ -457,29 +462,35 @@ class PromoteWorld:
 
 
 @pytest.fixture
-def promoting(aws_mock: None, waits: BotocoreWaits, recorder: Recorder) -> PromoteWorld:
+def promoting(
+    aws_mock: None, waits: BotocoreWaits, recorder: Recorder, tmp_path: Path
+) -> PromoteWorld:
     aws = aws_clients()
     results = DummyResults()
     clock = FakeClock()
     timing = Timing(
         copy_timeout=600, retry_timeout=120, poll_interval=10, backoff_initial=5, backoff_max=20
     )
-    promoter = Promoter(
-        make_cfg(),
+    cfg = make_cfg()
+    actuator = Promoter(
+        cfg, Emitter(recorder), aws, now=lambda: NOW, clock=clock.clock(), timing=timing
+    )
+    engine = make_engine(
+        cfg,
         Emitter(recorder),
         aws,
-        results,
+        tmp_path / "state",
+        results=results,
+        promoter=actuator,
         now=lambda: NOW,
-        clock=clock.clock(),
-        timing=timing,
     )
-    return PromoteWorld(promoter, aws, results, recorder, clock)
+    return PromoteWorld(engine, aws, results, recorder, clock)
 
 
 def pass_outcome(world: PromoteWorld, ami: str) -> str:
     """What one reconcile pass did to ``ami`` (``error: ...`` if the pass could not list it)."""
     try:
-        outcomes = dict(reconcile(world.promoter))
+        outcomes = dict(world.promoter.reconcile(stage=False).pairs())
     except (BotoCoreError, ClientError) as exc:  # the hub's producer logs it and polls again
         return f"error: the pass failed: {error_code(exc) or type(exc).__name__}"
     if ami in outcomes:
@@ -519,7 +530,7 @@ def test_promotion_rides_out_a_burst_of_every_transient_fault_in_a_region(
     fault = inject(promoting.ec2("eu-west-1"), operation, BURST, times=len(BURST))
     ami = promoting.passed()
     decision = promoting.promoter.on_result(notice(ami))
-    assert decision is not None and decision.release
+    assert decision is not None and decision.action == "release"
     assert fault.injected == ids(BURST), "the faults did not all hit: the call was not made"
     assert_released_once_everywhere(promoting, ami)
 

@@ -471,6 +471,8 @@ class KillPoint:
     # Lose fedmsg's status files with the hub (a new host): no backlog replay at
     # start-up, so the reconcile pass alone must find and finish the work.
     forget_backlog: bool = False
+    # A test run dies with its instance, key pair and group: the sweeper removes them.
+    leaks_test_resources: bool = False
 
     def __str__(self) -> str:
         return self.name
@@ -491,42 +493,27 @@ def _other_regions_public(world: World, tree: ComposeTree) -> bool:
     return True
 
 
+# A smoke of three real kills: every partial state a kill can leave is a table
+# test of the pure plan (tests/test_plan.py); these prove the engine, the
+# intents, the locks and the sweeper hold together in a real hub. None keeps
+# fedmsg's backlog: the durable intents alone must finish the compose.
 KILL_POINTS = [
-    KillPoint("mid-upload", lambda: Rule(op("PutSnapshotBlock"), nth=2)),
-    KillPoint("upload-done-before-register", lambda: Rule(op("RegisterImage"))),
+    # One image at a time (fedimg.stage.workers=1): the other image has not
+    # started when the hub dies, and nothing in AWS says it exists.
     KillPoint(
-        "after-register-before-tagging-no-backlog",
-        lambda: Rule(op("CreateTags", STAGING, **{"ResourceId.1": "ami-", "tag_state": "testing"})),
-        forget_backlog=True,
+        "mid-upload-no-backlog", lambda: Rule(op("PutSnapshotBlock"), nth=2), forget_backlog=True
     ),
-    KillPoint("test-instance-launch", lambda: Rule(op("RunInstances"))),
-    KillPoint("mid-suite", ssh_bytes=60_000),
+    # A test run killed before its cleanup: the sweeper must remove what it left.
     KillPoint(
         "suite-done-before-cleanup-no-backlog",
         lambda: Rule(op("TerminateInstances")),
         forget_backlog=True,
+        leaks_test_resources=True,
     ),
     KillPoint(
-        "after-results-before-the-gate",
-        lambda: Rule(op("CreateTags", STAGING, tag_state="promoting")),
-    ),
-    KillPoint(
-        "mid-copy-some-regions-done",
+        "mid-copy-some-regions-done-no-backlog",
         lambda: Rule(op("CopyImage", "eu-west-1"), freeze=False),
         settle_first=_other_regions_public,
-    ),
-    KillPoint(
-        "copy-started-before-tagging",
-        lambda: Rule(op("CreateTags", "ap-northeast-1", **{"ResourceId.1": "ami-"})),
-    ),
-    KillPoint(
-        "before-the-released-tag",
-        lambda: Rule(op("CreateTags", STAGING, tag_state="released")),
-    ),
-    KillPoint(
-        "sigterm-mid-upload-no-backlog",
-        lambda: Rule(op("PutSnapshotBlock"), nth=2),
-        signum=signal.SIGTERM,
         forget_backlog=True,
     ),
 ]
@@ -736,11 +723,12 @@ def test_a_killed_hub_loses_nothing_duplicates_nothing_releases_nothing_untested
     assert world.stack.hub is not None and world.stack.hub.alive
     assert problems == [], f"{problems}\n{_hub_log(world)}"
     assert figures["images"] == 2
+    if point.leaks_test_resources:
+        assert_swept(world, set(_staging_amis(world, tree).values()))
 
 
-def test_no_test_resource_of_any_kill_point_outlives_its_deadline(world: World) -> None:
+def assert_swept(world: World, amis: set[str]) -> None:
     """Killed test runs leave instances, key pairs and groups: the sweeper removes them."""
-    assert world.amis, "run with the kill points"
     ec2 = world.ec2(STAGING)
     deadline = CRASH_SETTINGS["autocloud_ami.deadline"] + 60
     try:
@@ -751,17 +739,14 @@ def test_no_test_resource_of_any_kill_point_outlives_its_deadline(world: World) 
         pass
     left = leftovers(ec2)
     assert not left, left.describe()
-    # Every test instance that ever ran was for an AMI of a kill point, and is gone.
     reservations = ec2.describe_instances(
-        Filters=[{"Name": "tag-key", "Values": ["autocloud:ami-test"]}]
+        Filters=[
+            {"Name": "tag-key", "Values": ["autocloud:ami-test"]},
+            {"Name": "image-id", "Values": sorted(amis)},
+        ]
     )["Reservations"]
     launched = [i for r in reservations for i in r["Instances"]]
-    assert launched and {i["ImageId"] for i in launched} <= set(world.amis)
-    assert {i["State"]["Name"] for i in launched} == {"terminated"}
-    survived = [name for name, f in world.figures.items() if not _bad(f)]
-    log.warning(
-        "kill points survived: %d of %d (%s)", len(survived), len(KILL_POINTS), ", ".join(survived)
-    )
+    assert launched and {i["State"]["Name"] for i in launched} == {"terminated"}
 
 
 def _hub_log(world: World, lines: int = 60) -> str:
@@ -775,10 +760,3 @@ def _hub_log(world: World, lines: int = 60) -> str:
                 if " WARNING]" in line or " ERROR]" in line or "Traceback" in line
             ]
     return "\n".join(out[-lines:])
-
-
-def _bad(figures: dict[str, int]) -> bool:
-    return any(
-        figures.get(k, 0)
-        for k in ("lost", "wrong_state", "duplicate_amis", "leaked_snapshots", "untested_public")
-    )

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -23,6 +26,7 @@ from autocloud_ami import consumer as ac_consumer
 from fedimg import consumers
 from fedimg.compose import ComposeError, image_url, read_compose
 from fedimg.config import FedimgConfig
+from fedimg.engine import Engine
 from fedimg.messages import (
     AMI_ID_RE,
     COMPOSE_ID_RE,
@@ -38,8 +42,6 @@ from fedimg.messages import (
     parse_result_notice,
     parse_test_request,
 )
-from fedimg.promote import Promoter
-from fedimg.stage import Stager
 from tests.corpus import (
     ALLOWED_HOST,
     BAD_IMAGE_PATHS,
@@ -55,6 +57,7 @@ from tests.corpus import (
     BadMessage,
     message_corpus,
 )
+from tests.engine_support import make_engine
 
 CORPUS = message_corpus()
 TOPICS = Topics("org.fedoraproject", "dev")
@@ -109,16 +112,30 @@ def recorder_emitter(recorder: Any) -> Emitter:
     return Emitter(recorder)
 
 
+def untouchable_engine(emitter: Emitter) -> Engine:
+    """An engine whose AWS, HTTP and ResultsDB seams fail the test if anything touches them."""
+    return make_engine(
+        cfg(),
+        emitter,
+        NoTouch("aws"),
+        Path(tempfile.mkdtemp(prefix="fedimg-hostile-")),
+        session=NoTouch("http session"),
+        results=NoTouch("resultsdb"),
+    )
+
+
 def build_consumer(topic: str, emitter: Emitter, monkeypatch: pytest.MonkeyPatch) -> Any:
     """The consumer the hub would hand ``topic`` to, around seams that must not be touched."""
     if topic == COMPOSE_TOPIC:
         c: Any = consumers.StageConsumer.__new__(consumers.StageConsumer)
-        c.stager = Stager(cfg(), emitter, NoTouch("aws"), NoTouch("http session"))  # type: ignore[arg-type]
+        c.lifecycle = untouchable_engine(emitter)
     elif topic in (RESULT_TOPIC, TASKOTRON_TOPIC):
         c = consumers.PromoteConsumer.__new__(consumers.PromoteConsumer)
-        c.promoter = Promoter(cfg(), emitter, NoTouch("aws"), NoTouch("resultsdb"))
+        c.lifecycle = untouchable_engine(emitter)
     elif topic == PING_TOPIC:
         c = consumers.HealthConsumer.__new__(consumers.HealthConsumer)
+        c.hub_ref = SimpleNamespace(config={}, consumers=[], producers=[])
+        c._reported = set()
     else:
         import autocloud_ami.job
 
@@ -185,9 +202,9 @@ def test_result_naming_something_that_is_not_an_ami_is_ignored_with_a_warning(
     mtype = RESULT_NEW if bad.topic == RESULT_TOPIC else TASKOTRON_RESULT_NEW
     notice = parse_result_notice(mtype, bad.body)
     assert not AMI_ID_RE.match(notice.item)
-    promoter = Promoter(cfg(), Emitter(recorder), NoTouch("aws"), NoTouch("resultsdb"))
+    engine = untouchable_engine(Emitter(recorder))
     with caplog.at_level(logging.WARNING):
-        assert promoter.on_result(notice) is None
+        assert engine.on_result(notice) is None
     assert any(r.levelno >= logging.WARNING for r in caplog.records)
     assert recorder.sent == []
 
@@ -237,7 +254,7 @@ def test_consumer_refuses_with_a_log_record_and_no_side_effect(
     ],
     ids=["string", "list", "null", "no topic", "topic not a string"],
 )
-def test_consumers_refuse_envelopes_that_are_not_fedmsg(  # noqa: PLR0917
+def test_consumers_refuse_envelopes_that_are_not_fedmsg(
     topic: str,
     message: dict[str, Any],
     recorder: Any,

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import io
 import logging
+import tempfile
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -29,6 +31,7 @@ from fedimg import tags
 from fedimg.aws import AwsClients
 from fedimg.config import FedimgConfig
 from fedimg.copies import Clock, Timing, copy_token
+from fedimg.engine import Engine, Outcome, cli_promote, promote_by_hand
 from fedimg.messages import (
     ALL_TYPES,
     RESULT_NEW,
@@ -36,12 +39,15 @@ from fedimg.messages import (
     Emitter,
     ResultNotice,
     StagedImage,
+    message_class,
     parse_result_notice,
 )
-from fedimg.promote import Promoter, cli_promote, promote_by_hand, reconcile
+from fedimg.plan import Scope
+from fedimg.promote import Promoter
 from fedimg.regions import commercial
 from fedimg.results import DummyResults
 from fedimg.status import cli_status
+from tests.engine_support import make_engine
 
 STAGING = "us-east-1"
 TARGETS = ["ap-southeast-2", "eu-west-1", "us-west-2"]
@@ -181,6 +187,14 @@ def cfg() -> FedimgConfig:
     return make_cfg()
 
 
+_states = iter(range(10**6))
+
+
+def acted(outcome: Outcome | None) -> bool:
+    """Whether the engine acted on a notice (not: not an AMI of ours, wrong state, busy)."""
+    return outcome is not None and outcome.action not in ("ignored", "busy")
+
+
 def make_promoter(
     cfg: FedimgConfig,
     recorder: Any,
@@ -189,20 +203,33 @@ def make_promoter(
     clock: FakeClock,
     *,
     now: datetime = NOW,
-) -> Promoter:
-    timing = Timing(
+    state_dir: Path | None = None,
+    timing: Timing | None = None,
+) -> Engine:
+    """An engine whose promoter copies on fake time (``state_dir``: a fresh one by default)."""
+    timing = timing or Timing(
         copy_timeout=600, retry_timeout=120, poll_interval=10, backoff_initial=5, backoff_max=20
     )
-    return Promoter(
-        cfg, Emitter(recorder), aws, results, now=lambda: now, clock=clock.clock(), timing=timing
+    emitter = Emitter(recorder)
+    actuator = Promoter(cfg, emitter, aws, now=lambda: now, clock=clock.clock(), timing=timing)
+    where = state_dir or Path(tempfile.mkdtemp(prefix=f"fedimg-promote-{next(_states)}-"))
+    return make_engine(
+        cfg, emitter, aws, where, results=results, promoter=actuator, now=lambda: now
     )
 
 
 @pytest.fixture
 def promoter(
-    cfg: FedimgConfig, recorder: Any, aws: RecordingAws, results: DummyResults, clock: FakeClock
-) -> Promoter:
-    return make_promoter(cfg, recorder, aws, results, clock)
+    cfg: FedimgConfig,
+    recorder: Any,
+    aws: RecordingAws,
+    results: DummyResults,
+    clock: FakeClock,
+    tmp_path: Path,
+) -> Iterator[Engine]:
+    built = make_promoter(cfg, recorder, aws, results, clock, state_dir=tmp_path)
+    yield built
+    built.close()
 
 
 _serial = iter(range(10**6))
@@ -278,7 +305,12 @@ def notice(
 def validate_all(recorder: Any) -> None:
     """Every emitted body satisfies the contract of its topic."""
     for modname, topic, body in recorder.sent:
-        CONTRACT[f"{modname}.{topic}"].validate(body)
+        full = f"{modname}.{topic}"
+        if full in CONTRACT:
+            CONTRACT[full].validate(body)
+        else:  # the release as fedora-image-uploader announces it: its own class validates
+            message_class(full)(topic=full, body=body).validate()
+            assert message_class(full).__name__ == "AwsPublishedV1"
 
 
 def backend(region: str) -> Any:
@@ -289,14 +321,14 @@ def backend(region: str) -> Any:
 
 
 def test_passing_ami_is_copied_once_to_every_region_and_made_public(
-    promoter: Promoter, aws: RecordingAws, results: DummyResults, recorder: Any
+    promoter: Engine, aws: RecordingAws, results: DummyResults, recorder: Any
 ) -> None:
     ami = stage_ami()
     results.add(ami, TESTCASE, "PASSED")
 
     decision = promoter.on_result(notice(ami))
 
-    assert decision is not None and decision.verdict == "release"
+    assert decision is not None and decision.action == "release"
     assert state(ami) == "released"
     # Exactly one CopyImage per target region, sent IN that region, deterministic.
     assert aws.regions_of("CopyImage") == Counter(TARGETS)
@@ -345,7 +377,7 @@ def test_passing_ami_is_copied_once_to_every_region_and_made_public(
 
 
 def test_release_messages_come_in_order_with_upstream_bodies(
-    promoter: Promoter, results: DummyResults, recorder: Any
+    promoter: Engine, results: DummyResults, recorder: Any
 ) -> None:
     ami = stage_ami()
     results.add(ami, TESTCASE, "PASSED")
@@ -355,7 +387,9 @@ def test_release_messages_come_in_order_with_upstream_bodies(
     assert topics[0] == "fedimg.image.test"
     assert recorder.sent[0][2]["status"] == "completed"
     assert recorder.sent[0][2]["extra"]["id"] == ami
-    assert topics[-1] == "fedimg.image.release"
+    # fedimg's release, then the same release as fedora-image-uploader announces it.
+    assert topics[-2] == "fedimg.image.release"
+    assert topics[-1] == "fedora_image_uploader.published.v1.aws.Cloud_Base.41.x86_64"
     assert topics.count("fedimg.image.release") == 1
     copies = recorder.bodies("fedimg.image.copy")
     publishes = recorder.bodies("fedimg.image.publish")
@@ -412,15 +446,7 @@ def test_copies_run_in_parallel_bounded_by_the_concurrency_setting(
 ) -> None:
     config = make_cfg(**{"fedimg.aws.regions": [], "fedimg.promote.max_concurrent_copies": 3})
     timing = Timing(copy_timeout=10**6, retry_timeout=120, poll_interval=10)
-    promoter = Promoter(
-        config,
-        Emitter(recorder),
-        aws,
-        results,
-        now=lambda: NOW,
-        clock=FakeClock().clock(),
-        timing=timing,
-    )
+    promoter = make_promoter(config, recorder, aws, results, FakeClock(), timing=timing)
     started: set[str] = set()
     public: set[str] = set()
     most_open = [0]
@@ -457,11 +483,11 @@ def test_copies_run_in_parallel_bounded_by_the_concurrency_setting(
     assert gave_up == []
     assert state(ami) == "released"
     assert most_open[0] == 3
-    assert promoter.slots.peak == 3
+    assert promoter.promoter.slots.peak == 3
 
 
 def test_copy_held_pending_is_waited_for_with_the_poll_interval(
-    promoter: Promoter, aws: RecordingAws, results: DummyResults, clock: FakeClock
+    promoter: Engine, aws: RecordingAws, results: DummyResults, clock: FakeClock
 ) -> None:
     polls: Counter[str] = Counter()
 
@@ -484,7 +510,7 @@ def test_copy_held_pending_is_waited_for_with_the_poll_interval(
 
 
 def test_copy_that_never_becomes_available_times_out_and_fails_the_region(
-    promoter: Promoter, aws: RecordingAws, results: DummyResults, recorder: Any
+    promoter: Engine, aws: RecordingAws, results: DummyResults, recorder: Any
 ) -> None:
     def hold(region: str, op: str, params: dict[str, Any]) -> None:
         if region == "eu-west-1" and op == "DescribeImages" and "ImageIds" in params:
@@ -509,14 +535,14 @@ def test_copy_that_never_becomes_available_times_out_and_fails_the_region(
 
 
 def test_failing_ami_is_rejected_never_copied_nor_public(
-    promoter: Promoter, aws: RecordingAws, results: DummyResults, recorder: Any
+    promoter: Engine, aws: RecordingAws, results: DummyResults, recorder: Any
 ) -> None:
     ami = stage_ami()
     results.add(ami, TESTCASE, "FAILED", note="selinux: getenforce printed Permissive")
 
     decision = promoter.on_result(notice(ami, "FAILED"))
 
-    assert decision is not None and decision.verdict == "reject"
+    assert decision is not None and decision.action == "reject"
     assert state(ami) == "rejected"
     for op in ("CopyImage", "ModifyImageAttribute", "ModifySnapshotAttribute"):
         assert not aws.calls(op), op
@@ -532,7 +558,7 @@ def test_failing_ami_is_rejected_never_copied_nor_public(
 
 
 def test_spoofed_passed_notice_while_resultsdb_says_failed_releases_nothing(
-    promoter: Promoter, aws: RecordingAws, results: DummyResults, recorder: Any
+    promoter: Engine, aws: RecordingAws, results: DummyResults, recorder: Any
 ) -> None:
     ami = stage_ami()
     results.add(ami, TESTCASE, "FAILED", note="services: 2 failed units")
@@ -543,22 +569,22 @@ def test_spoofed_passed_notice_while_resultsdb_says_failed_releases_nothing(
 
 
 def test_spoofed_passed_notice_without_any_result_only_waits(
-    promoter: Promoter, aws: RecordingAws, results: DummyResults, recorder: Any
+    promoter: Engine, aws: RecordingAws, results: DummyResults, recorder: Any
 ) -> None:
     ami = stage_ami()
     decision = promoter.on_result(notice(ami, "PASSED"))
-    assert decision is not None and decision.verdict == "wait"
-    assert decision.missing == (TESTCASE,)
+    assert decision is not None and decision.action == "wait"
+    assert TESTCASE in decision.detail
     assert state(ami) == "testing"
     assert recorder.sent == []
     assert not aws.calls("CopyImage") and not aws.calls("ModifyImageAttribute")
 
 
-def test_needs_inspection_rejects(promoter: Promoter, results: DummyResults) -> None:
+def test_needs_inspection_rejects(promoter: Engine, results: DummyResults) -> None:
     ami = stage_ami()
     results.add(ami, TESTCASE, "NEEDS_INSPECTION")
     decision = promoter.on_result(notice(ami, "NEEDS_INSPECTION"))
-    assert decision is not None and decision.verdict == "reject"
+    assert decision is not None and decision.action == "reject"
     assert state(ami) == "rejected"
 
 
@@ -580,12 +606,12 @@ def test_rejected_ami_is_deleted_when_configured(
 
 
 def test_no_result_by_the_deadline_rejects_with_no_results(
-    promoter: Promoter, aws: RecordingAws, recorder: Any
+    promoter: Engine, aws: RecordingAws, recorder: Any
 ) -> None:
     ami = stage_ami(staged_at=NOW - timedelta(hours=7))
-    decision = promoter.evaluate(ami)
-    assert decision.verdict == "reject"
-    assert decision.reason.startswith("no results")
+    decision = promoter.converge_ami(ami, Scope.MESSAGE)
+    assert decision.action == "reject"
+    assert decision.detail.startswith("no results")
     assert state(ami) == "rejected"
     (body,) = recorder.bodies("fedimg.image.test")
     assert body["status"] == "failed" and "no results" in body["reason"]
@@ -593,9 +619,7 @@ def test_no_result_by_the_deadline_rejects_with_no_results(
     assert not aws.calls("CopyImage")
 
 
-def test_staging_time_falls_back_to_the_creation_date(
-    promoter: Promoter, aws: RecordingAws
-) -> None:
+def test_staging_time_falls_back_to_the_creation_date(promoter: Engine, aws: RecordingAws) -> None:
     ami = stage_ami()
     ec2(STAGING).delete_tags(Resources=[ami], Tags=[{"Key": tags.STAGED_AT}])
     # moto's CreationDate is the real now; the promoter's now is months later.
@@ -607,23 +631,23 @@ def test_staging_time_falls_back_to_the_creation_date(
         FakeClock(),
         now=datetime.now(UTC) + timedelta(days=30),
     )
-    assert far.evaluate(ami).verdict == "reject"
-    assert promoter.lookup(stage_ami()).staged_at == NOW - timedelta(hours=1)
+    assert far.converge_ami(ami, Scope.MESSAGE).action == "reject"
+    assert promoter.promoter.lookup(stage_ami()).staged_at == NOW - timedelta(hours=1)
 
 
 # -- idempotence and concurrency ------------------------------------------------------------
 
 
 def test_duplicate_and_replayed_notices_make_no_second_copy(
-    promoter: Promoter, aws: RecordingAws, results: DummyResults, recorder: Any
+    promoter: Engine, aws: RecordingAws, results: DummyResults, recorder: Any
 ) -> None:
     ami = stage_ami()
     results.add(ami, TESTCASE, "PASSED")
     results.add(ami, "autocloud.ami.selinux", "PASSED")
-    assert promoter.on_result(notice(ami)) is not None
+    assert acted(promoter.on_result(notice(ami)))
     sent_before = len(recorder.sent)
     for replay in (notice(ami), notice(ami, testcase="autocloud.ami.selinux"), notice(ami)):
-        assert promoter.on_result(replay) is None
+        assert not acted(promoter.on_result(replay))
     assert aws.regions_of("CopyImage") == Counter(TARGETS)
     assert len(recorder.sent) == sent_before
     for region in TARGETS:
@@ -631,15 +655,15 @@ def test_duplicate_and_replayed_notices_make_no_second_copy(
 
 
 def test_a_crash_after_copying_resumes_without_copying_again(
-    promoter: Promoter, aws: RecordingAws, results: DummyResults, recorder: Any
+    promoter: Engine, aws: RecordingAws, results: DummyResults, recorder: Any
 ) -> None:
     ami = stage_ami()
     results.add(ami, TESTCASE, "PASSED")
     promoter.on_result(notice(ami))
     # As if the process died before recording "released": resume must find the copies.
     ec2(STAGING).create_tags(Resources=[ami], Tags=[{"Key": tags.STATE, "Value": "promoting"}])
-    promotion = promoter.resume(ami)
-    assert promotion.complete
+    promotion = promoter.converge_ami(ami, Scope.RECONCILE)
+    assert promotion.action == "released"
     assert aws.regions_of("CopyImage") == Counter(TARGETS)
     assert state(ami) == "released"
     # Nothing new was made public, so no second publish per region.
@@ -648,7 +672,7 @@ def test_a_crash_after_copying_resumes_without_copying_again(
 
 
 def test_copy_without_its_tag_is_found_by_name_and_source(
-    promoter: Promoter, aws: RecordingAws, results: DummyResults
+    promoter: Engine, aws: RecordingAws, results: DummyResults
 ) -> None:
     ami = stage_ami()
     # An earlier run died between CopyImage and create_tags in us-west-2.
@@ -672,7 +696,7 @@ def test_copy_without_its_tag_is_found_by_name_and_source(
 
 
 def test_a_foreign_image_holding_the_name_gets_a_suffixed_copy(
-    promoter: Promoter, aws: RecordingAws, results: DummyResults
+    promoter: Engine, aws: RecordingAws, results: DummyResults
 ) -> None:
     ami = stage_ami()
     name = describe(ami)["Name"]
@@ -686,7 +710,7 @@ def test_a_foreign_image_holding_the_name_gets_a_suffixed_copy(
 
 
 def test_concurrent_notices_make_one_promotion(
-    promoter: Promoter, aws: RecordingAws, results: DummyResults, recorder: Any
+    promoter: Engine, aws: RecordingAws, results: DummyResults, recorder: Any
 ) -> None:
     ami = stage_ami()
     results.add(ami, TESTCASE, "PASSED")
@@ -706,12 +730,12 @@ def test_concurrent_notices_make_one_promotion(
     assert aws.regions_of("CopyImage") == Counter(TARGETS)
     assert recorder.topics().count("fedimg.image.release") == 1
     assert recorder.topics().count("fedimg.image.test") == 1
-    assert sum(1 for a in answers if a is not None and a.verdict == "release") == 1
+    assert sum(1 for a in answers if a is not None and a.action == "release") == 1
     assert state(ami) == "released"
 
 
 def test_a_second_evaluation_while_one_runs_returns_at_once(
-    promoter: Promoter, aws: RecordingAws, results: DummyResults
+    promoter: Engine, aws: RecordingAws, results: DummyResults
 ) -> None:
     ami = stage_ami()
     results.add(ami, TESTCASE, "PASSED")
@@ -726,13 +750,13 @@ def test_a_second_evaluation_while_one_runs_returns_at_once(
             assert not worker.is_alive()
 
     aws.hooks.append(reenter)
-    assert promoter.on_result(notice(ami)) is not None
-    assert inner == ["started", None]
+    assert acted(promoter.on_result(notice(ami)))
+    assert inner[0] == "started" and inner[1].action == "busy"  # returned at once
     assert aws.regions_of("CopyImage") == Counter(TARGETS)
 
 
 def test_a_result_arriving_during_a_waiting_evaluation_is_not_lost(
-    promoter: Promoter, aws: RecordingAws, results: DummyResults
+    promoter: Engine, aws: RecordingAws, results: DummyResults
 ) -> None:
     ami = stage_ami()
     seen: list[Any] = []
@@ -750,8 +774,8 @@ def test_a_result_arriving_during_a_waiting_evaluation_is_not_lost(
 
     results.latest = latest  # type: ignore[method-assign]
     decision = promoter.on_result(notice(ami))
-    assert seen == [None]  # the second delivery was busy...
-    assert decision is not None and decision.verdict == "release"  # ...but not lost
+    assert [o.action for o in seen] == ["busy"]  # the second delivery was busy...
+    assert decision is not None and decision.action == "release"  # ...but not lost
     assert state(ami) == "released"
 
 
@@ -759,7 +783,7 @@ def test_a_result_arriving_during_a_waiting_evaluation_is_not_lost(
 
 
 def test_one_region_failing_leaves_the_others_released_and_state_promoting(
-    promoter: Promoter, aws: RecordingAws, results: DummyResults, recorder: Any, clock: FakeClock
+    promoter: Engine, aws: RecordingAws, results: DummyResults, recorder: Any, clock: FakeClock
 ) -> None:
     aws.faults[("eu-west-1", "CopyImage")] = ["*ResourceLimitExceeded"]
     aws.faults[("ap-southeast-2", "CopyImage")] = ["InvalidRegion"]
@@ -787,8 +811,8 @@ def test_one_region_failing_leaves_the_others_released_and_state_promoting(
 
     # The next pass retries only the missing regions.
     aws.faults.clear()
-    promotion = promoter.resume(ami)
-    assert promotion.complete
+    promotion = promoter.converge_ami(ami, Scope.RECONCILE)
+    assert promotion.action == "released"
     assert state(ami) == "released"
     assert len(aws.calls("CopyImage", "us-west-2")) == 3  # not copied again
     assert aws.regions_of("CopyImage")["eu-west-1"] > 2
@@ -799,7 +823,7 @@ def test_one_region_failing_leaves_the_others_released_and_state_promoting(
 
 
 def test_pending_image_is_made_public_after_retrying_unavailable(
-    promoter: Promoter, aws: RecordingAws, results: DummyResults, clock: FakeClock
+    promoter: Engine, aws: RecordingAws, results: DummyResults, clock: FakeClock
 ) -> None:
     aws.faults[("us-west-2", "ModifyImageAttribute")] = [
         "InvalidAMIID.Unavailable",
@@ -814,7 +838,7 @@ def test_pending_image_is_made_public_after_retrying_unavailable(
 
 
 def test_image_unavailable_for_too_long_fails_only_that_region(
-    promoter: Promoter, aws: RecordingAws, results: DummyResults, recorder: Any
+    promoter: Engine, aws: RecordingAws, results: DummyResults, recorder: Any
 ) -> None:
     aws.faults[("us-west-2", "ModifyImageAttribute")] = ["*InvalidAMIID.Unavailable"]
     ami = stage_ami()
@@ -828,7 +852,7 @@ def test_image_unavailable_for_too_long_fails_only_that_region(
 
 
 def test_a_region_public_but_with_a_private_snapshot_is_finished_and_announced_on_resume(
-    promoter: Promoter, aws: RecordingAws, results: DummyResults, recorder: Any
+    promoter: Engine, aws: RecordingAws, results: DummyResults, recorder: Any
 ) -> None:
     aws.faults[("us-west-2", "ModifySnapshotAttribute")] = ["*UnauthorizedOperation"]
     ami = stage_ami()
@@ -844,7 +868,7 @@ def test_a_region_public_but_with_a_private_snapshot_is_finished_and_announced_o
     assert west_publishes == []
 
     aws.faults.clear()
-    assert promoter.resume(ami).complete
+    assert promoter.converge_ami(ami, Scope.RECONCILE).action == "released"
     west_publishes = [
         b for b in recorder.bodies("fedimg.image.publish") if b["destination"] == "us-west-2"
     ]
@@ -855,7 +879,7 @@ def test_a_region_public_but_with_a_private_snapshot_is_finished_and_announced_o
 
 
 def test_region_disabled_in_the_account_fails_cleanly(
-    promoter: Promoter, aws: RecordingAws, results: DummyResults, recorder: Any
+    promoter: Engine, aws: RecordingAws, results: DummyResults, recorder: Any
 ) -> None:
     aws.faults[("ap-southeast-2", "DescribeImages")] = ["*OptInRequired"]
     ami = stage_ami()
@@ -868,7 +892,7 @@ def test_region_disabled_in_the_account_fails_cleanly(
 
 
 def test_missing_bdm_snapshot_falls_back_to_the_tagged_snapshot(
-    promoter: Promoter, aws: RecordingAws, results: DummyResults
+    promoter: Engine, aws: RecordingAws, results: DummyResults
 ) -> None:
     ami = stage_ami()
     bdm_snap = describe(ami)["BlockDeviceMappings"][0]["Ebs"]["SnapshotId"]
@@ -883,7 +907,7 @@ def test_missing_bdm_snapshot_falls_back_to_the_tagged_snapshot(
 
 
 def test_a_failed_copy_is_replaced_with_a_new_token(
-    promoter: Promoter, aws: RecordingAws, results: DummyResults
+    promoter: Engine, aws: RecordingAws, results: DummyResults
 ) -> None:
     ami = stage_ami()
     west = ec2("us-west-2")
@@ -932,21 +956,21 @@ def taskotron_body(ami: str, outcome: str = "PASSED") -> dict[str, Any]:
     ("mtype", "build"), [(RESULT_NEW, resultsdb_body), (TASKOTRON_RESULT_NEW, taskotron_body)]
 )
 def test_both_message_shapes_trigger_the_gate(
-    promoter: Promoter, results: DummyResults, mtype: Any, build: Any
+    promoter: Engine, results: DummyResults, mtype: Any, build: Any
 ) -> None:
     ami = stage_ami()
     results.add(ami, TESTCASE, "PASSED")
     decision = promoter.on_result(parse_result_notice(mtype, build(ami)))
-    assert decision is not None and decision.verdict == "release"
+    assert decision is not None and decision.action == "release"
     assert state(ami) == "released"
 
 
 def test_results_for_other_item_types_are_ignored_without_any_lookup(
-    promoter: Promoter, aws: RecordingAws, results: DummyResults
+    promoter: Engine, aws: RecordingAws, results: DummyResults
 ) -> None:
     ami = stage_ami()
     n = parse_result_notice(RESULT_NEW, resultsdb_body(ami, item_type="koji_build"))
-    assert promoter.on_result(n) is None
+    assert not acted(promoter.on_result(n))
     assert aws.sent == [] and results.queries == []
     assert state(ami) == "testing"
 
@@ -963,25 +987,25 @@ def test_results_for_other_item_types_are_ignored_without_any_lookup(
     ],
 )
 def test_items_that_are_not_ami_ids_are_ignored(
-    promoter: Promoter, aws: RecordingAws, results: DummyResults, item: str
+    promoter: Engine, aws: RecordingAws, results: DummyResults, item: str
 ) -> None:
-    assert promoter.on_result(notice(item)) is None
+    assert not acted(promoter.on_result(notice(item)))
     assert aws.sent == [] and results.queries == []
 
 
 def test_unknown_ami_is_ignored(
-    promoter: Promoter, results: DummyResults, recorder: Any, caplog: Any
+    promoter: Engine, results: DummyResults, recorder: Any, caplog: Any
 ) -> None:
-    with caplog.at_level(logging.INFO, logger="fedimg.promote"):
-        assert promoter.on_result(notice("ami-0123456789abcdef0")) is None
+    with caplog.at_level(logging.INFO, logger="fedimg"):
+        assert not acted(promoter.on_result(notice("ami-0123456789abcdef0")))
     assert results.queries == [] and recorder.sent == []
     assert caplog.records  # a log line says why
 
 
-def test_ami_without_fedimg_tags_is_ignored(promoter: Promoter, results: DummyResults) -> None:
+def test_ami_without_fedimg_tags_is_ignored(promoter: Engine, results: DummyResults) -> None:
     ami = stage_ami(fedimg_tags=False)
     results.add(ami, TESTCASE, "PASSED")
-    assert promoter.on_result(notice(ami)) is None
+    assert not acted(promoter.on_result(notice(ami)))
     assert results.queries == []
     assert not launch_public(ami, STAGING)
 
@@ -990,28 +1014,28 @@ def test_ami_without_fedimg_tags_is_ignored(promoter: Promoter, results: DummyRe
     "current", [tags.State.REJECTED, tags.State.RELEASED, tags.State.PROMOTING]
 )
 def test_ami_not_in_testing_is_ignored(
-    promoter: Promoter, aws: RecordingAws, results: DummyResults, recorder: Any, current: tags.State
+    promoter: Engine, aws: RecordingAws, results: DummyResults, recorder: Any, current: tags.State
 ) -> None:
     ami = stage_ami(state=current)
     results.add(ami, TESTCASE, "PASSED")
-    assert promoter.on_result(notice(ami)) is None
+    assert not acted(promoter.on_result(notice(ami)))
     assert not aws.calls("CopyImage") and recorder.sent == []
     assert state(ami) == current.value
 
 
 def test_resultsdb_down_waits_and_never_decides_even_past_the_deadline(
-    promoter: Promoter, aws: RecordingAws, results: DummyResults, recorder: Any
+    promoter: Engine, aws: RecordingAws, results: DummyResults, recorder: Any
 ) -> None:
     ami = stage_ami(staged_at=NOW - timedelta(days=2))
     results.add(ami, TESTCASE, "PASSED")
     results.set_down(True)
     decision = promoter.on_result(notice(ami))
-    assert decision is not None and decision.verdict == "wait"
-    assert "unavailable" in decision.reason
+    assert decision is not None and decision.action == "wait"
+    assert "unavailable" in decision.detail
     assert state(ami) == "testing"
     assert recorder.sent == [] and not aws.calls("ModifyImageAttribute")
     results.set_down(False)
-    assert promoter.on_result(notice(ami)).verdict == "release"  # type: ignore[union-attr]
+    assert promoter.on_result(notice(ami)).action == "release"  # type: ignore[union-attr]
 
 
 def test_resultsdb_answering_500_waits(
@@ -1022,9 +1046,7 @@ def test_resultsdb_answering_500_waits(
 
     with ResultsDBServer() as rdb:
         source = ResultsDBSource(rdb.url, max_retries=0, timeout=10)
-        promoter = Promoter(
-            cfg, Emitter(recorder), aws, source, now=lambda: NOW, clock=clock.clock()
-        )
+        promoter = make_promoter(cfg, recorder, aws, source, clock)  # type: ignore[arg-type]
         ami = stage_ami()
         import resultsdb_api
 
@@ -1033,29 +1055,29 @@ def test_resultsdb_answering_500_waits(
         )
         rdb.fail_next(5, 500)
         decision = promoter.on_result(notice(ami))
-        assert decision is not None and decision.verdict == "wait"
+        assert decision is not None and decision.action == "wait"
         assert state(ami) == "testing" and not aws.calls("CopyImage")
         rdb.garble_next(1)
-        assert promoter.on_result(notice(ami)).verdict == "wait"  # type: ignore[union-attr]
+        assert promoter.on_result(notice(ami)).action == "wait"  # type: ignore[union-attr]
         rdb.faults.clear()
-        assert promoter.on_result(notice(ami)).verdict == "release"  # type: ignore[union-attr]
+        assert promoter.on_result(notice(ami)).action == "release"  # type: ignore[union-attr]
     assert state(ami) == "released"
 
 
 def test_a_testcase_outside_the_required_list_still_triggers_an_evaluation(
-    promoter: Promoter, results: DummyResults
+    promoter: Engine, results: DummyResults
 ) -> None:
     ami = stage_ami()
     results.add(ami, TESTCASE, "PASSED")
     decision = promoter.on_result(notice(ami, testcase="autocloud.ami.selinux"))
-    assert decision is not None and decision.verdict == "release"
+    assert decision is not None and decision.action == "release"
     assert results.queries == [(ami, "ami", (TESTCASE,))]
 
 
 # -- CLI and reconcile ----------------------------------------------------------------------
 
 
-def test_promote_by_hand(promoter: Promoter, results: DummyResults, aws: RecordingAws) -> None:
+def test_promote_by_hand(promoter: Engine, results: DummyResults, aws: RecordingAws) -> None:
     passed, failed, waiting = stage_ami(), stage_ami(), stage_ami()
     results.add(passed, TESTCASE, "PASSED")
     results.add(failed, TESTCASE, "FAILED")
@@ -1071,7 +1093,7 @@ def test_promote_by_hand(promoter: Promoter, results: DummyResults, aws: Recordi
 
 
 def test_promote_by_hand_resumes_and_fails_while_a_region_fails(
-    promoter: Promoter, results: DummyResults, aws: RecordingAws
+    promoter: Engine, results: DummyResults, aws: RecordingAws
 ) -> None:
     ami = stage_ami()
     results.add(ami, TESTCASE, "PASSED")
@@ -1086,9 +1108,10 @@ def test_promote_by_hand_resumes_and_fails_while_a_region_fails(
 
 
 def test_cli_promote(
-    monkeypatch: Any, promoter: Promoter, results: DummyResults, recorder: Any
+    monkeypatch: Any, promoter: Engine, results: DummyResults, recorder: Any
 ) -> None:
-    monkeypatch.setattr(Promoter, "from_config", classmethod(lambda cls, *a, **k: promoter))
+    monkeypatch.setattr(Engine, "from_config", classmethod(lambda cls, *a, **k: promoter))
+    monkeypatch.setattr(promoter, "close", lambda: None)
     ami = stage_ami()
     results.add(ami, TESTCASE, "PASSED")
     emitter = Emitter(recorder)
@@ -1098,7 +1121,7 @@ def test_cli_promote(
 
 
 def test_reconcile_evaluates_testing_and_resumes_promoting(
-    promoter: Promoter, results: DummyResults, aws: RecordingAws
+    promoter: Engine, results: DummyResults, aws: RecordingAws
 ) -> None:
     passed = stage_ami()
     late = stage_ami(staged_at=NOW - timedelta(hours=12))
@@ -1108,11 +1131,11 @@ def test_reconcile_evaluates_testing_and_resumes_promoting(
     results.add(passed, TESTCASE, "PASSED")
     results.add(partial, TESTCASE, "PASSED")
     aws.faults[("eu-west-1", "CopyImage")] = ["*InvalidRegion"]
-    promoter.evaluate(partial)
+    promoter.converge_ami(partial, Scope.MESSAGE)
     assert state(partial) == "promoting"
     aws.faults.clear()
 
-    outcomes = dict(reconcile(promoter))
+    outcomes = dict(promoter.reconcile(stage=False).pairs())
 
     assert released not in outcomes
     assert outcomes[passed].startswith("release")
@@ -1129,13 +1152,13 @@ def test_reconcile_evaluates_testing_and_resumes_promoting(
 
 
 def test_status_shows_every_staged_ami_its_tests_and_copies(
-    cfg: FedimgConfig, promoter: Promoter, results: DummyResults, aws: RecordingAws
+    cfg: FedimgConfig, promoter: Engine, results: DummyResults, aws: RecordingAws
 ) -> None:
     released, rejected = stage_ami(), stage_ami()
     results.add(released, TESTCASE, "PASSED")
     results.add(rejected, TESTCASE, "FAILED")
-    promoter.evaluate(released)
-    promoter.evaluate(rejected)
+    promoter.converge_ami(released, Scope.MESSAGE)
+    promoter.converge_ami(rejected, Scope.MESSAGE)
     out = io.StringIO()
     assert cli_status(cfg, out=out, aws=aws, results=results) == 0
     text = out.getvalue()

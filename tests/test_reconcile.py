@@ -1,309 +1,54 @@
-"""The reconcile pass: its pure decisions, and the pass itself against moto in process.
+"""The reconcile pass (``Engine.reconcile``, ``cli_reconcile``) against moto in process.
 
 A stage killed mid-way is reproduced by leaving in moto exactly what the
 process would have left at that instant (a snapshot started and never
 finished, a completed one without an AMI, an AMI registered but never
 tagged); what the pass SENDS is recorded with botocore hooks
-(``tests.test_promote.RecordingAws``), as well as moto's end state.
+(``tests.test_promote.RecordingAws``), as well as moto's end state. The
+engine's clock is the world's: "three hours later" is a number, not a sleep.
+The pure decisions behind the pass are tested in ``tests/test_plan.py``.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
-import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from moto import mock_aws
 
 from devel.compose import ComposeServer, ComposeTree, ImageSpec, build_compose
 from fedimg import ami, tags
 from fedimg.config import FedimgConfig
 from fedimg.copies import Timing
-from fedimg.gate import Decision
+from fedimg.engine import Engine, Outcome, cli_reconcile
 from fedimg.http import make_session
+from fedimg.intents import Intent
+from fedimg.locks import Guard
 from fedimg.messages import Emitter
-from fedimg.promote import Promoter, cli_reconcile
-from fedimg.promote import reconcile as promote_reconcile
-from fedimg.reconcile import (
-    AmiFacts,
-    Outcome,
-    Reconciler,
-    SnapshotFacts,
-    image_from_tags,
-    location_candidates,
-    plan_image,
-    reconcile,
-    requested_count,
-    retest_due,
-    run_by_hand,
-)
+from fedimg.observe import image_from_tags
+from fedimg.promote import Promoter
 from fedimg.results import DummyResults
-from fedimg.stage import Stager
 from tests.conftest import Recorder
+from tests.engine_support import make_engine
 from tests.test_promote import STAGING, TARGETS, TESTCASE, FakeClock, RecordingAws
 
-T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 HOUR = timedelta(hours=1)
-GRACE = timedelta(hours=2)
-SHA = "a" * 64
+# Later than the grace period (2 h: leftovers are fair game) and earlier than retest_after
+# (3 h: the AMIs staged meanwhile are not asked to test again, whatever the real clock did).
+PAST_GRACE = timedelta(hours=2, minutes=30)
 COMPOSE = "Fedora-40-20240601.0"
-
-
-# -- pure: the retest decision ---------------------------------------------------------------
-
-
-def _waiting(missing: tuple[str, ...] = (TESTCASE,)) -> Decision:
-    return Decision("wait", f"waiting for {', '.join(missing)}", (), missing)
-
-
-def test_retest_due_only_for_missing_results_after_the_delay_and_once() -> None:
-    due = {"staged_at": T0, "retest_after": 3 * HOUR, "requested": 0}
-    assert retest_due(_waiting(), now=T0 + 3 * HOUR, **due)  # type: ignore[arg-type]
-    assert not retest_due(_waiting(), now=T0 + 3 * HOUR - timedelta(seconds=1), **due)  # type: ignore[arg-type]
-    later = T0 + 5 * HOUR
-    assert not retest_due(_waiting(), staged_at=T0, now=later, retest_after=3 * HOUR, requested=1)
-    # ResultsDB down: the gate waits with nothing listed missing -> never a retest.
-    unavailable = Decision("wait", "ResultsDB unavailable: boom")
-    assert not retest_due(unavailable, staged_at=T0, now=later, retest_after=HOUR, requested=0)
-    for verdict in (
-        Decision("release", "passed"),
-        Decision("reject", "failed: x", ((TESTCASE, "FAILED", ""),)),
-    ):
-        assert not retest_due(verdict, staged_at=T0, now=later, retest_after=HOUR, requested=0)
-    # A naive staging time is UTC, as the gate reads it.
-    naive = T0.replace(tzinfo=None)
-    assert retest_due(_waiting(), staged_at=naive, now=later, retest_after=HOUR, requested=0)
-
-
-@pytest.mark.parametrize(
-    ("value", "count"),
-    [(None, 0), ("0", 0), ("1", 1), ("7", 7), ("-3", 0), ("one", 1_000_000), ("", 1_000_000)],
-)
-def test_requested_count_reads_the_tag_and_never_loops_on_garbage(
-    value: str | None, count: int
-) -> None:
-    found = {} if value is None else {tags.TEST_REQUESTED: value}
-    assert requested_count(found) == count
-
-
-# -- pure: the plan for a stage's leftovers ----------------------------------------------------
-
-
-def snap(
-    sid: str,
-    *,
-    uploaded: bool = True,
-    aws_state: str = "completed",
-    age: timedelta = 3 * HOUR,
-    resumed: int | None = None,
-) -> SnapshotFacts:
-    found = {tags.SHA256: SHA, tags.STATE: "testing"}
-    if uploaded:
-        found[tags.UPLOADED] = "2026-06-01T09:00:00Z"
-    if resumed is not None:
-        found[tags.RESUMED] = str(resumed)
-    return SnapshotFacts(sid, aws_state, T0 - age, found)
-
-
-def an_ami(
-    ami_id: str,
-    state: tags.State | None = tags.State.TESTING,
-    *,
-    age: timedelta = 3 * HOUR,
-    snapshots: tuple[str, ...] = (),
-) -> AmiFacts:
-    return AmiFacts(ami_id, state, T0 - age, snapshots)
-
-
-def plan(snaps: list[SnapshotFacts], amis: Mapping[str, AmiFacts | None], **kw: Any) -> Any:
-    return plan_image(snaps, amis, now=T0, grace=GRACE, **kw)
-
-
-def test_plan_half_written_upload_is_deleted_and_the_image_staged_again() -> None:
-    result = plan([snap("snap-p", uploaded=False, aws_state="pending")], {"gp3": None})
-    assert result.delete == ("snap-p",) and result.restage and result.resume_from is None
-    # moto reports a half-written snapshot as completed: the missing mark decides.
-    result = plan([snap("snap-p", uploaded=False)], {"gp3": None})
-    assert result.delete == ("snap-p",) and result.restage
-
-
-def test_plan_complete_snapshot_without_ami_resumes_from_it() -> None:
-    snaps = [snap("snap-old", age=5 * HOUR), snap("snap-new"), snap("snap-p", uploaded=False)]
-    result = plan(snaps, {"gp3": None})
-    assert result.restage and result.resume_from == "snap-new"
-    assert set(result.delete) == {"snap-old", "snap-p"}
-    assert result.deregister == ()
-
-
-def test_plan_untagged_ami_is_adopted_by_staging_again() -> None:
-    result = plan([snap("snap-1")], {"gp3": an_ami("ami-1", None)})
-    assert result.restage and result.resume_from == "snap-1" and result.delete == ()
-    # One volume type tagged, another untagged: still resumed.
-    result = plan([snap("snap-1")], {"gp3": an_ami("ami-1"), "gp2": an_ami("ami-2", None)})
-    assert result.restage
-
-
-def test_plan_gives_up_after_max_resumes_and_removes_everything() -> None:
-    result = plan(
-        [snap("snap-1", resumed=3), snap("snap-p", uploaded=False)],
-        {"gp3": an_ami("ami-1", None)},
-    )
-    assert not result.restage and result.gave_up
-    assert set(result.delete) == {"snap-1", "snap-p"}
-    assert result.deregister == ("ami-1",)
-    assert not plan([snap("snap-1", resumed=2)], {"gp3": None}).delete
-
-
-def test_plan_touches_nothing_young_or_busy() -> None:
-    young = plan([snap("snap-p", uploaded=False, age=HOUR)], {"gp3": None})
-    assert young.empty and "younger" in young.reason
-    young_ami = plan([snap("snap-1")], {"gp3": an_ami("ami-1", None, age=timedelta(minutes=5))})
-    assert young_ami.empty
-    busy = plan([snap("snap-p", uploaded=False)], {"gp3": None}, busy=True)
-    assert busy.empty
-    assert plan([], {"gp3": None}).empty
-
-
-def test_plan_with_every_ami_tagged_deletes_only_unused_snapshots() -> None:
-    done = {"gp3": an_ami("ami-1")}
-    assert plan([snap("snap-1")], done).empty
-    result = plan([snap("snap-1"), snap("snap-p", uploaded=False)], done)
-    assert result.delete == ("snap-p",) and not result.restage
-    # AMIs that name their snapshots (AWS does): a duplicate complete upload goes too.
-    named = {"gp3": an_ami("ami-1", tags.State.RELEASED, snapshots=("snap-1",))}
-    result = plan([snap("snap-1"), snap("snap-2")], named)
-    assert result.delete == ("snap-2",)
-    # Made-up mappings (moto) are not trusted: complete snapshots stay.
-    made_up = {"gp3": an_ami("ami-1", snapshots=("snap-nobody",))}
-    assert plan([snap("snap-1"), snap("snap-2")], made_up).empty
-    # An AMI registered (before fedimg:uploaded existed) from an unmarked snapshot keeps it.
-    legacy = {"gp3": an_ami("ami-1", snapshots=("snap-1", "snap-elsewhere"))}
-    assert plan([snap("snap-1", uploaded=False)], legacy).empty
-
-
-_snapshots = st.lists(
-    st.builds(
-        snap,
-        st.sampled_from([f"snap-{i}" for i in range(6)]),
-        uploaded=st.booleans(),
-        aws_state=st.sampled_from(["completed", "pending", "error"]),
-        age=st.sampled_from([timedelta(0), HOUR, 3 * HOUR, 30 * HOUR]),
-        resumed=st.none() | st.integers(0, 5),
-    ),
-    max_size=5,
-    unique_by=lambda s: s.snapshot_id,
-)
-_amis = st.dictionaries(
-    st.sampled_from(["gp2", "gp3", "io2"]),
-    st.none()
-    | st.builds(
-        an_ami,
-        st.sampled_from(["ami-1", "ami-2", "ami-3"]),
-        st.none() | st.sampled_from(list(tags.State)),
-        age=st.sampled_from([timedelta(0), 3 * HOUR]),
-        snapshots=st.lists(st.sampled_from(["snap-0", "snap-1", "snap-x"]), max_size=2).map(tuple),
-    ),
-    min_size=1,
-)
-
-
-@settings(max_examples=300, deadline=None)
-@given(_snapshots, _amis, st.booleans())
-def test_plan_invariants(snaps: list[SnapshotFacts], amis: dict[str, Any], busy: bool) -> None:
-    result = plan(snaps, amis, busy=busy)
-    ids = {s.snapshot_id for s in snaps}
-    young = any(T0 - s.started < GRACE for s in snaps) or any(
-        a is not None and a.state is None and T0 - a.created < GRACE for a in amis.values()
-    )
-    assert set(result.delete) <= ids
-    named = {x for a in amis.values() if a is not None for x in a.snapshots}
-    assert not named & set(result.delete)  # an AMI's own snapshot never goes
-    if busy or young:
-        assert result.empty
-    missing = [v for v, a in amis.items() if a is None or a.state is None]
-    if result.restage:
-        assert missing
-        assert result.resume_from is None or result.resume_from not in result.delete
-    if result.resume_from is not None:
-        assert next(s for s in snaps if s.snapshot_id == result.resume_from).uploaded
-    if result.deregister:
-        untagged = {a.ami_id for a in amis.values() if a is not None and a.state is None}
-        assert set(result.deregister) <= untagged and not result.restage
-    if not missing:
-        # With every AMI tagged, a complete upload goes only when the AMIs name theirs.
-        trusted = named and named <= ids and all(a.snapshots for a in amis.values())
-        for sid in result.delete:
-            gone = next(s for s in snaps if s.snapshot_id == sid)
-            assert trusted or not gone.uploaded
-
-
-# -- pure: the image behind a snapshot -----------------------------------------------------------
-
-GOOD_TAGS = {
-    tags.COMPOSE_ID: COMPOSE,
-    tags.IMAGE_NAME: "Fedora-Cloud-Base-40-20240601.0.x86_64.raw.xz",
-    tags.IMAGE_URL: "https://kojipkgs.fedoraproject.org/compose/x.raw.xz",
-    tags.SHA256: SHA,
-    tags.ARCH: "x86_64",
-    tags.SUBVARIANT: "Cloud_Base",
-    tags.RELEASE: "40",
-}
-
-
-def test_image_from_tags_rebuilds_the_compose_image() -> None:
-    image = image_from_tags(GOOD_TAGS, ["kojipkgs.fedoraproject.org"])
-    assert (image.compose_id, image.image_name, image.arch, image.sha256) == (
-        COMPOSE,
-        GOOD_TAGS[tags.IMAGE_NAME],
-        "x86_64",
-        SHA,
-    )
-    assert image.url == GOOD_TAGS[tags.IMAGE_URL] and image.release == "40"
-    assert ami.ami_name(image, "gp3").endswith(f"-hvm-gp3-{SHA[:16]}")
-
-
-@pytest.mark.parametrize(
-    "change",
-    [
-        {tags.COMPOSE_ID: ""},
-        {tags.IMAGE_URL: ""},
-        {tags.SHA256: "not-a-sha"},
-        {tags.ARCH: "ppc64le"},
-        {tags.IMAGE_URL: "file:///etc/passwd"},
-        {tags.IMAGE_URL: "https://evil.example/x.raw.xz"},
-        {tags.IMAGE_URL: "https://user:pw@kojipkgs.fedoraproject.org/x.raw.xz"},
-    ],
-)
-def test_image_from_tags_refuses_unusable_tags(change: dict[str, str]) -> None:
-    with pytest.raises(ValueError):
-        image_from_tags({**GOOD_TAGS, **change}, ["kojipkgs.fedoraproject.org"])
-
-
-def test_outcome_text_and_failure() -> None:
-    assert Outcome("ami-1", "wait", "waiting").text == "wait: waiting"
-    assert Outcome("ami-1", "released").text == "released"
-    assert [Outcome("x", a).failed for a in ("error", "promoting", "gave-up", "resumed")] == [
-        True,
-        True,
-        True,
-        False,
-    ]
-
-
-# -- the pass against moto ------------------------------------------------------------------
+MUTATIONS = ("StartSnapshot", "RegisterImage", "DeleteSnapshot", "DeregisterImage", "CopyImage")
 
 
 @dataclass
 class World:
-    """moto, a generated compose on loopback, a Stager and a Promoter sharing one clock."""
+    """moto, a generated compose on loopback, and engines sharing one clock and state dir."""
 
     aws: RecordingAws
     tree: ComposeTree
@@ -312,15 +57,16 @@ class World:
     results: DummyResults
     cfg: FedimgConfig
     now: datetime
-    stagers: list[Stager] = field(default_factory=list)
+    state_dir: Path
+    engines: list[Engine] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.start = self.now
 
     @property
     def staged_at(self) -> datetime:
         """When the images in this world were staged (whole seconds, as the tag)."""
         return self.start.replace(microsecond=0)
-
-    def __post_init__(self) -> None:
-        self.start = self.now
 
     def clock(self) -> datetime:
         return self.now
@@ -332,36 +78,30 @@ class World:
     def ec2(self) -> Any:
         return self.aws.ec2(STAGING)
 
-    def stager(self) -> Stager:
-        stager = Stager(
+    def engine(self) -> Engine:
+        """A new engine, as a restarted hub: nothing shared but AWS and the state directory."""
+        emitter = Emitter(self.recorder)
+        timing = Timing(copy_timeout=60, retry_timeout=10, poll_interval=1)
+        promoter = Promoter(
+            self.cfg, emitter, self.aws, now=self.clock, clock=FakeClock().clock(), timing=timing
+        )
+        built = make_engine(
             self.cfg,
-            Emitter(self.recorder),
+            emitter,
             self.aws,
-            make_session(0, 5.0),
+            self.state_dir,
+            session=make_session(0, 5.0),
+            results=self.results,
+            promoter=promoter,
+            now=self.clock,
             available_timeout=5.0,
             poll_interval=0.05,
         )
-        self.stagers.append(stager)
-        return stager
-
-    def promoter(self) -> Promoter:
-        timing = Timing(copy_timeout=60, retry_timeout=10, poll_interval=1)
-        return Promoter(
-            self.cfg,
-            Emitter(self.recorder),
-            self.aws,
-            self.results,
-            now=self.clock,
-            clock=FakeClock().clock(),
-            timing=timing,
-        )
-
-    def reconciler(self, stager: Stager | None = None) -> Reconciler:
-        return Reconciler(self.promoter(), stager or self.stager(), now=self.clock)
+        self.engines.append(built)
+        return built
 
     def image(self, arch: str = "x86_64") -> Any:
-        built = next(b for b in self.tree.raw_images() if b.spec.arch == arch)
-        return built
+        return next(b for b in self.tree.raw_images() if b.spec.arch == arch)
 
     def image_tags(self, arch: str = "x86_64", state: str = "testing") -> dict[str, str]:
         built = self.image(arch)
@@ -385,17 +125,17 @@ class World:
             )["Snapshots"]
         )
 
+    def snapshot_ids(self, arch: str = "x86_64") -> list[str]:
+        return sorted(s["SnapshotId"] for s in self.snapshots(arch))
+
     def amis(self) -> list[dict[str, Any]]:
         return list(self.ec2.describe_images(Owners=["self"])["Images"])
 
-    def half_written(self, arch: str = "x86_64") -> str:
+    def half_written(self, arch: str = "x86_64", **overrides: str) -> str:
         """What a stage killed mid-upload leaves: a started snapshot, one block in it."""
         ebs = self.aws.ebs(STAGING)
-        started = ebs.start_snapshot(
-            VolumeSize=1,
-            Timeout=60,
-            Tags=tags.as_list(self.image_tags(arch)),
-        )
+        found = {**self.image_tags(arch), **overrides}
+        started = ebs.start_snapshot(VolumeSize=1, Timeout=60, Tags=tags.as_list(found))
         block = b"\x01" * 524288
         ebs.put_snapshot_block(
             SnapshotId=started["SnapshotId"],
@@ -409,16 +149,14 @@ class World:
 
     def completed(self, arch: str = "x86_64", **extra: str) -> str:
         """A snapshot stage finished (marked uploaded), its AMI never registered."""
-        sid = self.half_written(arch)
+        sid = self.half_written(arch, **{k: v for k, v in extra.items() if k != tags.RESUMED})
         marks = {tags.UPLOADED: "2026-06-01T08:01:00Z", **extra}
         self.ec2.create_tags(Resources=[sid], Tags=tags.as_list(marks))
         return sid
 
     def untagged_ami(self, arch: str = "x86_64", vol: str = "gp3") -> str:
         """register_image went through; the process died before tagging it."""
-        built = self.image(arch)
         image = image_from_tags(self.image_tags(arch))
-        assert image.sha256 == built.sha256
         return str(
             self.ec2.register_image(
                 Name=ami.ami_name(image, vol),
@@ -436,6 +174,10 @@ class World:
     def tags_of(self, ami_id: str) -> dict[str, str]:
         return tags.as_dict(self.ec2.describe_images(ImageIds=[ami_id])["Images"][0].get("Tags"))
 
+    def mutations(self) -> dict[str, int]:
+        """How many calls of each kind that changes AWS the engines sent (in staging)."""
+        return {op: len(self.aws.calls(op, STAGING)) for op in MUTATIONS}
+
 
 @pytest.fixture
 def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[RecordingAws]:
@@ -444,27 +186,23 @@ def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[RecordingAws]:
         yield RecordingAws()
 
 
-@pytest.fixture
-def world(aws: RecordingAws, tmp_path: Path, recorder: Recorder) -> Iterator[World]:
-    """A compose of two images (Cloud Base x86_64 and aarch64)."""
-    yield from _world(aws, tmp_path, recorder, (X86_SPEC, ARM_SPEC))
-
-
-@pytest.fixture
-def solo(aws: RecordingAws, tmp_path: Path, recorder: Recorder) -> Iterator[World]:
-    """A compose of one image (nothing else to find when it is staged again)."""
-    yield from _world(aws, tmp_path, recorder, (X86_SPEC,))
-
-
 X86_SPEC = ImageSpec("Cloud", "x86_64", "Cloud_Base", raw_mib=2, data_blocks=(0, 2), seed=11)
 ARM_SPEC = ImageSpec("Cloud", "aarch64", "Cloud_Base", raw_mib=2, data_blocks=(1,), seed=12)
 
 
+@pytest.fixture(scope="module")
+def trees(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ComposeTree]:
+    """The composes, built once for the module (the tests never change the files)."""
+    return {
+        "two": build_compose(tmp_path_factory.mktemp("two"), COMPOSE, (X86_SPEC, ARM_SPEC)),
+        "solo": build_compose(tmp_path_factory.mktemp("solo"), COMPOSE, (X86_SPEC,)),
+    }
+
+
 def _world(
-    aws: RecordingAws, tmp_path: Path, recorder: Recorder, specs: tuple[ImageSpec, ...]
+    aws: RecordingAws, tmp_path: Path, recorder: Recorder, tree: ComposeTree
 ) -> Iterator[World]:
-    results = DummyResults()
-    tree = build_compose(tmp_path / "compose", COMPOSE, specs)
+    state_dir = tmp_path / "state"
     cfg = FedimgConfig.from_fedmsg(
         {
             "fedimg.resultsdb_url": "http://resultsdb.test/api/v2.0",
@@ -475,13 +213,30 @@ def _world(
             "fedimg.gate.deadline": 6 * 3600.0,
             "fedimg.gate.retest_after": 3 * 3600.0,
             "fedimg.reconcile.orphan_grace": 2 * 3600.0,
+            "fedimg.state_dir": str(state_dir),
         }
     )
     with ComposeServer(tree.root) as server:
-        w = World(aws, tree, server, recorder, results, cfg, datetime.now(UTC))
+        w = World(aws, tree, server, recorder, DummyResults(), cfg, datetime.now(UTC), state_dir)
         yield w
-        for stager in w.stagers:
-            stager.close()
+        for built in w.engines:
+            built.close()
+
+
+@pytest.fixture
+def world(
+    aws: RecordingAws, tmp_path: Path, recorder: Recorder, trees: dict[str, ComposeTree]
+) -> Iterator[World]:
+    """A compose of two images (Cloud Base x86_64 and aarch64)."""
+    yield from _world(aws, tmp_path, recorder, trees["two"])
+
+
+@pytest.fixture
+def solo(
+    aws: RecordingAws, tmp_path: Path, recorder: Recorder, trees: dict[str, ComposeTree]
+) -> Iterator[World]:
+    """A compose of one image."""
+    yield from _world(aws, tmp_path, recorder, trees["solo"])
 
 
 def _tests_requested(recorder: Recorder) -> list[str]:
@@ -490,10 +245,14 @@ def _tests_requested(recorder: Recorder) -> list[str]:
     ]
 
 
-def _run(world: World, stager: Stager | None = None) -> tuple[dict[str, str], list[Outcome]]:
-    report = world.reconciler(stager).run()
+def _run(world: World, engine: Engine | None = None) -> tuple[dict[str, str], list[Outcome]]:
+    """One pass of a new engine; (resource -> text, the outcomes of the stages it started)."""
+    report = (engine or world.engine()).reconcile()
     restaged = report.wait(timeout=60)
     return {o.resource: o.text for o in report.outcomes}, restaged
+
+
+# -- AMIs: the gate and the retest ---------------------------------------------------------
 
 
 def test_testing_ami_without_results_gets_its_test_requested_once_then_rejected(
@@ -511,9 +270,9 @@ def test_testing_ami_without_results_gets_its_test_requested_once_then_rejected(
     assert outcomes[ami_id].startswith("retest")
     assert _tests_requested(world.recorder) == [ami_id]
     assert world.tags_of(ami_id)[tags.TEST_REQUESTED] == "1"
-    (request,) = [b for b in world.recorder.bodies("fedimg.image.test")]
+    (request,) = world.recorder.bodies("fedimg.image.test")
     assert request["compose_id"] == COMPOSE and request["destination"] == STAGING
-    # The tag went out before the message: AWS saw create_tags first.
+    # The count went to AWS (what was SENT), before the message.
     tagged = world.aws.calls("CreateTags", STAGING)
     assert any({"Key": tags.TEST_REQUESTED, "Value": "1"} in c["Tags"] for c in tagged), tagged
 
@@ -527,69 +286,107 @@ def test_testing_ami_without_results_gets_its_test_requested_once_then_rejected(
     assert outcomes[ami_id].startswith("reject: no results")
     assert world.tags_of(ami_id)[tags.STATE] == "rejected"
     assert _tests_requested(world.recorder) == [ami_id]
+    assert world.aws.calls("CopyImage") == []
 
 
 def test_no_retest_while_resultsdb_is_down_or_results_are_in(world: World) -> None:
     down, passed = world.tagged_ami("x86_64"), world.tagged_ami("aarch64")
     world.results.add(passed, "autocloud.ami.selinux", "PASSED")  # not the required one
-    world.now = world.staged_at + timedelta(hours=4)
+    world.now = world.staged_at + timedelta(hours=7)  # past the deadline, too
     world.results.set_down(True)
     outcomes, _ = _run(world)
     assert outcomes[down].startswith("wait") and outcomes[passed].startswith("wait")
     assert _tests_requested(world.recorder) == []
     assert tags.TEST_REQUESTED not in world.tags_of(down)
+    assert world.tags_of(down)[tags.STATE] == "testing"  # never rejected without ResultsDB
 
     world.results.set_down(False)
     world.results.add(down, TESTCASE, "PASSED")
+    world.now = world.staged_at + timedelta(hours=4)
     outcomes, _ = _run(world)
     assert outcomes[down].startswith("release")
     assert outcomes[passed].startswith("retest")  # only a non-required result came
     assert _tests_requested(world.recorder) == [passed]
 
 
-def test_half_written_snapshot_is_deleted_and_the_image_staged_again(solo: World) -> None:
+# -- what a killed stage left -----------------------------------------------------------------
+
+
+def test_a_half_written_snapshot_is_kept_until_its_replacement_exists(solo: World) -> None:
     partial = solo.half_written()
-    solo.later(3 * HOUR)
+    solo.later(PAST_GRACE)
     outcomes, restaged = _run(solo)
     name = solo.image().image_name
-    assert outcomes[name].startswith("resumed: upload never finished")
-    assert [o.action for o in restaged] == ["staged"]
-    snaps = solo.snapshots()
-    assert partial not in [s["SnapshotId"] for s in snaps]
-    (fresh,) = snaps
-    assert tags.UPLOADED in tags.as_dict(fresh["Tags"])
+    assert outcomes == {}  # no AMI to gate, no intent: only the leftover's stage
+    assert [o.action for o in restaged] == ["staged"] and restaged[0].resource == name
     (image,) = solo.amis()
     assert solo.tags_of(image["ImageId"])[tags.STATE] == "testing"
     assert _tests_requested(solo.recorder) == [image["ImageId"]]
     assert len(solo.aws.calls("StartSnapshot", STAGING)) == 2  # ours, then the new upload
-    # The next pass finds nothing left to do.
-    outcomes, restaged = _run(solo)
-    assert name not in outcomes and restaged == []
+    # The only trace of the unfinished upload outlived the pass that replaced it.
+    assert solo.aws.calls("DeleteSnapshot", STAGING) == []
+    fresh = [s for s in solo.snapshots() if s["SnapshotId"] != partial]
+    assert len(fresh) == 1 and tags.UPLOADED in tags.as_dict(fresh[0]["Tags"])
+    assert partial in solo.snapshot_ids()
+
+    # The next pass finds the replacement in place and removes the leftover.
+    before = solo.mutations()
+    _run(solo)
+    assert [c["SnapshotId"] for c in solo.aws.calls("DeleteSnapshot", STAGING)] == [partial]
+    assert solo.snapshot_ids() == [fresh[0]["SnapshotId"]]
+    assert {k: v for k, v in solo.mutations().items() if k != "DeleteSnapshot"} == {
+        k: v for k, v in before.items() if k != "DeleteSnapshot"
+    }
+    # And the one after that does nothing at all.
+    before = solo.mutations()
+    _run(solo)
+    assert solo.mutations() == before
+    assert len(solo.amis()) == 1 and _tests_requested(solo.recorder) == [image["ImageId"]]
 
 
 def test_completed_snapshot_without_ami_resumes_without_uploading(solo: World) -> None:
     sid = solo.completed()
-    solo.later(3 * HOUR)
+    solo.later(PAST_GRACE)
     starts_before = len(solo.aws.calls("StartSnapshot", STAGING))
-    outcomes, restaged = _run(solo)
-    assert outcomes[solo.image().image_name].startswith("resumed")
+    _, restaged = _run(solo)
     assert [o.action for o in restaged] == ["staged"]
     assert len(solo.aws.calls("StartSnapshot", STAGING)) == starts_before
+    assert solo.server.hits_of(solo.image().path) == 0  # not even downloaded
     (register,) = solo.aws.calls("RegisterImage", STAGING)
     assert register["BlockDeviceMappings"][0]["Ebs"]["SnapshotId"] == sid
     snap_tags = tags.as_dict(solo.snapshots()[0]["Tags"])
     assert snap_tags[tags.RESUMED] == "1"
+    # The resume was counted (CreateTags) before the AMI was registered.
+    sent = [(op, p) for _, op, p in solo.aws.sent if op in ("CreateTags", "RegisterImage")]
+    counted = [
+        n
+        for n, (op, p) in enumerate(sent)
+        if op == "CreateTags" and {"Key": tags.RESUMED, "Value": "1"} in p["Tags"]
+    ]
+    registered = [n for n, (op, _) in enumerate(sent) if op == "RegisterImage"]
+    assert len(counted) == 1 and counted[0] < registered[0]
     assert len(_tests_requested(solo.recorder)) == 1
+
+
+def test_an_image_url_no_longer_served_still_resumes_from_its_snapshot(world: World) -> None:
+    moved = {tags.IMAGE_URL: f"{world.server.base_url}/elsewhere/{world.image().image_name}"}
+    world.completed(**moved)
+    world.later(PAST_GRACE)
+    outcomes, restaged = _run(world)
+    assert [o.action for o in restaged] == ["staged"]  # from the snapshot: no download
+    assert not world.server.hits
+    assert world.image("aarch64").image_name not in outcomes
+    assert len(world.amis()) == 1
 
 
 def test_untagged_ami_is_adopted_not_registered_again(solo: World) -> None:
     solo.completed()
     orphan = solo.untagged_ami()
-    solo.later(3 * HOUR)
+    solo.later(PAST_GRACE)
     registered = len(solo.aws.calls("RegisterImage", STAGING))
-    outcomes, restaged = _run(solo)
-    assert outcomes[solo.image().image_name].startswith("resumed")
+    _, restaged = _run(solo)
     assert [o.action for o in restaged] == ["staged"]
+    assert orphan in restaged[0].detail
     assert len(solo.aws.calls("RegisterImage", STAGING)) == registered
     assert [i["ImageId"] for i in solo.amis()] == [orphan]
     found = solo.tags_of(orphan)
@@ -597,35 +394,62 @@ def test_untagged_ami_is_adopted_not_registered_again(solo: World) -> None:
     assert _tests_requested(solo.recorder) == [orphan]
     uploads = [b["status"] for b in solo.recorder.bodies("fedimg.image.upload")]
     assert uploads == ["completed"]
+    assert solo.aws.calls("DeleteSnapshot", STAGING) == []  # the AMI's snapshot stays
 
 
 def test_leftovers_within_the_grace_period_or_being_staged_are_left_alone(world: World) -> None:
     partial = world.half_written()
-    outcomes, restaged = _run(world)
-    assert outcomes == {} and restaged == []
-    world.later(3 * HOUR)
-    stager = world.stager()
+    world.completed("aarch64")
+    orphan = world.untagged_ami("aarch64")
+    before = world.mutations()
+    _, restaged = _run(world)
+    assert len(restaged) == 2 and not any(o.failed for o in restaged)
+    assert world.mutations() == before
+    assert world.tags_of(orphan) == {}  # not adopted yet either: its hub may be alive
+
+    world.later(PAST_GRACE)
     busy_sha = world.image().sha256
-    with stager._image_lock(busy_sha):  # this process is staging that image right now
-        assert stager.busy(busy_sha)
-        outcomes, restaged = _run(world, stager)
-    assert outcomes == {} and restaged == []
-    assert [s["SnapshotId"] for s in world.snapshots()] == [partial]
-    assert world.aws.calls("DeleteSnapshot", STAGING) == []
+    with Guard(world.state_dir).hold(f"image-{busy_sha}") as got:  # another process has it
+        assert got
+        _, restaged = _run(world)
+    assert not any(o.failed for o in restaged)
+    assert world.snapshot_ids() == [partial]
+    assert world.mutations() == before
+    # The lock is per image: the other one was adopted meanwhile.
+    assert world.tags_of(orphan)[tags.STATE] == "testing"
 
 
-def test_gives_up_after_max_resumes(world: World, caplog: pytest.LogCaptureFixture) -> None:
-    sid = world.completed(**{tags.RESUMED: "3"})
-    orphan = world.untagged_ami()
-    world.later(3 * HOUR)
-    with caplog.at_level(logging.WARNING, logger="fedimg.reconcile"):
-        outcomes, restaged = _run(world)
-    assert outcomes[world.image().image_name].startswith("gave-up")
-    assert restaged == []
-    assert world.snapshots() == [] and world.amis() == []
-    assert [c["SnapshotId"] for c in world.aws.calls("DeleteSnapshot", STAGING)] == [sid]
-    assert [c["ImageId"] for c in world.aws.calls("DeregisterImage", STAGING)] == [orphan]
-    assert any(r.levelno >= logging.WARNING for r in caplog.records)
+def test_a_leftover_left_alone_is_not_reported_as_staged(world: World) -> None:
+    world.half_written()
+    _, restaged = _run(world)
+    assert [o.action for o in restaged] != ["staged"]
+
+
+def test_gives_up_after_max_resumes(solo: World) -> None:
+    sid = solo.completed(**{tags.RESUMED: "3"})
+    solo.later(PAST_GRACE)
+    _, restaged = _run(solo)
+    assert [o.action for o in restaged] == ["error"]
+    assert restaged[0].failed
+    assert solo.snapshots() == [] and solo.amis() == []
+    assert [c["SnapshotId"] for c in solo.aws.calls("DeleteSnapshot", STAGING)] == [sid]
+    assert solo.aws.calls("RegisterImage", STAGING) == []
+    failed = [b for b in solo.recorder.bodies("fedimg.image.upload") if b["status"] == "failed"]
+    assert len(failed) == 1 and failed[0]["image_name"] == solo.image().image_name
+    # Nothing left: the next pass has nothing to give up on again.
+    before = solo.mutations()
+    _, restaged = _run(solo)
+    assert restaged == [] and solo.mutations() == before
+
+
+def test_an_untagged_ami_is_adopted_even_after_max_resumes(solo: World) -> None:
+    solo.completed(**{tags.RESUMED: "3"})
+    orphan = solo.untagged_ami()
+    solo.later(PAST_GRACE)
+    _, restaged = _run(solo)
+    assert [o.action for o in restaged] == ["staged"]
+    assert solo.tags_of(orphan)[tags.STATE] == "testing"
+    assert solo.aws.calls("DeregisterImage", STAGING) == []
 
 
 def test_leftover_beside_a_promoted_image_is_deleted_and_never_published(world: World) -> None:
@@ -633,172 +457,124 @@ def test_leftover_beside_a_promoted_image_is_deleted_and_never_published(world: 
     ami_id = world.tagged_ami()
     partial = world.half_written()
     world.results.add(ami_id, TESTCASE, "PASSED")
-    world.later(3 * HOUR)
-    outcomes, restaged = _run(world)
-    assert outcomes[ami_id] == "release: passed: autocloud.ami.all"
-    assert restaged == []
+    world.later(PAST_GRACE)
+    registered = len(world.aws.calls("RegisterImage", STAGING))
+    outcomes, _ = _run(world)
+    assert outcomes[ami_id].startswith("release")
     assert world.tags_of(ami_id)[tags.STATE] == "released"
     published = [c["SnapshotId"] for c in world.aws.calls("ModifySnapshotAttribute", STAGING)]
     assert sid in published and partial not in published  # (moto adds a made-up one too)
-    assert [s["SnapshotId"] for s in world.snapshots()] == [sid]
+    assert world.snapshot_ids() == [sid]
     assert [c["SnapshotId"] for c in world.aws.calls("DeleteSnapshot", STAGING)] == [partial]
-    assert ami_id in outcomes and len(world.amis()) == 1
+    assert len(world.amis()) == 1
+    assert len(world.aws.calls("RegisterImage", STAGING)) == registered
 
 
 def test_unusable_tags_are_reported_and_nothing_is_deleted(world: World) -> None:
-    ebs = world.aws.ebs(STAGING)
-    bad = {**world.image_tags(), tags.IMAGE_URL: "https://elsewhere.example/x.raw.xz"}
-    sid = ebs.start_snapshot(VolumeSize=1, Timeout=60, Tags=tags.as_list(bad))["SnapshotId"]
-    world.later(3 * HOUR)
+    bad = world.half_written(**{tags.IMAGE_URL: "https://elsewhere.example/x.raw.xz"})
+    world.later(PAST_GRACE)
+    before = world.mutations()
     outcomes, restaged = _run(world)
-    text = outcomes[world.image().image_name]
-    assert text.startswith("error") and "not in the allowed" in text
-    assert restaged == []
+    # Its image is found (any host), but a new upload would download from a
+    # host no longer allowed: an error every pass, and nothing is done.
+    assert [o.action for o in restaged] == ["error"] and "not downloading" in restaged[0].detail
+    assert world.mutations() == before
     assert world.aws.calls("DeleteSnapshot", STAGING) == []
-    assert sid in [s["SnapshotId"] for s in world.snapshots()]
+    assert bad in world.snapshot_ids()
     # Tags that do not even name an image: an error too, nothing touched.
-    garbage = {**world.image_tags("aarch64"), tags.ARCH: "sparc"}
-    ebs.start_snapshot(VolumeSize=1, Timeout=60, Tags=tags.as_list(garbage))
-    outcomes, _ = _run(world)
-    assert outcomes[world.image("aarch64").image_name].startswith("error: unusable tags")
-    assert world.aws.calls("DeleteSnapshot", STAGING) == []
+    garbage = world.half_written("aarch64", **{tags.ARCH: "sparc"})
+    before = world.mutations()
+    outcomes, restaged = _run(world)
+    assert outcomes[garbage].startswith("error: unusable tags")
+    assert [o.action for o in restaged] == ["error"]  # reported every pass
+    assert world.mutations() == before
 
 
 def test_a_host_no_longer_allowed_does_not_matter_while_nothing_needs_staging(
     world: World,
 ) -> None:
-    moved = {tags.IMAGE_URL: "https://elsewhere.example/x.raw.xz"}
-    world.completed(**moved)
+    world.completed(**{tags.IMAGE_URL: "https://elsewhere.example/x.raw.xz"})
     ami_id = world.tagged_ami()
-    world.later(3 * HOUR)
+    world.later(PAST_GRACE)
     outcomes, restaged = _run(world)
-    assert world.image().image_name not in outcomes and restaged == []
-    assert outcomes[ami_id].startswith(("wait", "retest"))
+    assert set(outcomes) == {ami_id} and outcomes[ami_id].startswith(("wait", "retest"))
+    assert not any(o.failed for o in restaged)
 
 
-def test_without_a_stager_only_amis_are_reconciled(world: World) -> None:
+def test_with_stage_disabled_only_amis_are_reconciled(world: World) -> None:
     world.half_written()
     ami_id = world.tagged_ami("aarch64")
-    world.later(3 * HOUR)
-    report = Reconciler(world.promoter(), None, now=world.clock).run()
-    assert [o.resource for o in report.outcomes] == [ami_id]
-    assert world.aws.calls("DeleteSnapshot", STAGING) == []
-    # The promote module's entry point is the same AMI pass.
-    assert [a for a, _ in promote_reconcile(world.promoter())] == [ami_id]
-
-
-def test_run_by_hand_prints_every_outcome_and_fails_on_errors(world: World) -> None:
-    world.completed()
-    ami_id = world.tagged_ami("aarch64")
-    world.results.add(ami_id, TESTCASE, "PASSED")
-    world.later(3 * HOUR)
-    lines: list[str] = []
-    assert run_by_hand(world.promoter(), world.stager(), lines.append) == 0
-    by_resource = dict(line.split("\t", 1) for line in lines)
-    name = world.image().image_name
-    assert by_resource[ami_id].startswith("release")
-    assert by_resource[name].startswith("staged: gp3 ami-")  # the wait for the restage
-
-    # A restage that fails makes the run fail.
-    bad = world.completed("aarch64")
-    world.aws.faults[(STAGING, "RegisterImage")] = ["*UnauthorizedOperation"]
-    for image in world.amis():
-        world.ec2.deregister_image(ImageId=image["ImageId"])
-    lines.clear()
-    assert run_by_hand(world.promoter(), world.stager(), lines.append) == 1
-    assert any(line.split("\t")[1].startswith("error") for line in lines), lines
-    assert bad in [s["SnapshotId"] for s in world.snapshots("aarch64")]  # kept to resume
-
-
-def test_cli_reconcile_builds_the_pass_from_the_config(
-    world: World, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    ami_id = world.tagged_ami()
-    world.results.add(ami_id, TESTCASE, "FAILED")
-    monkeypatch.setattr(Promoter, "from_config", classmethod(lambda cls, *a, **k: world.promoter()))
-    monkeypatch.setattr(Stager, "from_config", classmethod(lambda cls, *a, **k: world.stager()))
-    assert cli_reconcile(world.cfg, Emitter(world.recorder)) == 0
-    assert f"{ami_id}\treject: failed" in capsys.readouterr().out
-    assert world.tags_of(ami_id)[tags.STATE] == "rejected"
-
-
-def test_reconcile_entry_point_logs_a_summary(world: World) -> None:
-    ami_id = world.tagged_ami()
-    report = reconcile(world.promoter(), world.stager())
-    assert [(o.resource, o.action) for o in report.outcomes] == [(ami_id, "wait")]
-    assert report.restages == {}
+    engine = world.engine()
+    engine.intents.record(Intent(COMPOSE, world.server.url, "40"))
+    world.later(PAST_GRACE)
+    before = world.mutations()
+    report = engine.reconcile(stage=False)
+    assert [o.resource for o in report.outcomes] == [ami_id] and report.stages == {}
+    assert world.mutations() == before
+    assert engine.intents.compose_ids() == [COMPOSE]  # kept for a pass that stages
+    assert not world.server.hits  # the compose was not even read
 
 
 def test_aws_refusing_the_listings_is_an_error_outcome_not_a_crash(world: World) -> None:
     world.aws.faults[(STAGING, "DescribeImages")] = ["*UnauthorizedOperation"]
     world.aws.faults[(STAGING, "DescribeSnapshots")] = ["*UnauthorizedOperation"]
-    report = world.reconciler().run()
+    report = world.engine().reconcile()
     assert [(o.resource, o.action) for o in report.outcomes] == [
         ("amis", "error"),
         ("snapshots", "error"),
     ]
-    lines: list[str] = []
-    assert run_by_hand(world.promoter(), world.stager(), lines.append) == 1
-    assert len(lines) == 2
 
 
-def test_stager_submits_an_image_once_while_it_is_queued_or_running(world: World) -> None:
-    stager = world.stager()
-    image = image_from_tags(world.image_tags(), ["127.0.0.1"])
-    assert not stager.busy(image.sha256)
-    with stager._image_lock(image.sha256):  # the worker waits here, the image stays busy
-        first = stager.submit_image(image)
-        assert first is not None
-        assert stager.submit_image(image) is None
-        assert stager.busy(image.sha256)
-    (outcome,) = first.result(timeout=60)
-    assert outcome.status == "staged" and outcome.ami_id
-    assert not stager.busy(image.sha256)
-    again = stager.submit_image(image)
-    assert again is not None
-    assert [o.status for o in again.result(timeout=60)] == ["existing"]
+# -- the CLI ----------------------------------------------------------------------------------
 
 
-def test_location_candidates_walk_up_from_the_image_file() -> None:
-    url = "https://kojipkgs.example/compose/40/F-40/compose/Cloud/x86_64/images/f.raw.xz"
-    assert location_candidates(url) == [
-        "https://kojipkgs.example/compose/40/F-40/compose/Cloud/x86_64/images",
-        "https://kojipkgs.example/compose/40/F-40/compose/Cloud/x86_64",
-        "https://kojipkgs.example/compose/40/F-40/compose/Cloud",
-        "https://kojipkgs.example/compose/40/F-40/compose",
-        "https://kojipkgs.example/compose/40/F-40",
-        "https://kojipkgs.example/compose/40",
-    ]
-    assert location_candidates(url, limit=2) == location_candidates(url)[:2]
-    assert location_candidates("https://h/f.raw.xz?x=1") == []
-    for bad in ("", "not a url", "https://host-only"):
-        assert location_candidates(bad) == []
+@pytest.fixture
+def cli(world: World, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """``cli_reconcile`` builds its engine on the world; returns the printed lines."""
+    monkeypatch.setattr(Engine, "from_config", classmethod(lambda cls, *a, **k: world.engine()))
+    return []
 
 
-def test_images_of_the_compose_that_never_started_are_staged_too(world: World) -> None:
-    world.half_written("x86_64")  # the crash came while the aarch64 image waited its turn
-    world.later(3 * HOUR)
-    outcomes, restaged = _run(world)
-    arm = world.image("aarch64").image_name
-    assert outcomes[world.image().image_name].startswith("resumed: upload never finished")
-    assert outcomes[arm] == "resumed: never started: staging it now"
-    assert sorted(o.action for o in restaged) == ["staged", "staged"]
-    assert len(world.amis()) == 2
-    assert len(_tests_requested(world.recorder)) == 2
-    # Everything is there now: the next pass stages nothing.
-    outcomes, restaged = _run(world)
-    assert restaged == [] and arm not in outcomes
-
-
-def test_a_compose_not_found_again_resumes_only_the_image_with_a_trace(
-    world: World, caplog: pytest.LogCaptureFixture
+def test_cli_reconcile_prints_every_outcome_and_fails_on_errors(
+    world: World, cli: list[str]
 ) -> None:
-    moved = {tags.IMAGE_URL: f"{world.server.base_url}/elsewhere/{world.image().image_name}"}
-    world.completed(**moved)
-    world.later(3 * HOUR)
-    with caplog.at_level(logging.WARNING, logger="fedimg.reconcile"):
-        outcomes, restaged = _run(world)
-    assert [o.action for o in restaged] == ["staged"]  # from the snapshot: no download
-    assert world.image("aarch64").image_name not in outcomes
-    assert len(world.amis()) == 1
-    assert any(r.levelno == logging.WARNING for r in caplog.records)
+    world.completed()
+    ami_id = world.tagged_ami("aarch64")
+    world.results.add(ami_id, TESTCASE, "PASSED")
+    world.later(PAST_GRACE)
+    assert cli_reconcile(world.cfg, Emitter(world.recorder), cli.append) == 0
+    by_resource = dict(line.split("\t", 1) for line in cli)
+    name = world.image().image_name
+    assert set(by_resource) == {ami_id, name}
+    assert by_resource[ami_id].startswith("release")
+    assert by_resource[name].startswith("staged: gp3 ami-")  # it waited for the restage
+
+    # A restage that fails makes the run fail, and keeps the snapshot to resume from.
+    bad = world.completed("aarch64")
+    world.aws.faults[(STAGING, "RegisterImage")] = ["*UnauthorizedOperation"]
+    for image in world.amis():
+        world.ec2.deregister_image(ImageId=image["ImageId"])
+    cli.clear()
+    assert cli_reconcile(world.cfg, Emitter(world.recorder), cli.append) == 1
+    assert any(line.split("\t")[1].startswith("error") for line in cli), cli
+    assert bad in world.snapshot_ids("aarch64")
+
+
+def test_cli_reconcile_gates_and_prints(world: World, cli: list[str]) -> None:
+    ami_id = world.tagged_ami()
+    world.results.add(ami_id, TESTCASE, "FAILED")
+    assert cli_reconcile(world.cfg, Emitter(world.recorder), cli.append) == 0
+    assert len(cli) == 1 and cli[0].startswith(f"{ami_id}\treject")
+    assert world.tags_of(ami_id)[tags.STATE] == "rejected"
+
+
+def test_cli_reconcile_fails_when_aws_refuses_the_listings(world: World, cli: list[str]) -> None:
+    world.aws.faults[(STAGING, "DescribeImages")] = ["*UnauthorizedOperation"]
+    world.aws.faults[(STAGING, "DescribeSnapshots")] = ["*UnauthorizedOperation"]
+    assert cli_reconcile(world.cfg, Emitter(world.recorder), cli.append) == 1
+    assert [line.split("\t")[0] for line in cli] == ["amis", "snapshots"]
+
+
+def test_cli_reconcile_with_nothing_to_do(world: World, cli: list[str]) -> None:
+    assert cli_reconcile(world.cfg, Emitter(world.recorder), cli.append) == 0
+    assert cli == [] and world.recorder.sent == []

@@ -17,6 +17,7 @@ even past its deadline) and releases -- once -- when ResultsDB is back.
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -32,10 +33,12 @@ from autocloud_ami.report import SUMMARY_TESTCASE, ResultsReporter
 from devel.resultsdb import ResultsDBServer
 from fedimg import tags
 from fedimg.aws import AwsClients
+from fedimg.engine import Engine
 from fedimg.messages import RESULT_NEW, Emitter, ResultNotice, StagedImage, parse_result_notice
-from fedimg.promote import Promoter, reconcile
+from fedimg.promote import Promoter
 from fedimg.results import ResultsDBSource
 from tests.conftest import Recorder
+from tests.engine_support import make_engine
 from tests.test_instance import SESSION
 from tests.test_job import TINY_SUITE, World, host
 from tests.test_promote import (
@@ -43,6 +46,7 @@ from tests.test_promote import (
     STAGING,
     TARGETS,
     FakeClock,
+    acted,
     copies_in,
     describe,
     launch_public,
@@ -86,16 +90,21 @@ class Chain:
     recorder: Recorder  # fedimg's messages
     now: list[datetime]
 
-    def promoter(self) -> Promoter:
+    def promoter(self) -> Engine:
         cfg = dataclasses.replace(make_cfg(), resultsdb_url=self.rdb.url)
         source = ResultsDBSource(self.rdb.url, max_retries=1, backoff_factor=0.0, timeout=5.0)
-        return Promoter(
+        aws = AwsClients(max_attempts=2, session=SESSION)
+        actuator = Promoter(
+            cfg, Emitter(self.recorder), aws, now=lambda: self.now[0], clock=FakeClock().clock()
+        )
+        return make_engine(
             cfg,
             Emitter(self.recorder),
-            AwsClients(max_attempts=2, session=SESSION),
-            source,
+            aws,
+            Path(tempfile.mkdtemp(prefix="fedimg-rdb-faults-")),
+            results=source,
+            promoter=actuator,
             now=lambda: self.now[0],
-            clock=FakeClock().clock(),
         )
 
     def request(self, ami: str) -> StagedImage:
@@ -161,7 +170,9 @@ def test_results_of_a_run_during_an_outage_are_kept_posted_in_order_and_gated_on
     assert chain.world.recorder.topics()[-1] == "autocloud.ami.success"  # the run itself is done
 
     # The gate looks while ResultsDB is down: it waits.
-    assert dict(reconcile(promoter))[ami].startswith("wait: ResultsDB unavailable")
+    assert dict(promoter.reconcile(stage=False).pairs())[ami].startswith(
+        "wait: ResultsDB unavailable"
+    )
     assert_untouched(chain, ami)
 
     # ResultsDB comes back, and goes down again right after the first result is stored.
@@ -174,10 +185,12 @@ def test_results_of_a_run_during_an_outage_are_kept_posted_in_order_and_gated_on
     (notice,) = chain.bus.parsed()
     assert notice.testcase != SUMMARY_TESTCASE
     decision = promoter.on_result(notice)
-    assert decision is not None and decision.wait
+    assert decision is not None and decision.action == "wait"
     # Back, with one per-test result and no summary yet: still nothing to decide on.
     chain.rdb.set_down(False)
-    assert dict(reconcile(promoter))[ami].startswith("wait: waiting for autocloud.ami.all")
+    assert dict(promoter.reconcile(stage=False).pairs())[ami].startswith(
+        "wait: waiting for autocloud.ami.all"
+    )
     assert_untouched(chain, ami)
 
     # The next flush (the sweep producer's) posts the rest, in order, summary last; the
@@ -189,7 +202,10 @@ def test_results_of_a_run_during_an_outage_are_kept_posted_in_order_and_gated_on
     rest = reporter.flush()
     chain.bus.on_publish.clear()
     assert (rest.posted, rest.pending) == (2, 0)
-    assert [d.verdict if d is not None else None for d in decisions] == ["wait", "release"]
+    assert [d.action if d is not None and acted(d) else None for d in decisions] == [
+        "wait",
+        "release",
+    ]
     assert_released_once(chain, ami)
 
     stored = chain.stored(ami)
@@ -201,8 +217,8 @@ def test_results_of_a_run_during_an_outage_are_kept_posted_in_order_and_gated_on
 
     # Late and replayed messages, and the next reconcile pass, change nothing.
     for n in chain.bus.parsed():
-        assert promoter.on_result(n) is None
-    assert ami not in dict(reconcile(promoter))
+        assert not acted(promoter.on_result(n))
+    assert ami not in dict(promoter.reconcile(stage=False).pairs())
     assert len(chain.releases()) == 1
 
 
@@ -216,16 +232,18 @@ def test_a_failing_run_reported_during_an_outage_is_rejected_never_released(
         deps = chain.world.deps(chain.world.cfg(ssh.port), suite=TINY_SUITE)
         result = run_job(chain.request(ami), deps)
     assert not result.passed and result.delivery is not None and result.delivery.spooled == 3
-    assert dict(reconcile(promoter))[ami].startswith("wait")
+    assert dict(promoter.reconcile(stage=False).pairs())[ami].startswith("wait")
     chain.now[0] = PAST_DEADLINE  # even past the deadline: no decision without ResultsDB
-    assert dict(reconcile(promoter))[ami].startswith("wait: ResultsDB unavailable")
+    assert dict(promoter.reconcile(stage=False).pairs())[ami].startswith(
+        "wait: ResultsDB unavailable"
+    )
     assert_untouched(chain, ami)
 
     chain.rdb.set_down(False)
     assert deps.reporter.flush().pending == 0  # type: ignore[attr-defined]
     assert [r["outcome"] for r in chain.stored(ami)][-1] == "FAILED"
     decisions = [promoter.on_result(n) for n in chain.bus.parsed()]
-    assert [d.verdict for d in decisions if d is not None][-1] == "reject"
+    assert [d.action for d in decisions if d is not None and acted(d)][-1] == "reject"
     assert state(ami) == "rejected"
     for region in TARGETS:
         assert copies_in(region, ami) == []
@@ -270,9 +288,9 @@ def test_the_gate_waits_through_a_resultsdb_outage_even_past_its_deadline(
     asked = chain.rdb.request_count("GET")
     for notice in (good_notice, bad_notice, good_notice):
         decision = promoter.on_result(notice)
-        assert decision is not None and decision.wait, decision
-        assert decision.reason.startswith("ResultsDB unavailable")
-    outcomes = dict(reconcile(promoter))
+        assert decision is not None and decision.action == "wait", decision
+        assert decision.detail.startswith("ResultsDB unavailable")
+    outcomes = dict(promoter.reconcile(stage=False).pairs())
     assert set(outcomes) == {good, bad}
     assert all(o.startswith("wait: ResultsDB unavailable") for o in outcomes.values()), outcomes
     assert chain.rdb.request_count("GET") >= asked + 5  # it did ask, every time
@@ -280,7 +298,7 @@ def test_the_gate_waits_through_a_resultsdb_outage_even_past_its_deadline(
     assert_untouched(chain, bad)
 
     chain.rdb.faults.clear()  # ResultsDB is back: the next pass decides both
-    outcomes = dict(reconcile(promoter))
+    outcomes = dict(promoter.reconcile(stage=False).pairs())
     assert outcomes[good].startswith("release") and outcomes[bad].startswith("reject")
     assert_released_once(chain, good)
     assert state(bad) == "rejected"
@@ -288,6 +306,6 @@ def test_the_gate_waits_through_a_resultsdb_outage_even_past_its_deadline(
         assert copies_in(region, bad) == []
     assert not launch_public(bad, STAGING)
     # Once decided, the notices and further passes change nothing.
-    assert promoter.on_result(good_notice) is None and promoter.on_result(bad_notice) is None
-    reconcile(promoter)
+    assert not acted(promoter.on_result(good_notice)) and not acted(promoter.on_result(bad_notice))
+    promoter.reconcile(stage=False)
     assert len(chain.releases()) == 1

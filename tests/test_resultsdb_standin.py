@@ -25,6 +25,8 @@ from devel.resultsdb import (
     PublishTimeout,
     ResultsDBServer,
     SerialPublisher,
+    amqp_bus,
+    fan_out,
     fedmsg_config_found,
     parse_new_result,
     parse_result_query,
@@ -32,6 +34,7 @@ from devel.resultsdb import (
     prev_next_urls,
 )
 from fedimg.messages import RESULT_NEW
+from tests.conftest import Recorder
 
 ROOT = Path(__file__).resolve().parents[1]
 AMI = "ami-0123456789abcdef0"
@@ -274,6 +277,30 @@ def test_serial_publisher_setup_failure_and_timeout() -> None:
     finally:
         release.set()
         pub.stop()
+
+
+def test_fan_out_hands_every_message_to_each_bus_even_when_one_fails(recorder: Any) -> None:
+    calls: list[str] = []
+
+    def broken(modname: str, topic: str, body: dict[str, Any]) -> None:
+        calls.append("broken")
+        raise OSError("broker down")
+
+    other = Recorder()
+    publish = fan_out(broken, recorder, other)
+    with pytest.raises(OSError, match="broker down"):
+        publish("resultsdb", "result.new", {"id": 1})
+    assert calls == ["broken"]
+    assert recorder.sent == other.sent == [("resultsdb", "result.new", {"id": 1})]
+    fan_out(recorder)("resultsdb", "result.new", {"id": 2})
+    assert recorder.topics() == ["resultsdb.result.new"] * 2
+
+
+def test_amqp_bus_needs_an_existing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        amqp_bus(tmp_path / "missing.toml")
+    with pytest.raises(FileNotFoundError):
+        amqp_bus(tmp_path)  # a directory is not a config
 
 
 # -- over HTTP, through the real client ----------------------------------------------

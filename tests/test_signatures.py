@@ -76,6 +76,7 @@ def hub_config(validate: bool, **crypto: Any) -> dict[str, Any]:
         "fedimg.health.enabled": True,
         "fedimg.stage.enabled": True,
         "fedimg.resultsdb_url": "http://127.0.0.1:9/api/v2.0",
+        "fedimg.state_dir": tempfile.mkdtemp(prefix="fedimg-signatures-"),
         **crypto,
     }
 
@@ -156,11 +157,11 @@ def test_topic_envelope_mismatch_is_dropped(recorder: Recorder) -> None:
     assert pongs(recorder) == []
 
 
-class FakeStager:
+class FakeEngine:
     def __init__(self) -> None:
         self.staged: list[Any] = []
 
-    def stage_compose(self, status: Any) -> list[Any]:
+    def accept_compose(self, status: Any) -> list[Any]:
         self.staged.append(status)
         return []
 
@@ -183,11 +184,11 @@ def test_an_unsigned_compose_stages_nothing_when_validation_is_on(
     recorder: Recorder, compose_body: dict[str, Any], validate: bool
 ) -> None:
     consumer = StageConsumer(FakeHub(hub_config(validate)))
-    consumer.stager.close()  # the real Stager's pool; a fake records instead of uploading
-    stager = FakeStager()
-    consumer.stager = stager  # type: ignore[assignment]
+    consumer.lifecycle.close()  # the real engine's pool; a fake records instead of staging
+    engine = FakeEngine()
+    consumer.lifecycle = engine
     consumer._consume(envelope(COMPOSE, compose_body))
-    assert len(stager.staged) == (0 if validate else 1)
+    assert len(engine.staged) == (0 if validate else 1)
 
 
 # -- x509, as Fedora signs -------------------------------------------------------------------------

@@ -1,0 +1,159 @@
+"""Observe: read AWS (staging region) and ResultsDB into ``fedimg.facts``; decide nothing.
+
+Every function here only describes. A ResultsDB outage becomes
+``Results(unavailable=...)`` (the plan waits); AWS errors propagate (the
+engine logs them and the next pass looks again).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any, Final
+
+from botocore.exceptions import ClientError
+
+from fedimg import ami, tags
+from fedimg.aws import error_code
+from fedimg.compose import CloudImage
+from fedimg.facts import AmiFacts, AmiLife, ImageFacts, Results, SnapshotFacts
+from fedimg.messages import ARCHES, RESULTSDB_ITEM_TYPE, SHA256_RE, InvalidMessage, check_http_url
+from fedimg.results import ResultsSource, ResultsUnavailable
+from fedimg.tags import State
+
+log = logging.getLogger(__name__)
+
+RAW_XZ: Final = "raw.xz"
+_NOT_FOUND: Final = frozenset({"InvalidAMIID.NotFound", "InvalidAMIID.Malformed"})
+
+
+def image_snapshots(ec2: Any, sha256: str, now: datetime) -> tuple[SnapshotFacts, ...]:
+    """Every snapshot of ours started for this image (any state), found by its sha256 tag."""
+    found: list[SnapshotFacts] = []
+    pages = ec2.get_paginator("describe_snapshots").paginate(
+        OwnerIds=["self"], Filters=[{"Name": f"tag:{tags.SHA256}", "Values": [sha256]}]
+    )
+    for page in pages:
+        for snap in page.get("Snapshots", []):
+            if tags.SOURCE_AMI in tags.as_dict(snap.get("Tags")):
+                continue  # a public copy's snapshot in this region, not a staging one
+            found.append(SnapshotFacts.from_aws(snap, now))
+    return tuple(found)
+
+
+def image_amis(ec2: Any, image: CloudImage, vol_types: Sequence[str]) -> dict[str, AmiFacts | None]:
+    """The staging AMI of every volume type (by deterministic name, then by tags)."""
+    found: dict[str, AmiFacts | None] = {}
+    for vol in vol_types:
+        described = ami.find_ami(ec2, ami.ami_name(image, vol), image.sha256, vol)
+        found[vol] = None if described is None else AmiFacts.from_aws(described)
+    return found
+
+
+def observe_image(
+    ec2: Any, image: CloudImage, vol_types: Sequence[str], now: datetime, *, busy: bool = False
+) -> ImageFacts:
+    return ImageFacts(
+        image=image,
+        snapshots=image_snapshots(ec2, image.sha256, now),
+        amis=image_amis(ec2, image, vol_types),
+        busy=busy,
+    )
+
+
+def describe_staging_ami(ec2: Any, ami_id: str) -> dict[str, Any] | None:
+    """Our AMI ``ami_id`` as EC2 describes it, or None if EC2 knows no such AMI of ours."""
+    try:
+        images = ec2.describe_images(ImageIds=[ami_id], Owners=["self"])["Images"]
+    except ClientError as exc:
+        if error_code(exc) in _NOT_FOUND:
+            return None
+        raise
+    return dict(images[0]) if images else None
+
+
+def ami_results(results: ResultsSource, ami_id: str, required: Sequence[str]) -> Results:
+    try:
+        latest = results.latest(ami_id, item_type=RESULTSDB_ITEM_TYPE, testcases=list(required))
+    except ResultsUnavailable as exc:
+        return Results(unavailable=str(exc) or type(exc).__name__)
+    return Results(latest=latest)
+
+
+def observe_ami(
+    described: Mapping[str, Any], results: ResultsSource, required: Sequence[str]
+) -> AmiLife:
+    """An AMI's facts, with its results when its state needs them (``testing``)."""
+    facts = AmiFacts.from_aws(described)
+    compose_id = facts.tags.get(tags.COMPOSE_ID, "?")
+    if facts.state is not State.TESTING or facts.broken:
+        return AmiLife(facts, compose_id)
+    return AmiLife(facts, compose_id, ami_results(results, facts.ami_id, required))
+
+
+def staged_amis(ec2: Any, states: Iterable[State] | None = None) -> list[dict[str, Any]]:
+    """Every fedimg AMI we own in a region, optionally only in ``states``, oldest first."""
+    wanted = [s.value for s in states or ()]
+    if wanted:
+        filters = [{"Name": f"tag:{tags.STATE}", "Values": wanted}]
+    else:
+        filters = [{"Name": "tag-key", "Values": [tags.STATE]}]
+    images: list[dict[str, Any]] = []
+    for page in ec2.get_paginator("describe_images").paginate(Owners=["self"], Filters=filters):
+        images.extend(page.get("Images", []))
+    return sorted(images, key=lambda i: (i.get("CreationDate", ""), i["ImageId"]))
+
+
+def testing_snapshots(ec2: Any) -> dict[str, list[dict[str, Any]]]:
+    """sha256 -> the staging snapshots of that image still tagged ``testing``."""
+    filters = [{"Name": f"tag:{tags.STATE}", "Values": [State.TESTING.value]}]
+    found: dict[str, list[dict[str, Any]]] = {}
+    pages = ec2.get_paginator("describe_snapshots").paginate(OwnerIds=["self"], Filters=filters)
+    for page in pages:
+        for snap in page.get("Snapshots", []):
+            snap_tags = tags.as_dict(snap.get("Tags"))
+            sha = snap_tags.get(tags.SHA256, "")
+            if sha and tags.SOURCE_AMI not in snap_tags:
+                found.setdefault(sha, []).append(snap)
+    return found
+
+
+def image_from_tags(
+    snapshot_tags: Mapping[str, str], allowed_hosts: Iterable[str] = ()
+) -> CloudImage:
+    """The compose image a fedimg snapshot was uploaded from, rebuilt from its tags.
+
+    ValueError when a tag is missing or unusable; the URL must still be an
+    allowed http(s) compose host. ``size`` is unknown (0): stage reads the
+    raw size from the file itself and checks the sha256 while streaming.
+    """
+    compose_id = snapshot_tags.get(tags.COMPOSE_ID, "")
+    image_name = snapshot_tags.get(tags.IMAGE_NAME, "")
+    url = snapshot_tags.get(tags.IMAGE_URL, "")
+    sha256 = snapshot_tags.get(tags.SHA256, "").lower()
+    arch = snapshot_tags.get(tags.ARCH, "")
+    if not (compose_id and image_name and url):
+        raise ValueError("compose id, image name or image URL tag missing")
+    if not SHA256_RE.match(sha256):
+        raise ValueError(f"sha256 tag {sha256[:80]!r} is not a sha256")
+    if arch not in ARCHES:
+        raise ValueError(f"arch tag {arch[:40]!r} is not one fedimg stages")
+    try:
+        check_http_url(url, tuple(allowed_hosts))
+    except InvalidMessage as exc:
+        raise ValueError(f"image URL tag refused: {exc}") from exc
+    return CloudImage(
+        compose_id=compose_id,
+        variant="",
+        arch=arch,
+        subvariant=snapshot_tags.get(tags.SUBVARIANT, ""),
+        format=RAW_XZ,
+        path=image_name,
+        url=url,
+        size=0,
+        sha256=sha256,
+        image_name=image_name,
+        type="raw-xz",
+        release=snapshot_tags.get(tags.RELEASE, ""),
+    )
