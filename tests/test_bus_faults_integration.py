@@ -545,7 +545,12 @@ def test_messages_published_while_the_hub_was_down_are_replayed_at_start(
             30,
             "the stage consumer to record the replayed compose message",
         )
-        assert (status_of(status_dir, "PromoteConsumer") or {}).get("msg_id") == result_id
+        # (its release is announced before that message is finished: wait for the end)
+        wait_until(
+            lambda: (status_of(status_dir, "PromoteConsumer") or {}).get("msg_id") == result_id,
+            30,
+            "the promote consumer to finish the replayed result",
+        )
         assert second.alive
         bus.wait_hub(second, timeout=30)
 
