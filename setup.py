@@ -39,13 +39,16 @@ setup(
         "hub": ["moksha.hub>=1.5.17,<1.6"],
         "test": [
             "pytest>=8,<10",
+            "pytest-timeout>=2.3,<3",  # every test has a deadline (pyproject: timeout)
             "hypothesis>=6.100,<7",
             "moto[server,ec2,ebs]>=5.2,<5.3",
+            "PyYAML>=6",  # the self-destruct cloud-config is parsed as cloud-init would
             "flask>=3,<4",
             "ruff>=0.6",
             "mypy>=1.10",
             "types-requests",
             "types-paramiko",
+            "types-PyYAML",
         ],
     },
     entry_points={

@@ -184,7 +184,7 @@ def promote_once(
         state_dir = Path(tempfile.mkdtemp(prefix="fedimg-bench-"))
         engine = Engine(
             cfg,
-            stager=Stager(cfg, emitter, aws, requests.Session()),  # type: ignore[arg-type]
+            stager=Stager(cfg, emitter, aws, requests.Session()),
             promoter=promoter,
             results=results,
             intents=IntentStore(state_dir),

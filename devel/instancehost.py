@@ -302,10 +302,15 @@ class InstanceOs(SshTestHost):
         return time.monotonic() >= self.boot_ready and self.up
 
 
-def boot_ready_at(launched: datetime | None, boot_delay: float, now: datetime) -> float:
+def boot_ready_at(
+    launched: datetime | None,
+    boot_delay: float,
+    now: datetime,
+    monotonic: Callable[[], float] = time.monotonic,
+) -> float:
     """The monotonic time logins start to work: ``boot_delay`` after the launch."""
     elapsed = (now - launched).total_seconds() if launched is not None else 0.0
-    return time.monotonic() + max(0.0, boot_delay - max(0.0, elapsed))
+    return monotonic() + max(0.0, boot_delay - max(0.0, elapsed))
 
 
 # -- the server -----------------------------------------------------------------------------

@@ -18,7 +18,10 @@ state lost at reboot, an empty journal, docker down, never accepting SSH
 and never sends a banner), hanging on commands matching ``hang_on``, dying
 after ``die_after`` commands (drops every connection and stays down), and
 ``boot_delay``/``key_delay`` (refuse SSH, then refuse the key, for a while:
-booting, and cloud-init not done yet).
+booting, and cloud-init not done yet). A delay of ``math.inf`` lasts until the
+test ends it with ``come_up()`` (boot, reboot) or ``install_keys()`` (key), so
+a test waits on what the client did (``refused``, ``key_refusals``), not on a
+clock.
 
 In process::
 
@@ -44,6 +47,7 @@ import argparse
 import base64
 import bz2
 import logging
+import math
 import posixpath
 import re
 import secrets
@@ -1723,7 +1727,10 @@ class _Server(paramiko.ServerInterface):
         return "publickey"
 
     def check_auth_publickey(self, username: str, key: paramiko.PKey) -> int:
-        if username != self.host.user or not self.host.keys_ready():
+        if username != self.host.user:
+            return AUTH_FAILED
+        if not self.host.keys_ready():
+            self.host.key_refusals += 1
             return AUTH_FAILED
         if not self.host.authorized(key):
             return AUTH_FAILED
@@ -1804,7 +1811,8 @@ class SshTestHost:
         self._keys_at = 0.0
         self._dead = False
         self.logins = 0
-        self.refused = 0
+        self.refused = 0  # connections reset while down (booting, rebooting)
+        self.key_refusals = 0  # logins refused before the key was in place
 
     # -- facts for tests ----------------------------------------------------
     @property
@@ -1837,6 +1845,19 @@ class SshTestHost:
 
     def keys_ready(self) -> bool:
         return time.monotonic() >= self._keys_at
+
+    def come_up(self) -> None:
+        """End the boot or reboot delay now (one of ``math.inf`` waits for this)."""
+        now = time.monotonic()
+        with self._lock:
+            self._down_until = now
+            if math.isinf(self._keys_at) and not math.isinf(self.key_delay):
+                self._keys_at = now + self.key_delay  # the key delay counts from the boot
+
+    def install_keys(self) -> None:
+        """End the key delay now: cloud-init has put the authorised keys in place."""
+        with self._lock:
+            self._keys_at = time.monotonic()
 
     # -- lifecycle ----------------------------------------------------------
     def __enter__(self) -> Self:

@@ -16,7 +16,9 @@ config = {
     # Where results that could not be posted (ResultsDB down, 5xx) wait, one
     # JSON file each, until the next sweep re-sends them in order. Results
     # ResultsDB refused (HTTP 400) land in <spool>/rejected/ for people.
-    "autocloud_ami.resultsdb_spool": "/var/tmp/autocloud_ami/spool",
+    # Whatever is in it gets posted as a result: a directory only the hub's
+    # user can write (not under a world-writable /tmp or /var/tmp).
+    "autocloud_ami.resultsdb_spool": "/var/spool/autocloud_ami",
     # The client's retries (with exponential backoff) and per-request timeout.
     "autocloud_ami.resultsdb_retries": 3,
     "autocloud_ami.resultsdb_backoff": 1.0,

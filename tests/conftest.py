@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from devel.bus import LocalBus
 
 # moto and boto3 must never reach a real AWS account from the tests.
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
@@ -43,7 +46,7 @@ def recorder() -> Recorder:
 
 
 @pytest.fixture
-def local_bus() -> Iterator[Any]:
+def local_bus() -> Iterator[LocalBus]:
     """A real fedmsg-relay on free loopback ports with a tap on its outbound socket."""
     from devel.bus import LocalBus
 

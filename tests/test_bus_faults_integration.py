@@ -10,10 +10,13 @@ deliveries, nothing done for what is not ours, the hub alive throughout --
 and, with fedmsg's backlog configured (status files + datagrepper), what was
 published while the hub was down is replayed at its start and acted on.
 
-"Processed" is known without sleeping: the promote consumer works through its
-queue in arrival order, so once a message sent AFTER the ones under test has
-had its visible effect (a sentinel AMI released or rejected), those were
-taken off the queue before it.
+"Processed" is known without sleeping, and means finished, not just dequeued:
+the hub runs several workers per consumer (devel.bus), so a sentinel AMI's
+verdict, sent after the messages under test, only proves those were taken off
+the queue. The barrier then waits for the promote consumer's backlog resume
+point (fedimg.backlog, written to its fedmsg status file at every start and end
+of a message) to be the sentinel's message or a later one: it is only ever a
+real message when nothing older is in flight or queued.
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ class Hub:
     bus: LocalBus
     rdb: ResultsDBServer
     hub: ManagedProcess
+    status_dir: Path
 
     @property
     def api(self) -> resultsdb_api.ResultsDBapi:
@@ -117,12 +121,34 @@ class Hub:
 
         return sum(1 for m in self.bus.tap.messages(suffix) if about(m.body))
 
-    def barrier(self) -> str:
-        """A sentinel AMI whose release proves the promote queue got past everything before."""
+    def barrier(self, outcome: str = "PASSED") -> str:
+        """A sentinel AMI's result, sent after everything before it: returns once the
+        sentinel is released (or rejected) and the promote consumer finished every message."""
         sentinel = self.staged()
-        self.result(sentinel, "PASSED")
-        self.released(sentinel)
+        body = self.result(sentinel, outcome)
+        if outcome == "PASSED":
+            self.released(sentinel)
+        else:
+            self.verdict(sentinel, "failed")
+        assert self.bus.tap is not None
+        sent = self.bus.tap.wait_for("resultsdb.result.new", lambda b: b.get("id") == body["id"])
+        self.settled(float(sent.envelope["timestamp"]))
         return sentinel
+
+    def settled(self, since: float) -> None:
+        """Wait until the promote consumer was idle after the message published at ``since``:
+        its resume point is then a real message (not a point before one still unfinished)
+        no older than that one."""
+        tap = self.bus.tap
+        assert tap is not None
+
+        def idle() -> bool:
+            point = status_of(self.status_dir, "PromoteConsumer")
+            if point is None or float(point["timestamp"]) < since:
+                return False
+            return any(m.envelope.get("msg_id") == point["msg_id"] for m in tap.messages())
+
+        wait_until(idle, 60, "the promote consumer to finish every message")
 
     def state(self, ami: str) -> str | None:
         image = ec2(self.moto, STAGING).describe_images(ImageIds=[ami])["Images"][0]
@@ -149,12 +175,14 @@ class Hub:
 
 
 @pytest.fixture(scope="module")
-def hub() -> Iterator[Hub]:
+def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")  # read by moto_server at start
         moto = MotoServer(record=True).start()
     port = free_port()
+    status_dir = tmp_path_factory.mktemp("status")
     try:
+        dg = Datagrepper()  # with status files, fedmsg's backlog needs one
         settings = {
             "fedimg.promote.enabled": True,
             "fedimg.resultsdb_url": f"http://127.0.0.1:{port}/api/v2.0",
@@ -162,13 +190,16 @@ def hub() -> Iterator[Hub]:
             "fedimg.aws.regions": TARGETS,
             "fedimg.http.retries": 1,
             "fedimg.reconcile.interval": 3600.0,  # messages only, after the pass at start
+            "status_directory": str(status_dir),  # what the barrier reads
+            "datagrepper_url": f"{dg.url}/raw",
         }
         env = {**moto.env(), "PYTHONPATH": str(REPO)}
         with (
+            dg,
             LocalBus(settings=settings, extra_env=env) as bus,
             ResultsDBServer(port=port, publisher=bus.publish) as rdb,
         ):
-            yield Hub(moto, bus, rdb, bus.start_hub())
+            yield Hub(moto, bus, rdb, bus.start_hub(), status_dir)
     finally:
         moto.stop()
 
@@ -306,10 +337,8 @@ def test_results_about_amis_never_staged_cost_nothing(hub: Hub) -> None:
         )
     for item, kind in (("koji-build-1.0-1.fc41", "koji_build"), ("ami-../../etc/passwd", "ami")):
         hub.api.create_result(outcome="PASSED", testcase=TESTCASE, item=item, type=kind)
-    sentinel = hub.staged()
-    hub.result(sentinel, "FAILED")  # the barrier: a rejection writes only its own state tag
-    hub.verdict(sentinel, "failed")
-    wait_until(lambda: hub.state(sentinel) == "rejected", 30, "the sentinel rejected")
+    sentinel = hub.barrier("FAILED")  # a rejection writes only its own state tag
+    assert hub.state(sentinel) == "rejected"
 
     window = hub.moto.recorded_calls()[calls_before:]
     writes = [c.operation for c in window if c.component == "fedimg" and c.operation in WRITES]
@@ -516,7 +545,12 @@ def test_messages_published_while_the_hub_was_down_are_replayed_at_start(
             30,
             "the stage consumer to record the replayed compose message",
         )
-        assert (status_of(status_dir, "PromoteConsumer") or {}).get("msg_id") == result_id
+        # (its release is announced before that message is finished: wait for the end)
+        wait_until(
+            lambda: (status_of(status_dir, "PromoteConsumer") or {}).get("msg_id") == result_id,
+            30,
+            "the promote consumer to finish the replayed result",
+        )
         assert second.alive
         bus.wait_hub(second, timeout=30)
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 
+from devel.bus import LocalBus
+
 pytestmark = pytest.mark.integration
 
 
-def test_hub_answers_ping_through_relay(local_bus) -> None:
+def test_hub_answers_ping_through_relay(local_bus: LocalBus) -> None:
     hub = local_bus.start_hub()
-    assert hub.alive
+    assert hub.alive and local_bus.tap is not None
     pongs = local_bus.tap.messages("fedimg.hub.pong")
     assert pongs, "the hub answered no ping"
     assert pongs[0].topic == "org.fedoraproject.dev.fedimg.hub.pong"
@@ -17,7 +19,7 @@ def test_hub_answers_ping_through_relay(local_bus) -> None:
     assert pongs[0].body["healthy"] is True  # every enabled consumer of ours runs
 
 
-def test_malformed_ping_is_logged_and_hub_survives(local_bus) -> None:
+def test_malformed_ping_is_logged_and_hub_survives(local_bus: LocalBus) -> None:
     hub = local_bus.start_hub()
     local_bus.publish("fedimg", "hub.ping", {"token": ["not", "a", "string"]})
     local_bus.publish("fedimg", "hub.ping", {"nothing": 1})

@@ -369,6 +369,7 @@ def test_header_versions_of_the_supported_major_are_read(
 
 
 def test_check_header_version_leaves_other_shapes_to_productmd() -> None:
+    data: Any
     for data in ({}, [], {"header": []}, {"header": {"version": 2}}, {"header": {"version": "x"}}):
         check_header_version(data, "x.json")
     with pytest.raises(ComposeError):
@@ -408,7 +409,7 @@ def test_bound_images_keeps_the_order_select_images_uses() -> None:
     def entry(path: str, fmt: str = "raw.xz") -> dict[str, Any]:
         return {"path": path, "format": fmt}
 
-    data = {
+    data: dict[str, Any] = {
         "header": {"version": "1.2"},
         "payload": {
             "compose": {"id": "x"},
@@ -463,6 +464,7 @@ def test_bound_images_leaves_unwanted_and_unshaped_metadata_alone() -> None:
         max_images=5,
     )
     assert (kept, skipped) == ({"payload": {"images": {}}}, 0)
+    shapeless: Any
     for shapeless in ([], {"payload": []}, {"payload": {"images": []}}):
         assert bound_images(shapeless, variants=["Cloud"], arches=["x86_64"], max_images=1) == (
             shapeless,

@@ -68,7 +68,8 @@ from tests.e2e_support import (
     short,
 )
 
-pytestmark = pytest.mark.integration
+# A whole stack, or the demo, per test or module: more than the default timeout.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 X86 = "Fedora-Cloud-Base-40-20240501.0.x86_64.raw.xz"
 ARM = "Fedora-Cloud-Base-40-20240501.0.aarch64.raw.xz"
@@ -454,9 +455,16 @@ def test_same_key_compares_type_and_blob() -> None:
 def test_boot_delay_counts_from_the_launch_time() -> None:
     now = datetime(2026, 1, 1, 12, 0, 10, tzinfo=UTC)
     launched = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
-    assert boot_ready_at(launched, 4.0, now) <= time.monotonic()
-    assert boot_ready_at(launched, 30.0, now) > time.monotonic() + 15
-    assert boot_ready_at(None, 5.0, now) > time.monotonic() + 4
+
+    def clock() -> float:
+        return 1000.0
+
+    assert boot_ready_at(launched, 4.0, now, clock) == 1000.0  # booted 6 s ago
+    assert boot_ready_at(launched, 10.0, now, clock) == 1000.0  # booted just now
+    assert boot_ready_at(launched, 30.0, now, clock) == 1020.0
+    assert boot_ready_at(None, 5.0, now, clock) == 1005.0  # launch time unknown: from now
+    later = datetime(2026, 1, 1, 12, 0, 20, tzinfo=UTC)  # clocks disagree: launched "later"
+    assert boot_ready_at(later, 5.0, now, clock) == 1005.0
 
 
 @pytest.fixture
@@ -573,9 +581,12 @@ def test_instance_state_survives_reboot_and_is_per_instance(
 
 
 def test_instance_host_refuses_logins_while_booting(moto_ec2: Any) -> None:
-    key, _ = _instance(moto_ec2, _staged_ami(moto_ec2, X86, "Cloud_Base"), "k-boot")
+    key, instance_id = _instance(moto_ec2, _staged_ami(moto_ec2, X86, "Cloud_Base"), "k-boot")
+    [reservation] = moto_ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]
+    launched = reservation["Instances"][0]["LaunchTime"]
     directory = AwsDirectory(lambda r: boto3.client("ec2", region_name=r), ["us-east-1"])
-    with InstanceHost(directory, boot_delay=2.0) as server:
+    # Its clock stands at the launch: however slow this machine, the boot is still on.
+    with InstanceHost(directory, boot_delay=2.0, clock=lambda: launched) as server:
         started = time.monotonic()
         with pytest.raises(SshTimeout):
             _login(server, key, timeout=0.5)

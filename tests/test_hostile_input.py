@@ -138,7 +138,7 @@ def untouchable_engine(emitter: Emitter) -> Engine:
         NoTouch("aws"),
         Path(tempfile.mkdtemp(prefix="fedimg-hostile-")),
         session=NoTouch("http session"),
-        results=NoTouch("resultsdb"),  # type: ignore[arg-type]
+        results=NoTouch("resultsdb"),
     )
 
 

@@ -1090,6 +1090,7 @@ def _by_component(calls: Sequence[AwsCall]) -> dict[str, Counter[str]]:
 
 @pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # whichever runs first starts the whole stack
 def test_the_run_released_and_rejected_so_both_paths_were_exercised(run: Run) -> None:
     assert sorted(run.states.values()) == ["deleted", "released", "released"], run.states
     made = _by_component(run.recorded)
@@ -1101,6 +1102,7 @@ def test_the_run_released_and_rejected_so_both_paths_were_exercised(run: Run) ->
 
 @pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # whichever runs first starts the whole stack
 def test_every_call_of_the_run_is_an_action_its_component_is_allowed(run: Run) -> None:
     made = _by_component(run.recorded)
     missing = {
@@ -1112,6 +1114,7 @@ def test_every_call_of_the_run_is_an_action_its_component_is_allowed(run: Run) -
 
 @pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # whichever runs first starts the whole stack
 def test_no_hub_call_escapes_attribution(run: Run) -> None:
     """Calls without a fedimg/autocloud_ami User-Agent are the test's and the stand-ins' reads."""
     other = _by_component(run.recorded).get("other", Counter())
@@ -1127,6 +1130,7 @@ def test_no_hub_call_escapes_attribution(run: Run) -> None:
 
 @pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # whichever runs first starts the whole stack
 def test_every_call_is_authorised_with_resources_and_conditions(run: Run) -> None:
     policies = {c: load_policy(c) for c in POLICY_FILES}
     outcome = authorise_run(run.requests, policies)
@@ -1149,6 +1153,7 @@ def test_every_call_is_authorised_with_resources_and_conditions(run: Run) -> Non
 
 @pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # whichever runs first starts the whole stack
 def test_policies_grant_nothing_the_code_does_not_call(run: Run) -> None:
     """Least privilege both ways: granted == what the code calls (+ tag-on-create)."""
     policies = {c: load_policy(c) for c in POLICY_FILES}
@@ -1204,6 +1209,7 @@ def test_a_recording_with_interleaved_entries_is_read_whole() -> None:
 
 @pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # whichever runs first starts the whole stack
 def test_test_instances_get_ssh_from_one_address_and_per_run_keys_all_removed(run: Run) -> None:
     """From what autocloud_ami sent: tcp/22 from the runner only; nothing it made is left."""
     mine = [r for r in run.requests if r.call.component == "autocloud_ami" and r.ok]

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import base64
+import subprocess
 import types
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import boto3
 import paramiko
 import pytest
+import yaml
 from moto import mock_aws
 
 from autocloud_ami.instance import (
@@ -202,8 +205,7 @@ def test_launch_sends_exactly_what_the_spec_says_and_cleans_up(ec2: Any, ami: st
         assert tags[TAG_TEST] == ami
         assert tags[TAG_JOB] == spec.job_id
         assert parse_deadline(tags[TAG_DEADLINE]) == spec.deadline.replace(microsecond=0)
-    assert params["UserData"].startswith("#cloud-config")
-    assert str(int(spec.deadline.timestamp())) in params["UserData"]
+    assert params["UserData"] == self_destruct_user_data(spec.deadline)  # as run below
 
     (rule_call,) = ingress
     (rule,) = rule_call["IpPermissions"]
@@ -424,11 +426,85 @@ def test_generated_key_is_fresh_and_its_repr_hides_the_private_half() -> None:
     assert "PRIVATE" not in repr(a) and a.private.get_base64() not in repr(a)
 
 
-def test_self_destruct_user_data_powers_off_at_the_deadline() -> None:
-    when = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
-    text = self_destruct_user_data(when)
-    assert text.startswith("#cloud-config\nbootcmd:")
-    assert str(int(when.timestamp())) in text and "poweroff" in text
+# -- the self-destruct cloud-config, parsed and run as cloud-init would ----------------------------
+
+# Programs the boot command may call, as stubs that record how they were called.
+# ``date +%s`` answers the test's "now"; nothing else is on PATH.
+STUBS = {
+    "date": '[ "$*" = "+%s" ] || exit 64\necho "$FAKE_NOW"',
+    "systemd-run": "",
+    "systemctl": "",
+    "poweroff": "",
+}
+DEADLINE = datetime(2026, 11, 25, 12, 0, 0, 750_000, tzinfo=UTC)
+EPOCH = int(DEADLINE.timestamp())  # whole seconds, as the script computes
+
+
+def boot_command(user_data: str) -> list[str]:
+    """The one command the cloud-config runs at every boot (bootcmd, not runcmd)."""
+    assert user_data.startswith("#cloud-config\n")  # cloud-init's marker, first line
+    config = yaml.safe_load(user_data)
+    assert config == {"bootcmd": [config["bootcmd"][0]]}
+    command = config["bootcmd"][0]
+    assert isinstance(command, list) and all(isinstance(arg, str) for arg in command)
+    return command
+
+
+def run_stubbed(argv: list[str], now: int, tmp_path: Path) -> tuple[list[list[str]], str]:
+    """Run ``argv`` with only the stubs on PATH; the calls they recorded, and stderr."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    calls = tmp_path / "calls"
+    for name, body in STUBS.items():
+        stub = stubs / name
+        stub.write_text(f'#!/bin/sh\necho "{name} $*" >> "$CALLS"\n{body}\n')
+        stub.chmod(0o755)
+    done = subprocess.run(
+        argv,
+        env={"PATH": str(stubs), "CALLS": str(calls), "FAKE_NOW": str(now)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    recorded = calls.read_text().splitlines() if calls.exists() else []
+    return [line.split() for line in recorded], done.stderr
+
+
+@pytest.mark.parametrize("shell", ["/bin/bash", "/bin/sh"])
+@pytest.mark.parametrize(
+    ("now", "armed_for"),
+    [
+        pytest.param(EPOCH + 3600, 60, id="deadline-an-hour-past"),
+        pytest.param(EPOCH + 1, 60, id="deadline-just-past"),
+        pytest.param(EPOCH, 60, id="deadline-now"),
+        pytest.param(EPOCH - 59, 60, id="59s-left"),
+        pytest.param(EPOCH - 60, 60, id="60s-left-the-floor"),
+        pytest.param(EPOCH - 61, 61, id="61s-left"),
+        pytest.param(EPOCH - 7 * 86400, 7 * 86400, id="a-week-left"),
+    ],
+)
+def test_self_destruct_user_data_powers_off_at_the_deadline(
+    shell: str, now: int, armed_for: int, tmp_path: Path
+) -> None:
+    """Armed for the time left to the deadline, never for less than a minute; nothing
+    is powered off on the spot: only a transient systemd timer is armed."""
+    sh, dash_c, script = boot_command(self_destruct_user_data(DEADLINE))
+    assert (sh, dash_c) == ("sh", "-c")  # Fedora's sh is bash; Debian's, dash: both run it
+    calls, stderr = run_stubbed([shell, "-c", script], now, tmp_path)
+    assert calls == [
+        ["date", "+%s"],
+        [
+            "systemd-run",
+            "--unit=autocloud-deadline",
+            f"--on-active={armed_for}s",
+            "/usr/bin/systemctl",
+            "poweroff",
+            "--force",
+        ],
+    ]
+    assert stderr == ""
 
 
 def test_deadline_round_trip_and_garbage() -> None:

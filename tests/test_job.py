@@ -10,9 +10,13 @@ test is about the job's own logic (requests, slots, seams).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import paramiko
@@ -20,7 +24,9 @@ import pytest
 from moto import mock_aws
 from resultsdb_api import ResultsDBapi
 
+from autocloud_ami import ssh as ssh_module
 from autocloud_ami.config import AutocloudConfig
+from autocloud_ami.instance import wait_for_ssh_port
 from autocloud_ami.job import (
     Deps,
     InvalidRequest,
@@ -34,6 +40,7 @@ from autocloud_ami.job import test_ami as run_job
 from autocloud_ami.report import OutputStore, ResultsReporter, Spool, make_api
 from autocloud_ami.ssh import CommandResult, SshTimeout
 from autocloud_ami.suite import SUITE, Check, Expect
+from devel.bus import wait_until
 from devel.resultsdb import ResultsDBServer
 from devel.sshhost import SshTestHost
 from fedimg.aws import AwsClients
@@ -264,13 +271,53 @@ def test_ssh_never_answering_fails_every_test_with_the_reason(world: World, mode
     assert leftovers(world.ec2) == NOTHING_LEFT
 
 
-def test_slow_boot_and_late_key_are_waited_for_without_fixed_sleeps(world: World) -> None:
+class Sleeps:
+    """A ``sleep`` that really sleeps and records how long it was asked to."""
+
+    def __init__(self) -> None:
+        self.asked: list[float] = []
+
+    def __call__(self, seconds: float) -> None:
+        self.asked.append(seconds)
+        time.sleep(seconds)
+
+
+def test_slow_boot_and_late_key_are_waited_for_without_fixed_sleeps(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The host boots, then takes the key, only when the test says so: the job polls
+    through both and goes on at its first try after each, not after a fixed sleep."""
     image = world.image()
-    with host(world, boot_delay=0.8, key_delay=0.5) as ssh:
-        result = run_job(image, world.deps(world.cfg(ssh.port), suite=TINY_SUITE))
-        assert ssh.refused > 0  # it really was down, then refused the key, at first
+    probe_sleeps, login_sleeps = Sleeps(), Sleeps()
+    monkeypatch.setattr(
+        ssh_module, "time", SimpleNamespace(monotonic=time.monotonic, sleep=login_sleeps)
+    )
+    probe = functools.partial(wait_for_ssh_port, sleep=probe_sleeps)
+    results: list[JobResult] = []
+    with host(world, boot_delay=math.inf, key_delay=math.inf) as ssh:
+        cfg = world.cfg(ssh.port, ssh_timeout=120.0)
+        deps = world.deps(cfg, suite=TINY_SUITE, port_probe=probe)
+        job = threading.Thread(target=lambda: results.append(run_job(image, deps)))
+        job.start()
+        try:
+            wait_until(lambda: ssh.refused >= 2, 60, "the job to probe sshd while it boots")
+            probed = len(probe_sleeps.asked)
+            ssh.come_up()
+            wait_until(lambda: ssh.key_refusals >= 2, 60, "the job to retry the missing key")
+            tried = len(login_sleeps.asked)
+            ssh.install_keys()
+        finally:
+            ssh.come_up()
+            ssh.install_keys()
+            job.join(120)
+    assert not job.is_alive()
+    [result] = results
     assert result.passed, outcomes(result)
-    assert 0.8 <= result.timings["ssh_connected"] < 0.8 + 0.5 + 3.0
+    assert ssh.logins == 1
+    # Each wait ended at the first look after what it waited for: at most the sleep
+    # already under way when it happened, no fixed sleep after it.
+    assert len(probe_sleeps.asked) - probed <= 1
+    assert len(login_sleeps.asked) - tried <= 1
 
 
 def test_login_that_never_works_fails_with_ssh_timeout(world: World) -> None:
@@ -528,8 +575,6 @@ def test_concurrent_jobs_are_bounded_by_max_concurrent(world: World) -> None:
     ]
     for t in threads:
         t.start()
-    from devel.bus import wait_until
-
     wait_until(lambda: FakeSession.active == 2, 20, "two jobs logged in")
     queued = world.recorder.topics().count("autocloud.ami.queued")
     running = world.recorder.topics().count("autocloud.ami.running")

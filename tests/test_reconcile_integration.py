@@ -51,6 +51,7 @@ def test_results_posted_while_the_hub_was_down_are_gated_at_start(
             client.create_result(outcome="FAILED", testcase=TESTCASE, item=bad, type="ami")
             # No hub was listening and the stand-in published nothing: only the
             # reconcile pass can find these.
+            assert bus.tap is not None
             assert bus.tap.messages("resultsdb.result.new") == []
 
             hub = bus.start_hub()

@@ -76,7 +76,9 @@ def test_describe_regions_is_asked_for_enabled_regions_only() -> None:
     assert calls == [{"AllRegions": False}]
 
 
-def test_configured_regions_win_minus_staging_without_asking_aws(caplog) -> None:
+def test_configured_regions_win_minus_staging_without_asking_aws(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     class NoCalls:
         def __getattr__(self, name: str) -> object:
             raise AssertionError(f"unexpected AWS call {name}")

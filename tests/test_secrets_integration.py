@@ -349,6 +349,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
 
 @pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # whichever runs first starts the whole stack
 def test_the_secrets_were_live_during_the_run(run: Run) -> None:
     """Positive controls: otherwise finding nothing would prove nothing."""
     assert run.token_headers > 50, "the hub did not sign its AWS calls with our session token"
@@ -368,6 +369,7 @@ def test_the_secrets_were_live_during_the_run(run: Run) -> None:
 
 @pytest.mark.integration
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # whichever runs first starts the whole stack
 def test_no_secret_in_any_log_file_or_message(run: Run) -> None:
     leaks = find_leaks(run.sources, run.needles)
     assert leaks == [], "\n".join(leaks[:50])
