@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 if TYPE_CHECKING:
     from devel.bus import LocalBus
@@ -64,3 +65,9 @@ def rabbitmq() -> Iterator[Any]:
         yield node
     finally:
         node.stop()
+
+
+# Hypothesis' per-example deadline is a wall-clock bound: on a loaded 2-core
+# machine it fails tests for being slow, not wrong. No test fails on timing.
+hypothesis_settings.register_profile("fedimg", deadline=None)
+hypothesis_settings.load_profile("fedimg")
