@@ -95,10 +95,13 @@ class Hub:
         )
 
     def released(self, ami: str, timeout: float = 60) -> Seen:
+        """The release message, then the ``released`` tag fedimg sets right after sending it."""
         assert self.bus.tap is not None
-        return self.bus.tap.wait_for(
+        seen = self.bus.tap.wait_for(
             "fedimg.image.release", lambda b: b["regions"].get(STAGING) == ami, timeout
         )
+        wait_until(lambda: self.state(ami) == "released", timeout, f"{ami} tagged released")
+        return seen
 
     def verdict(self, ami: str, status: str, timeout: float = 60) -> Seen:
         assert self.bus.tap is not None
