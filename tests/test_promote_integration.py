@@ -18,7 +18,7 @@ import boto3
 import pytest
 import resultsdb_api
 
-from devel.bus import LocalBus, free_port, wait_for_port
+from devel.bus import LocalBus, free_port, wait_for_port, wait_until
 from devel.motoserver import MotoServer
 from fedimg import tags
 from fedimg.messages import IMAGE_PUBLISH, IMAGE_RELEASE, IMAGE_TEST, StagedImage
@@ -149,7 +149,9 @@ def test_passed_result_in_resultsdb_releases_and_failed_rejects(stack: dict[str,
     for body in published.values():
         IMAGE_PUBLISH.validate(body)
     assert len(bus.tap.messages("fedimg.image.copy")) == len(TARGETS)
-    assert state(moto, good) == "released"
+    # The release is announced (here and as fedora_image_uploader's message) before
+    # the state tag is written: the tag follows, it is not there with the message.
+    wait_until(lambda: state(moto, good) == "released", 30, "the released state tag")
 
     failed = bus.tap.wait_for(
         "fedimg.image.test",
