@@ -280,7 +280,8 @@ class Route:
     with no body), ``ranges=False`` (Range headers ignored: a plain 200),
     ``stall_after`` (send that many body bytes, then nothing until the server
     stops), ``cut_after`` (send that many body bytes of a longer declared
-    Content-Length, then close the connection).
+    Content-Length, then close the connection) for the first ``cut_times``
+    answers longer than that (None: every one).
     """
 
     content: Path | bytes = b""
@@ -288,6 +289,7 @@ class Route:
     ranges: bool = True
     stall_after: int | None = None
     cut_after: int | None = None
+    cut_times: int | None = None
 
     def size(self) -> int:
         if isinstance(self.content, bytes):
@@ -346,6 +348,7 @@ class ImageServer:
         self.routes: dict[str, Route] = {}
         self.requests: list[tuple[str, str | None]] = []
         self.bytes_sent: dict[str, int] = {}
+        self.cuts: dict[str, int] = {}  # answers cut short per path
         self.release = threading.Event()
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer((host, port), self._handler_class())
@@ -443,7 +446,7 @@ class ImageServer:
 
             def _send_body(self, path: str, route: Route, start: int, length: int) -> None:
                 limit = length
-                for fault in (route.stall_after, route.cut_after):
+                for fault in (route.stall_after, self._cut(path, route, length)):
                     if fault is not None:
                         limit = min(limit, fault)
                 sent = 0
@@ -460,5 +463,16 @@ class ImageServer:
                     server._count(path, sent)
                 if sent < length:
                     self.close_connection = True
+
+            def _cut(self, path: str, route: Route, length: int) -> int | None:
+                """Where to cut this answer short, if it is to be cut."""
+                if route.cut_after is None or length <= route.cut_after:
+                    return None
+                with server._lock:
+                    done = server.cuts.get(path, 0)
+                    if route.cut_times is not None and done >= route.cut_times:
+                        return None
+                    server.cuts[path] = done + 1
+                return route.cut_after
 
         return Handler

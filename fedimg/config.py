@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from fedimg.settings import ConfigError, load, setting
+from fedimg.xzblocks import BLOCKS_IN_FLIGHT
 
 REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")
 VOLUME_TYPES = frozenset({"gp2", "gp3", "io1", "io2", "standard", "st1", "sc1"})
@@ -45,6 +46,7 @@ class FedimgConfig:
     stage_workers: int = setting("fedimg.stage.workers", 2)
     http_timeout: float = setting("fedimg.http.timeout", 60.0)
     http_retries: int = setting("fedimg.http.retries", 5)
+    xz_blocks_in_flight: int = setting("fedimg.download.xz_blocks_in_flight", BLOCKS_IN_FLIGHT)
     required_testcases: list[str] = setting("fedimg.gate.required_testcases", ["autocloud.ami.all"])
     reject_outcomes: list[str] = setting(
         "fedimg.gate.reject_outcomes", ["FAILED", "NEEDS_INSPECTION"]
@@ -72,7 +74,13 @@ class FedimgConfig:
             raise ValueError(f"fedimg.compose.arches: unsupported arches {bad}")
         if urlsplit(self.resultsdb_url).scheme not in ("http", "https"):
             raise ValueError(f"fedimg.resultsdb_url: not an http(s) URL: {self.resultsdb_url!r}")
-        for name in ("upload_workers", "stage_workers", "copy_concurrency", "aws_max_attempts"):
+        for name in (
+            "upload_workers",
+            "stage_workers",
+            "copy_concurrency",
+            "aws_max_attempts",
+            "xz_blocks_in_flight",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if not self.required_testcases:
