@@ -20,6 +20,7 @@ def test_defaults() -> None:
     assert cfg.required_testcases == ["autocloud.ami.all"]
     assert cfg.delete_rejected is False
     assert cfg.copy_concurrency == 25
+    assert cfg.xz_blocks_in_flight == 4
 
 
 def test_defaults_are_not_shared_between_instances() -> None:
@@ -56,6 +57,8 @@ def test_values_are_read_and_typed() -> None:
         {"fedimg.compose.arches": ["ppc64le"]},
         {"fedimg.stage.workers": 0},
         {"fedimg.stage.workers": True},
+        {"fedimg.download.xz_blocks_in_flight": 0},
+        {"fedimg.download.xz_blocks_in_flight": "4"},
         {"fedimg.gate.delete_rejected": "yes"},
         {"fedimg.resultsdb_url": "file:///tmp/db"},
         {"fedimg.gate.required_testcases": []},
