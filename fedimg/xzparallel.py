@@ -13,6 +13,9 @@ file of several parts (``fedimg.xzblocks``) or spooled it;
   ``Reblocker``, the partial ones at its ends through the shared
   ``Assembler``. ``lzma``, ``hashlib`` and socket reads release the GIL, so
   parts decode on every core at once.
+- An xz block identical to one already decoded to nothing but zeros (the
+  free space of a disk image, in blocks of 24 MiB at ``xz -6 -T0``) is not
+  decoded again (``ZeroBlocks``): it decodes to the same zeros.
 - The compressed bytes are hashed in file order (``OrderedDigest``): the
   worker of the earliest unfinished part hashes as it reads, the others keep
   their bytes (``UNHASHED_LIMIT`` in all; beyond it they wait) until their turn.
@@ -49,7 +52,7 @@ from fedimg.download import (
     _raise_for_status,
     check_sha256,
 )
-from fedimg.snapshot import BLOCK_SIZE, Reblocker
+from fedimg.snapshot import BLOCK_SIZE, ZERO_BLOCK, Reblocker
 from fedimg.xzblocks import (
     BLOCKS_IN_FLIGHT,
     Part,
@@ -317,8 +320,47 @@ class _PartOutput:
             self.emit(block)
 
 
+class ZeroBlocks:
+    """The xz blocks already decoded, completely and verified, to nothing but zeros.
+
+    An xz block is decoded independently of the rest of the file, so another
+    block of the same bytes and sizes decodes to the same raw bytes: zeros,
+    without decoding it again. Multi-threaded xz compresses every run of
+    zeros as long as a block (24 MiB at ``-6``) to the same few KiB, and the
+    free space of a disk image is such runs. Keys are the blocks' own bytes
+    (no hash to collide); only blocks of at most ``max_bytes`` compressed are
+    kept, and ``max_entries`` of them.
+    """
+
+    def __init__(self, max_bytes: int = 64 * 1024, max_entries: int = 64) -> None:
+        self.max_bytes = max_bytes
+        self.max_entries = max_entries
+        self._known: set[bytes] = set()
+        self._lock = threading.Lock()
+
+    def candidate(self, block: XzBlock) -> bool:
+        return block.padded_size <= self.max_bytes
+
+    @staticmethod
+    def key(block: XzBlock, data: bytes) -> bytes:
+        return block.flags + block.raw_size.to_bytes(8, "little") + data
+
+    def __contains__(self, key: bytes) -> bool:
+        with self._lock:
+            return key in self._known
+
+    def add(self, key: bytes) -> None:
+        with self._lock:
+            if len(self._known) < self.max_entries:
+                self._known.add(key)
+
+
 class _PartDecoder:
-    """Decodes the blocks of one part from the part's bytes, fed in file order."""
+    """Decodes the blocks of one part from the part's bytes, fed in file order.
+
+    A block small enough to be a ``ZeroBlocks`` candidate is collected whole
+    first; if it is known to decode to zeros, zeros are pushed instead.
+    """
 
     def __init__(
         self,
@@ -327,17 +369,22 @@ class _PartDecoder:
         step: int,
         push: Callable[[bytes], None],
         count: Callable[[int], None],
+        *,
+        zero_blocks: ZeroBlocks,
     ) -> None:
         self.part = part
         self.url = url
         self.step = step
         self.push = push
         self.count = count
+        self.zero_blocks = zero_blocks
         self.pos = part.start
         self.next_block = 0
         self.produced = 0
+        self.all_zero = False  # so far, for a ZeroBlocks candidate
         self.trailer = b""
         self.dec: lzma.LZMADecompressor | None = None
+        self.held: list[bytes] | None = None  # a candidate's bytes until it is whole
 
     def feed(self, piece: bytes) -> None:
         view = memoryview(piece)
@@ -350,10 +397,13 @@ class _PartDecoder:
                 skip = min(len(view), block.offset - pos)
                 view, pos = view[skip:], pos + skip
                 continue
-            if self.dec is None:
+            if pos == block.offset:
                 self._start(block)
             length = min(len(view), block.end - pos)
-            self._decode(block, view[:length])
+            if self.held is not None:
+                self.held.append(bytes(view[:length]))
+            else:
+                self._decode(block, view[:length])
             view, pos = view[length:], pos + length
             if pos == block.end:
                 self._end(block)
@@ -363,9 +413,15 @@ class _PartDecoder:
             raise CorruptImage(self.url, f"xz part at byte {self.part.start} is truncated")
 
     def _start(self, block: XzBlock) -> None:
+        self.produced = 0
+        self.held = [] if self.zero_blocks.candidate(block) else None
+        if self.held is None:
+            self._open(block, candidate=False)
+
+    def _open(self, block: XzBlock, candidate: bool) -> None:
         header, self.trailer = wrap_block(block)
         self.dec = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
-        self.produced = 0
+        self.all_zero = candidate
         self._decode(block, header)
 
     def _decode(self, block: XzBlock, data: bytes | memoryview) -> None:
@@ -375,22 +431,36 @@ class _PartDecoder:
             out = dec.decompress(data, self.step)
             while True:
                 if out:
-                    self.produced += len(out)
-                    if self.produced > block.raw_size:
-                        raise CorruptImage(
-                            self.url,
-                            f"xz block at byte {block.offset} decodes to more than "
-                            f"its {block.raw_size} bytes",
-                        )
-                    self.push(out)
-                    self.count(len(out))
+                    self._output(block, out)
                 if dec.needs_input or dec.eof:
                     return
                 out = dec.decompress(b"", self.step)
         except lzma.LZMAError as exc:
             raise CorruptImage(self.url, f"xz block at byte {block.offset}: {exc}") from exc
 
+    def _output(self, block: XzBlock, out: bytes) -> None:
+        self.produced += len(out)
+        if self.produced > block.raw_size:
+            raise CorruptImage(
+                self.url,
+                f"xz block at byte {block.offset} decodes to more than its {block.raw_size} bytes",
+            )
+        if self.all_zero:
+            self.all_zero = ZERO_BLOCK.startswith(out) if len(out) <= BLOCK_SIZE else not any(out)
+        self.push(out)
+        self.count(len(out))
+
     def _end(self, block: XzBlock) -> None:
+        key = b""
+        if self.held is not None:
+            data = b"".join(self.held)
+            self.held = None
+            key = ZeroBlocks.key(block, data)
+            if key in self.zero_blocks:
+                self._zeros(block)
+                return
+            self._open(block, candidate=True)
+            self._decode(block, data)
         self._decode(block, self.trailer)
         dec = self.dec
         assert dec is not None
@@ -400,7 +470,19 @@ class _PartDecoder:
                 f"xz block at byte {block.offset} decodes to {self.produced} bytes, "
                 f"its index says {block.raw_size}",
             )
+        if key and self.all_zero:
+            self.zero_blocks.add(key)
         self.dec = None
+        self.next_block += 1
+
+    def _zeros(self, block: XzBlock) -> None:
+        """The raw bytes of a block known to decode to zeros, without decoding it."""
+        left = block.raw_size
+        while left:
+            out = ZERO_BLOCK if left >= BLOCK_SIZE else ZERO_BLOCK[:left]
+            self.push(out)
+            self.count(len(out))
+            left -= len(out)
         self.next_block += 1
 
 
@@ -447,6 +529,7 @@ class ParallelRaw:
         self._out: queue.Queue[tuple[int, bytes] | _Done] = queue.Queue(maxsize=OUTPUT_DEPTH)
         self._digest = OrderedDigest(len(parts), UNHASHED_LIMIT, self._stop)
         self._assembler = Assembler(self.raw_size)
+        self.zero_blocks = ZeroBlocks()
         self._raw = [0] * self.workers  # raw bytes decoded, one slot per worker
         self._lock = threading.Lock()
         self._next_part = 0
@@ -563,7 +646,9 @@ class ParallelRaw:
 
     def _decode_part(self, part: Part, count: Callable[[int], None]) -> None:
         output = _PartOutput(part, self._assembler, self._emit)
-        decoder = _PartDecoder(part, self.url, self.step, output.push, count)
+        decoder = _PartDecoder(
+            part, self.url, self.step, output.push, count, zero_blocks=self.zero_blocks
+        )
 
         def sink(piece: bytes) -> None:
             self._digest.feed(part.number, piece)

@@ -39,7 +39,7 @@ from fedimg.download import (
 )
 from fedimg.http import make_session
 from fedimg.readahead import ReadAhead
-from fedimg.xzblocks import XzLayout, plan_parts
+from fedimg.xzblocks import XzBlock, XzLayout, plan_parts
 from fedimg.xzparallel import Assembler, OrderedDigest, ParallelRaw
 
 pytestmark = pytest.mark.integration
@@ -513,3 +513,82 @@ def test_read_ahead_starts_lazily_and_close_stops_the_producer() -> None:
     assert closed.wait(10), "the producer was closed in its own thread"
     with pytest.raises(StopIteration):
         next(ahead)
+
+
+# ---------------------------------------------------------------------------
+# ZeroBlocks: identical all-zero xz blocks are decoded once
+
+
+@pytest.fixture(scope="module")
+def sparse(tmp_path_factory: pytest.TempPathFactory) -> ImageFacts:
+    """40 xz blocks of 1 MiB: 3 with data, 4 alike but not zero, the rest zeros."""
+    alike = {n: b"the same text " * 30000 for n in (20, 22, 24, 26)}  # 2 EBS blocks per xz block
+    data = {0: b"boot" * 1000, 31: b"\x07" * BLOCK, 79: b"end", **alike}
+    path = tmp_path_factory.mktemp("sparse") / "sparse.raw.xz"
+    return build_raw_xz(path, 80 * BLOCK, data, seed=11, xz_block_size=2 * BLOCK)
+
+
+def count_decoders(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Monkeypatch _PartDecoder._open to record the file offset of every block decoded."""
+    opened: list[int] = []
+    original = xzparallel._PartDecoder._open
+
+    def counting(self: xzparallel._PartDecoder, block: XzBlock, candidate: bool) -> None:
+        opened.append(block.offset)
+        original(self, block, candidate)
+
+    monkeypatch.setattr(xzparallel._PartDecoder, "_open", counting)
+    return opened
+
+
+def test_identical_zero_blocks_are_decoded_once(
+    server: ImageServer,
+    session: requests.Session,
+    sparse: ImageFacts,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    opened = count_decoders(monkeypatch)
+    url, raw_size = probed(server, session, sparse)
+    assert raw_size.layout is not None and len(raw_size.layout.blocks) == 40
+    source = parallel(session, url, sparse, raw_size.layout, in_flight=1)
+    assert_blocks(collect(source), sparse)
+    assert source.raw_done == sparse.raw_size
+    # blocks 0, 10..13 (alike, not zero: each decoded), 15 and 39 have data; of the 33
+    # zero ones the first is decoded, the other 32 are known by then
+    assert len(opened) == 7 + 1
+    with_data = {raw_size.layout.blocks[n].offset for n in (0, 10, 11, 12, 13, 15, 39)}
+    assert with_data <= set(opened)
+
+
+def test_without_zero_blocks_every_block_is_decoded(
+    server: ImageServer,
+    session: requests.Session,
+    sparse: ImageFacts,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    opened = count_decoders(monkeypatch)
+    url, raw_size = probed(server, session, sparse)
+    assert raw_size.layout is not None
+    source = parallel(session, url, sparse, raw_size.layout, in_flight=2)
+    source.zero_blocks = xzparallel.ZeroBlocks(max_bytes=0)
+    assert_blocks(collect(source), sparse)
+    assert len(opened) == 40
+
+
+def test_a_damaged_copy_of_a_zero_block_is_still_caught(
+    server: ImageServer, session: requests.Session, sparse: ImageFacts, tmp_path: Path
+) -> None:
+    url, raw_size = probed(server, session, sparse)
+    assert raw_size.layout is not None
+    block = raw_size.layout.blocks[30]  # the 20th zero block: its twins were seen first
+    data = bytearray(sparse.path.read_bytes())
+    data[block.offset + block.unpadded_size // 2] ^= 0x01
+    bad = tmp_path / "bad.raw.xz"
+    bad.write_bytes(bytes(data))
+    url = server.add("bad.raw.xz", Route(bad))
+    source = parallel(
+        session, url, sparse, raw_size.layout, in_flight=1, sha256=hashlib.sha256(data).hexdigest()
+    )
+    with pytest.raises(CorruptImage) as info:
+        collect(source)
+    assert f"byte {block.offset}" in info.value.reason
