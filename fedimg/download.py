@@ -9,6 +9,13 @@ a bounded output per step and yields raw chunks. The last chunk is held back
 until the sha256 is verified: a consumer that finishes its work after the
 last chunk can never finish on a bad download.
 
+The probe's answer is a ``RawSize``: an ``int`` that also carries the xz
+block layout (``fedimg.xzblocks``), and a ``Spool`` when the server ignored
+Range (its one full answer, kept in a temporary file). From it
+``stream_raw`` picks the path: a multi-block file is decoded in parallel
+(``fedimg.xzparallel.ParallelRaw``), anything else streamed as above, in a
+thread of its own (``fedimg.readahead``).
+
 xz file format (https://tukaani.org/xz/xz-file-format.txt), as used here:
 a file is one or more streams, each optionally followed by stream padding
 (zero bytes, a multiple of 4). A stream is a 12-byte header, blocks, an index

@@ -5,9 +5,11 @@ zeros (a new snapshot reads as zeros), from a bounded pool of threads fed
 through a bounded queue -> complete_snapshot with the LINEAR aggregate of the
 per-block SHA256 checksums -> wait until EC2 reports it ``completed``.
 
-Memory is O(workers x 512 KiB) whatever the image size. On any failure,
-from the raw data (a download error) or from AWS, nothing is completed: the
-workers stop, the snapshot is deleted and the error re-raised (download
+The raw data comes as chunks of any size (re-blocked here) or, from a
+multi-block xz file, as a ``BlockSource`` already cut into blocks
+(``fedimg.xzparallel``). Memory is O(workers x 512 KiB) whatever the image
+size. On any failure, from the raw data (a download error) or from AWS,
+nothing is completed: the workers stop, the snapshot is deleted and the error re-raised (download
 errors unchanged, AWS errors as ``SnapshotError`` carrying the AWS code).
 
 Retries: botocore's adaptive mode (fedimg.aws.AwsClients) retries
