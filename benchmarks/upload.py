@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import psutil
 
 from devel.images import BLOCK, ImageFacts, ImageServer, Route, build_raw_xz, sparse_layout
-from devel.motoserver import MotoServer
+from devel.motoserver import MotoServer, snapshot_blocks
 from fedimg.aws import AwsClients
 from fedimg.download import probe_raw_size, stream_raw
 from fedimg.http import make_session
@@ -142,24 +142,11 @@ def build_image(
 
 def verify(ebs: Any, snapshot_id: str, facts: ImageFacts) -> list[str]:
     """Every block moto stored, against the image: a list of problems (empty: all good)."""
-    listed: list[dict[str, Any]] = []
-    kwargs: dict[str, Any] = {"SnapshotId": snapshot_id}
-    while True:
-        page = ebs.list_snapshot_blocks(**kwargs)
-        listed += page["Blocks"]
-        if not page.get("NextToken"):
-            break
-        kwargs["NextToken"] = page["NextToken"]
+    stored = {i: hashlib.sha256(data).hexdigest() for i, data in snapshot_blocks(ebs, snapshot_id)}
     problems = []
-    indices = sorted(b["BlockIndex"] for b in listed)
-    if indices != list(facts.nonzero_blocks):
-        problems.append(f"stored blocks {len(indices)} != non-zero blocks")
-    for block in listed:
-        data = ebs.get_snapshot_block(
-            SnapshotId=snapshot_id, BlockIndex=block["BlockIndex"], BlockToken=block["BlockToken"]
-        )["BlockData"].read()
-        if hashlib.sha256(data).hexdigest() != facts.block_digests.get(block["BlockIndex"]):
-            problems.append(f"block {block['BlockIndex']} differs")
+    if sorted(stored) != list(facts.nonzero_blocks):
+        problems.append(f"stored blocks {len(stored)} != non-zero blocks")
+    problems += [f"block {i} differs" for i, d in stored.items() if d != facts.block_digests.get(i)]
     return problems
 
 

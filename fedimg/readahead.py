@@ -19,11 +19,21 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Iterator
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 POLL = 0.5  # seconds between checks of the other side while waiting
 STOP_SECONDS = 30.0  # how long close() waits for the producer thread
+
+
+def drain(items: queue.Queue[Any]) -> None:
+    """Take everything out of ``items`` without waiting."""
+    while True:
+        try:
+            items.get_nowait()
+        except queue.Empty:
+            return
 
 
 class _End:
@@ -77,11 +87,7 @@ class ReadAhead(Iterator[bytes]):
         self._finished = True
         self._stop.set()
         self._ready.clear()
-        while True:  # make room, so a producer blocked on a full queue sees the stop
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
+        drain(self._queue)  # so a producer blocked on a full queue sees the stop
         if self._thread.is_alive():
             self._thread.join(timeout=STOP_SECONDS)
             if self._thread.is_alive():

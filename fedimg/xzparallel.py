@@ -52,6 +52,7 @@ from fedimg.download import (
     _raise_for_status,
     check_sha256,
 )
+from fedimg.readahead import drain
 from fedimg.snapshot import BLOCK_SIZE, ZERO_BLOCK, Reblocker
 from fedimg.xzblocks import (
     BLOCKS_IN_FLIGHT,
@@ -587,11 +588,7 @@ class ParallelRaw:
             return
         self._closed = True
         self._stop.set()
-        while True:  # make room, so a worker blocked on a full queue sees the stop
-            try:
-                self._out.get_nowait()
-            except queue.Empty:
-                break
+        drain(self._out)  # so a worker blocked on a full queue sees the stop
         for thread in self._threads:
             thread.join(timeout=STOP_SECONDS)
         if any(t.is_alive() for t in self._threads):

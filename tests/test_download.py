@@ -45,17 +45,6 @@ from fedimg.http import make_session
 from fedimg.readahead import ReadAhead
 
 
-@pytest.fixture
-def server() -> Iterator[ImageServer]:
-    with ImageServer() as srv:
-        yield srv
-
-
-@pytest.fixture
-def session() -> requests.Session:
-    return make_session(retries=0, timeout=5.0)
-
-
 @pytest.fixture(scope="module")
 def single(tmp_path_factory: pytest.TempPathFactory) -> ImageFacts:
     """One stream, one xz block; raw size not a multiple of 512 KiB."""

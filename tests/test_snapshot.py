@@ -100,12 +100,6 @@ def aws(boto_session: boto3.session.Session) -> Iterator[Aws]:
         yield Aws(boto_session)
 
 
-@pytest.fixture
-def server() -> Iterator[ImageServer]:
-    with ImageServer() as srv:
-        yield srv
-
-
 @pytest.fixture(scope="module")
 def image(tmp_path_factory: pytest.TempPathFactory) -> ImageFacts:
     """Random and text blocks, zero gaps, and a non-zero partial last block."""

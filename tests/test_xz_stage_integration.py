@@ -23,7 +23,7 @@ import pytest
 
 from devel.compose import ComposeServer, ComposeTree, ImageSpec, build_compose
 from devel.images import BLOCK, ImageFacts
-from devel.motoserver import MotoServer
+from devel.motoserver import MotoServer, snapshot_blocks
 from fedimg.aws import AwsClients
 from fedimg.config import FedimgConfig
 from fedimg.http import make_session
@@ -83,23 +83,8 @@ class World:
 
     def stored_blocks(self, snapshot_id: str) -> dict[int, str]:
         """sha256 of every block moto_server holds for the snapshot, read back one by one."""
-        ebs = self.aws.ebs(REGION)
-        listed: list[dict[str, Any]] = []
-        kwargs: dict[str, Any] = {"SnapshotId": snapshot_id}
-        while True:
-            page = ebs.list_snapshot_blocks(**kwargs)
-            listed += page["Blocks"]
-            if not page.get("NextToken"):
-                break
-            kwargs["NextToken"] = page["NextToken"]
-        return {
-            b["BlockIndex"]: hashlib.sha256(
-                ebs.get_snapshot_block(
-                    SnapshotId=snapshot_id, BlockIndex=b["BlockIndex"], BlockToken=b["BlockToken"]
-                )["BlockData"].read()
-            ).hexdigest()
-            for b in listed
-        }
+        blocks = snapshot_blocks(self.aws.ebs(REGION), snapshot_id)
+        return {index: hashlib.sha256(data).hexdigest() for index, data in blocks}
 
     def uploaded_snapshots(self) -> list[dict[str, Any]]:
         found = self.aws.ec2(REGION).describe_snapshots(OwnerIds=["self"])["Snapshots"]

@@ -37,7 +37,6 @@ from fedimg.download import (
     probe_raw_size,
     stream_raw,
 )
-from fedimg.http import make_session
 from fedimg.readahead import ReadAhead
 from fedimg.xzblocks import XzBlock, XzLayout, plan_parts
 from fedimg.xzparallel import Assembler, OrderedDigest, ParallelRaw
@@ -67,17 +66,6 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> ImageFacts:
 def single(tmp_path_factory: pytest.TempPathFactory) -> ImageFacts:
     path = tmp_path_factory.mktemp("single") / "single.raw.xz"
     return build_raw_xz(path, 9 * BLOCK + 77, {0: b"boot", 8: b"x" * 9000, 9: b"end"}, seed=9)
-
-
-@pytest.fixture
-def server() -> Iterator[ImageServer]:
-    with ImageServer() as srv:
-        yield srv
-
-
-@pytest.fixture
-def session() -> requests.Session:
-    return make_session(retries=0, timeout=5.0)
 
 
 @pytest.fixture
@@ -541,38 +529,27 @@ def count_decoders(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return opened
 
 
+@pytest.mark.parametrize("case", [(64 * 1024, 7 + 1), (0, 40)], ids=["kept", "none-kept"])
 def test_identical_zero_blocks_are_decoded_once(
     server: ImageServer,
     session: requests.Session,
     sparse: ImageFacts,
     monkeypatch: pytest.MonkeyPatch,
+    case: tuple[int, int],
 ) -> None:
+    """Blocks 0, 10..13 (alike but not zero: each decoded), 15 and 39 hold data; of the
+    33 zero ones only the first is decoded, unless ZeroBlocks keeps nothing."""
+    max_bytes, decoded = case
     opened = count_decoders(monkeypatch)
     url, raw_size = probed(server, session, sparse)
     assert raw_size.layout is not None and len(raw_size.layout.blocks) == 40
     source = parallel(session, url, sparse, raw_size.layout, in_flight=1)
+    source.zero_blocks = xzparallel.ZeroBlocks(max_bytes=max_bytes)
     assert_blocks(collect(source), sparse)
     assert source.raw_done == sparse.raw_size
-    # blocks 0, 10..13 (alike, not zero: each decoded), 15 and 39 have data; of the 33
-    # zero ones the first is decoded, the other 32 are known by then
-    assert len(opened) == 7 + 1
+    assert len(opened) == decoded
     with_data = {raw_size.layout.blocks[n].offset for n in (0, 10, 11, 12, 13, 15, 39)}
     assert with_data <= set(opened)
-
-
-def test_without_zero_blocks_every_block_is_decoded(
-    server: ImageServer,
-    session: requests.Session,
-    sparse: ImageFacts,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    opened = count_decoders(monkeypatch)
-    url, raw_size = probed(server, session, sparse)
-    assert raw_size.layout is not None
-    source = parallel(session, url, sparse, raw_size.layout, in_flight=2)
-    source.zero_blocks = xzparallel.ZeroBlocks(max_bytes=0)
-    assert_blocks(collect(source), sparse)
-    assert len(opened) == 40
 
 
 def test_a_damaged_copy_of_a_zero_block_is_still_caught(
