@@ -46,6 +46,7 @@ import psutil
 
 from devel.images import BLOCK, ImageFacts, ImageServer, Route, build_raw_xz, sparse_layout
 from devel.motoserver import MotoServer, snapshot_blocks
+from fedimg import xzparallel
 from fedimg.aws import AwsClients
 from fedimg.download import probe_raw_size, stream_raw
 from fedimg.http import make_session
@@ -349,7 +350,8 @@ def report(
     peak = peak_rss_mib()
     met = peak < 300
     print(
-        f"\nworkers: {args.workers}, xz blocks in flight: {args.in_flight}, chunks: "
+        f"\nworkers: {args.workers}, xz blocks in flight: {args.in_flight}"
+        f"{', every xz block decoded' if args.no_zero_blocks else ''}, chunks: "
         f"{args.chunk_kib} KiB, fake AWS: {args.fake_latency:g} ms per block; "
         f"{os.cpu_count()} cores; load average now {os.getloadavg()[0]:.1f}"
     )
@@ -414,12 +416,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--fake-latency", type=float, default=20.0, help="ms per block with the fake AWS (20)"
     )
+    parser.add_argument(
+        "--no-zero-blocks",
+        action="store_true",
+        help="decode every xz block, even one known to decode to zeros (xzparallel.ZeroBlocks)",
+    )
     parser.add_argument("--repeat", type=int, default=3, help="rounds; best of each counts (3)")
     parser.add_argument("--profile", action="store_true", help="cProfile the first round's uploads")
     parser.add_argument(
         "--cache-dir", type=Path, help="keep the built images here and reuse them on later runs"
     )
     args = parser.parse_args(argv)
+    if args.no_zero_blocks:
+        xzparallel.ZERO_BLOCK_BYTES = 0
     if shutil.which("xz") is None:
         print("needs the xz binary", file=sys.stderr)
         return 2

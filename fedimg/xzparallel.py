@@ -71,7 +71,8 @@ RANGE_ATTEMPTS = 4  # tries of one part's range; a cut answer resumes where it s
 RETRY_DELAY = 0.5  # seconds before the first resume, growing linearly
 UNHASHED_LIMIT = 32 << 20  # compressed bytes held for the in-order sha256 at most
 DECODER_BUDGET = 128 << 20  # decoder dictionaries of all workers at most
-OUTPUT_DEPTH = 16  # finished EBS blocks waiting for the consumer at most
+OUTPUT_DEPTH = 4  # finished EBS blocks waiting for the consumer at most
+ZERO_BLOCK_BYTES = 64 * 1024  # compressed size of the blocks ZeroBlocks keeps, at most
 POLL = 0.5  # seconds between checks for a stop or a failure while waiting
 STOP_SECONDS = 30.0  # how long close() waits for the workers
 
@@ -329,12 +330,12 @@ class ZeroBlocks:
     without decoding it again. Multi-threaded xz compresses every run of
     zeros as long as a block (24 MiB at ``-6``) to the same few KiB, and the
     free space of a disk image is such runs. Keys are the blocks' own bytes
-    (no hash to collide); only blocks of at most ``max_bytes`` compressed are
-    kept, and ``max_entries`` of them.
+    (no hash to collide); only blocks of at most ``max_bytes`` compressed
+    (``ZERO_BLOCK_BYTES``; 0 turns this off) are kept, and ``max_entries`` of them.
     """
 
-    def __init__(self, max_bytes: int = 64 * 1024, max_entries: int = 64) -> None:
-        self.max_bytes = max_bytes
+    def __init__(self, max_bytes: int | None = None, max_entries: int = 64) -> None:
+        self.max_bytes = ZERO_BLOCK_BYTES if max_bytes is None else max_bytes
         self.max_entries = max_entries
         self._known: set[bytes] = set()
         self._lock = threading.Lock()
