@@ -24,12 +24,8 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-# The suite mostly waits (hubs, moto_server, SSH and ResultsDB stand-ins): four
-# workers on two cores; a module's tests stay together (module fixtures).
-PYTEST_WORKERS ?= 4
-
 test: lint typecheck
-	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadfile
+	$(BIN)/pytest
 
 unit: $(STAMP)
 	$(BIN)/pytest -m "not integration"

@@ -40,7 +40,6 @@ setup(
         "test": [
             "pytest>=8,<10",
             "pytest-timeout>=2.3,<3",  # every test has a deadline (pyproject: timeout)
-            "pytest-xdist>=3.5,<4",  # the suite mostly waits on processes: 4 workers on 2 cores
             "hypothesis>=6.100,<7",
             "moto[server,ec2,ebs]>=5.2,<5.3",
             "PyYAML>=6",  # the self-destruct cloud-config is parsed as cloud-init would

@@ -50,7 +50,8 @@ class ImageSpec:
 
     ``data_blocks`` are the 512 KiB block indices filled with deterministic
     random data (the rest are zeros). ``format`` other than ``raw.xz`` writes
-    a small opaque file (a qcow2 stand-in fedimg must ignore).
+    a small opaque file (a qcow2 stand-in fedimg must ignore). ``xz_block_size``
+    makes a multi-block xz file (as ``xz -T0`` writes) with blocks of that size.
     """
 
     variant: str = "Cloud"
@@ -62,6 +63,7 @@ class ImageSpec:
     type: str = "raw-xz"
     name: str | None = None
     seed: int = 0
+    xz_block_size: int | None = None
 
     def file_name(self, compose_id: str) -> str:
         if self.name:
@@ -150,7 +152,13 @@ def _write_image(
     target = compose_dir / rel
     target.parent.mkdir(parents=True, exist_ok=True)
     if spec.format == "raw.xz":
-        facts = build_raw_xz(target, spec.raw_mib * MiB, spec.data_blocks, seed=spec.seed)
+        facts = build_raw_xz(
+            target,
+            spec.raw_mib * MiB,
+            spec.data_blocks,
+            seed=spec.seed,
+            xz_block_size=spec.xz_block_size,
+        )
         return facts.sha256, facts.compressed_size, facts
     data = hashlib.sha256(f"{spec.seed}:{rel}".encode()).digest() * 64
     target.write_bytes(data)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,3 +97,20 @@ class MotoServer:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def snapshot_blocks(ebs: Any, snapshot_id: str) -> Iterator[tuple[int, bytes]]:
+    """(index, data) of every block an EBS snapshot holds, listed page by page, read one by one."""
+    kwargs: dict[str, Any] = {"SnapshotId": snapshot_id}
+    while True:
+        page = ebs.list_snapshot_blocks(**kwargs)
+        for block in page["Blocks"]:
+            data = ebs.get_snapshot_block(
+                SnapshotId=snapshot_id,
+                BlockIndex=block["BlockIndex"],
+                BlockToken=block["BlockToken"],
+            )["BlockData"].read()
+            yield block["BlockIndex"], data
+        if not page.get("NextToken"):
+            return
+        kwargs["NextToken"] = page["NextToken"]

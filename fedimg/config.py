@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 from fedimg.messages import FAILED, NEEDS_INSPECTION, SUMMARY_TESTCASE
 from fedimg.settings import ConfigError, load, load_consumer_config, setting
+from fedimg.xzblocks import BLOCKS_IN_FLIGHT
 
 REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")
 # EBS's largest gp2/gp3/io1/standard volume: no image can be bigger.
@@ -50,6 +51,7 @@ class FedimgConfig:
     max_volume_gib: int = setting("fedimg.stage.max_volume_gib", 32)
     http_timeout: float = setting("fedimg.http.timeout", 60.0)
     http_retries: int = setting("fedimg.http.retries", 5)
+    xz_blocks_in_flight: int = setting("fedimg.download.xz_blocks_in_flight", BLOCKS_IN_FLIGHT)
     required_testcases: list[str] = setting("fedimg.gate.required_testcases", [SUMMARY_TESTCASE])
     reject_outcomes: list[str] = setting("fedimg.gate.reject_outcomes", [FAILED, NEEDS_INSPECTION])
     gate_deadline: float = setting("fedimg.gate.deadline", 6 * 3600.0)
@@ -92,6 +94,7 @@ class FedimgConfig:
             "max_images",
             "max_volume_gib",
             "stage_max_attempts",
+            "xz_blocks_in_flight",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")

@@ -11,6 +11,13 @@ last chunk can never finish on a bad download. A connection cut short is
 resumed from the last byte received with a Range request, as often and with
 the backoff the session's ``fedimg.http.RetryPolicy`` says, then fails.
 
+The probe's answer is a ``RawSize``: an ``int`` that also carries the xz
+block layout (``fedimg.xzblocks``), and a ``Spool`` when the server ignored
+Range (its one full answer, kept in a temporary file). From it
+``stream_raw`` picks the path: a multi-block file is decoded in parallel
+(``fedimg.xzparallel.ParallelRaw``), anything else streamed as above, in a
+thread of its own (``fedimg.readahead``).
+
 xz file format (https://tukaani.org/xz/xz-file-format.txt), as used here:
 a file is one or more streams, each optionally followed by stream padding
 (zero bytes, a multiple of 4). A stream is a 12-byte header, blocks, an index
@@ -25,31 +32,50 @@ from __future__ import annotations
 import hashlib
 import logging
 import lzma
+import os
 import re
 import struct
+import tempfile
 import time
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import IO, TYPE_CHECKING, overload
 
 import requests
 import urllib3.exceptions
 
 from fedimg.http import retry_policy
+from fedimg.readahead import ReadAhead
+from fedimg.xzblocks import (
+    BLOCKS_IN_FLIGHT,
+    FOOTER_MAGIC,
+    FOOTER_SIZE,
+    HEADER_MAGIC,
+    HEADER_SIZE,
+    StreamInfo,
+    XzLayout,
+    plan_layout,
+    plan_parts,
+)
+
+if TYPE_CHECKING:
+    from fedimg.xzparallel import ParallelRaw
 
 log = logging.getLogger(__name__)
 
 SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
-HEADER_MAGIC = b"\xfd7zXZ\x00"
-FOOTER_MAGIC = b"YZ"
-HEADER_SIZE = 12
-FOOTER_SIZE = 12
 # Tail bytes fetched by the first Range request: holds the footer and the index
 # of every image fedimg uploads (a 4 GiB image in 1 MiB xz blocks has a ~16 KiB index).
 PROBE_WINDOW = 64 * 1024
 # The largest index believed; a bigger one is refused rather than downloaded.
 MAX_INDEX_SIZE = 16 * 1024 * 1024
 MAX_STREAMS = 1024
+# Index records kept for planning a parallel decode (fedimg.xzparallel); a file
+# with more xz blocks (none that xz writes for a disk image) is streamed.
+MAX_PLANNED_BLOCKS = 65536
+# A server that ignores Range gets its file spooled to a temporary file of at
+# most this many bytes (a Fedora cloud raw.xz is well under 1 GiB).
+SPOOL_LIMIT = 8 << 30
 # Raw bytes per decompression step. 256 KiB stays in the CPU cache, and so costs
 # less CPU than 1 MiB (benchmarks/upload.py, docs/performance.md).
 DEFAULT_CHUNK = 256 * 1024
@@ -88,16 +114,6 @@ def check_sha256(sha256: str) -> str:
 
 # ---------------------------------------------------------------------------
 # The xz index: pure functions on bytes
-
-
-@dataclass(frozen=True)
-class StreamInfo:
-    """One xz stream as read from its footer and index."""
-
-    start: int  # offset of the stream header in the file
-    end: int  # offset just past the stream footer
-    blocks: int
-    uncompressed_size: int
 
 
 def decode_multibyte(data: bytes, pos: int) -> tuple[int, int]:
@@ -139,8 +155,11 @@ def parse_header(header: bytes) -> bytes:
     return flags
 
 
-def parse_index(index: bytes) -> tuple[int, int, int]:
-    """(record count, blocks' total padded size, total uncompressed size) of an xz index."""
+def parse_index(index: bytes, records: list[tuple[int, int]] | None = None) -> tuple[int, int, int]:
+    """(record count, blocks' total padded size, total uncompressed size) of an xz index.
+
+    Each record, (unpadded size, uncompressed size), is appended to ``records`` if given.
+    """
     if len(index) < 8 or len(index) % 4 or index[0] != 0:
         raise ValueError("not an xz index")
     (crc,) = struct.unpack_from("<I", index, len(index) - 4)
@@ -159,6 +178,8 @@ def parse_index(index: bytes) -> tuple[int, int, int]:
             raise ValueError("xz index record with an impossible block size")
         blocks_size += (unpadded + 3) & ~3
         uncompressed += size
+        if records is not None:
+            records.append((unpadded, size))
     padding = body[pos:]
     if len(padding) > 3 or any(padding):
         raise ValueError("xz index padding is wrong")
@@ -169,13 +190,101 @@ def parse_index(index: bytes) -> tuple[int, int, int]:
 # Range reads
 
 
-class _RangeReader:
-    """Reads byte ranges of one URL, caching what it fetched; no whole-file fallback."""
+class Spool:
+    """A whole compressed file in an anonymous temporary file, read by offset.
 
-    def __init__(self, session: requests.Session, url: str, log_context: str) -> None:
+    What ``probe_raw_size`` falls back to when the server ignores Range: the
+    one download is written here (at most ``limit`` bytes), its index read from
+    here, and ``stream_raw`` decodes from here. The file has no name, so it is
+    gone once closed or once the process ends, whatever happens.
+    """
+
+    def __init__(self, file: IO[bytes], size: int) -> None:
+        self.file = file
+        self.size = size
+
+    @classmethod
+    def download(cls, resp: requests.Response, url: str, limit: int, log_context: str) -> Spool:
+        """Write the body of the 200 answer ``resp`` to a new spool."""
+        declared = int(resp.headers.get("Content-Length") or 0)
+        log.warning(
+            "%s: %s: the server ignored the Range request (HTTP 200): downloading the "
+            "whole file (%d bytes) to a temporary file first",
+            log_context,
+            url,
+            declared,
+        )
+        if declared > limit:
+            raise DownloadError(url, f"{declared} bytes is more than the {limit} bytes spooled")
+        file = tempfile.TemporaryFile(prefix="fedimg-spool-")
+        size = 0
+        try:
+            for piece in resp.iter_content(1 << 20):
+                size += len(piece)
+                if size > limit:
+                    raise DownloadError(url, f"more than the {limit} bytes spooled")
+                file.write(piece)
+            file.flush()
+        except (requests.RequestException, OSError, urllib3.exceptions.HTTPError) as exc:
+            file.close()
+            raise DownloadError(
+                url, f"download to a temporary file failed at {size}: {exc}"
+            ) from exc
+        except BaseException:
+            file.close()
+            raise
+        return cls(file, size)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset`` (safe from several threads at once)."""
+        data = os.pread(self.file.fileno(), length, offset)
+        while len(data) < length:
+            more = os.pread(self.file.fileno(), length - len(data), offset + len(data))
+            if not more:
+                raise OSError(f"spool holds {self.size} bytes, read past it")
+            data += more
+        return data
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class RawSize(int):
+    """The raw size ``probe_raw_size`` learned, with what else it learned on the way.
+
+    An ``int`` to every caller; ``stream_raw`` reads the rest: the block
+    layout (None when the index was not kept) and the spool (None unless the
+    server ignored Range).
+    """
+
+    layout: XzLayout | None
+    spool: Spool | None
+
+    def __new__(
+        cls, value: int, layout: XzLayout | None = None, spool: Spool | None = None
+    ) -> RawSize:
+        obj = super().__new__(cls, value)
+        obj.layout = layout
+        obj.spool = spool
+        return obj
+
+
+class _RangeReader:
+    """Reads byte ranges of one URL, caching what it fetched.
+
+    A server that answers the first (tail) request with the whole file gets
+    it spooled (``Spool``, when ``spool_limit`` allows); every read then
+    comes from the spool.
+    """
+
+    def __init__(
+        self, session: requests.Session, url: str, log_context: str, spool_limit: int = 0
+    ) -> None:
         self.session = session
         self.url = url
         self.log_context = log_context
+        self.spool_limit = spool_limit
+        self.spool: Spool | None = None
         self.size = -1
         self.requests = 0
         self._base = 0
@@ -190,6 +299,8 @@ class _RangeReader:
     def read(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise CorruptImage(self.url, "xz index points outside the file")
+        if self.spool is not None:
+            return self.spool.read(offset, length)
         if offset >= self._base and offset + length <= self._base + len(self._cache):
             return self._cache[offset - self._base : offset - self._base + length]
         # Fetch a window ending at the wanted range's end, so walking back is cheap.
@@ -209,6 +320,10 @@ class _RangeReader:
                     raise CorruptImage(self.url, "file is empty (HTTP 416 for its tail)")
                 if resp.status_code != 206:
                     _raise_for_status(resp, self.url)
+                    if resp.status_code == 200 and self.spool_limit and self.spool is None:
+                        spool = Spool.download(resp, self.url, self.spool_limit, self.log_context)
+                        self.spool = spool
+                        return 0, spool.size - 1, spool.size, b""
                     raise DownloadError(
                         self.url,
                         f"server ignored the Range request (HTTP {resp.status_code}, "
@@ -322,26 +437,41 @@ def probe_raw_size(
     *,
     log_context: str = "",
     max_raw_gib: int | None = None,
-) -> int:
+    spool_limit: int = SPOOL_LIMIT,
+) -> RawSize:
     """The uncompressed size of the xz file at ``url``, read from its index with Range requests.
 
     Handles several concatenated streams and stream padding. Raises
     ``CorruptImage`` if the tail is not valid xz, ``ImageTooLarge`` if the
     index claims more than ``max_raw_gib`` GiB (``fedimg.stage.max_volume_gib``)
-    and ``DownloadError`` on HTTP errors (a 404 is not retried) or a server
-    that ignores Range (the file is never downloaded whole).
+    and ``DownloadError`` on HTTP errors (a 404 is not retried). A server that
+    ignores Range gets the file downloaded once into a ``Spool`` of at most
+    ``spool_limit`` bytes (0: DownloadError instead), with one warning. The
+    result carries the xz block layout for ``stream_raw``.
     """
-    reader = _RangeReader(session, url, log_context)
-    reader.tail(PROBE_WINDOW)
+    reader = _RangeReader(session, url, log_context, spool_limit)
+    try:
+        reader.tail(PROBE_WINDOW)
+        return _probe(reader, max_raw_gib)
+    except BaseException:
+        if reader.spool is not None:
+            reader.spool.close()
+        raise
+
+
+def _probe(reader: _RangeReader, max_raw_gib: int | None) -> RawSize:
+    url = reader.url
     streams: list[StreamInfo] = []
     pos = reader.size
+    keep = MAX_PLANNED_BLOCKS
     try:
         while pos > 0:
             if len(streams) >= MAX_STREAMS:
                 raise ValueError(f"more than {MAX_STREAMS} xz streams")
             pos = _skip_padding(reader, pos)
-            streams.append(_read_stream_backwards(reader, pos))
+            streams.append(_read_stream_backwards(reader, pos, keep))
             pos = streams[-1].start
+            keep -= streams[-1].blocks
     except ValueError as exc:
         raise CorruptImage(url, f"not a valid xz file: {exc}") from exc
     if not streams:
@@ -353,16 +483,25 @@ def probe_raw_size(
             f"its xz index claims {total} bytes raw ({-(-total // 2**30)} GiB), more than "
             f"the largest volume allowed (fedimg.stage.max_volume_gib = {max_raw_gib} GiB)",
         )
+    layout: XzLayout | None = None
+    try:
+        layout = plan_layout(reader.size, streams)
+    except ValueError as exc:
+        log.warning("%s: %s: no parallel decoding (%s)", reader.log_context, url, exc)
+    else:
+        if layout.raw_size != total:
+            raise CorruptImage(url, "xz index records and stream sizes disagree")
     log.info(
-        "%s: %s is %d bytes raw (%d xz streams, %d blocks, %d range requests)",
-        log_context,
+        "%s: %s is %d bytes raw (%d xz streams, %d blocks, %d range requests%s)",
+        reader.log_context,
         url,
         total,
         len(streams),
         sum(s.blocks for s in streams),
         reader.requests,
+        ", spooled" if reader.spool is not None else "",
     )
-    return total
+    return RawSize(total, layout, reader.spool)
 
 
 def _skip_padding(reader: _RangeReader, pos: int) -> int:
@@ -376,20 +515,32 @@ def _skip_padding(reader: _RangeReader, pos: int) -> int:
     return pos
 
 
-def _read_stream_backwards(reader: _RangeReader, end: int) -> StreamInfo:
+def _read_stream_backwards(reader: _RangeReader, end: int, keep: int = 0) -> StreamInfo:
+    """The stream ending at ``end``; its index records kept if it has at most ``keep``."""
     index_size, flags = parse_footer(reader.read(end - FOOTER_SIZE, FOOTER_SIZE))
     if index_size > MAX_INDEX_SIZE:
         raise ValueError(f"xz index of {index_size} bytes is larger than believable")
     index_start = end - FOOTER_SIZE - index_size
     if index_start < HEADER_SIZE:
         raise ValueError("xz index would start before the file")
-    count, blocks_size, uncompressed = parse_index(reader.read(index_start, index_size))
+    index = reader.read(index_start, index_size)
+    records: list[tuple[int, int]] | None = None
+    if index_size > 1 and decode_multibyte(index, 1)[0] <= keep:
+        records = []
+    count, blocks_size, uncompressed = parse_index(index, records)
     start = index_start - blocks_size - HEADER_SIZE
     if start < 0:
         raise ValueError("xz blocks would start before the file")
     if parse_header(reader.read(start, HEADER_SIZE)) != flags:
         raise ValueError("xz stream header and footer flags differ")
-    return StreamInfo(start=start, end=end, blocks=count, uncompressed_size=uncompressed)
+    return StreamInfo(
+        start=start,
+        end=end,
+        blocks=count,
+        uncompressed_size=uncompressed,
+        flags=flags,
+        records=None if records is None else tuple(records),
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -446,7 +597,83 @@ class _XzStreams:
             raise CorruptImage(self.url, "xz stream padding is not a multiple of 4")
 
 
+@overload
+def stream_raw(  # type: ignore[overload-overlap]  # a RawSize may decode in parallel
+    session: requests.Session,
+    url: str,
+    sha256: str,
+    raw_size: RawSize,
+    chunk_size: int = ...,
+    *,
+    log_context: str = ...,
+    blocks_in_flight: int = ...,
+) -> Iterator[bytes] | ParallelRaw: ...
+
+
+@overload
 def stream_raw(
+    session: requests.Session,
+    url: str,
+    sha256: str,
+    raw_size: int,
+    chunk_size: int = ...,
+    *,
+    log_context: str = ...,
+    blocks_in_flight: int = ...,
+) -> Iterator[bytes]: ...
+
+
+def stream_raw(
+    session: requests.Session,
+    url: str,
+    sha256: str,
+    raw_size: int,
+    chunk_size: int = DEFAULT_CHUNK,
+    *,
+    log_context: str = "",
+    blocks_in_flight: int = BLOCKS_IN_FLIGHT,
+) -> Iterator[bytes] | ParallelRaw:
+    """The raw image at ``url``, checked against ``sha256``, for ``upload_snapshot``.
+
+    Given the ``RawSize`` of ``probe_raw_size``: a file of several xz parts
+    (``fedimg.xzblocks``), or one the probe spooled, becomes a
+    ``fedimg.xzparallel.ParallelRaw``: ``blocks_in_flight`` parts fetched
+    (one Range request each) and decoded at once, straight into EBS blocks.
+    Anything else (one xz block, a plain ``int``, an index too large to plan)
+    is one streaming download decoded in a thread of its own, up to 8 MiB
+    ahead of the consumer (``ReadAhead``): an iterator of raw chunks of at most
+    ``chunk_size``, as ``_stream_http`` describes. Both raise the same errors
+    and release nothing unverified: the sha256 is checked before the last
+    chunk or block.
+    """
+    if blocks_in_flight < 1:
+        raise ValueError(f"blocks_in_flight must be at least 1, not {blocks_in_flight}")
+    if isinstance(raw_size, RawSize) and raw_size.spool is not None and raw_size.layout is None:
+        raw_size.spool.close()
+        raise DownloadError(url, "too many xz blocks to decode from a spooled download")
+    if isinstance(raw_size, RawSize) and raw_size.layout is not None:
+        parts = plan_parts(raw_size.layout)
+        if len(parts) > 1 or raw_size.spool is not None:
+            from fedimg.xzparallel import ParallelRaw  # it builds on this module
+
+            return ParallelRaw(
+                session,
+                url,
+                sha256,
+                raw_size.layout,
+                parts,
+                spool=raw_size.spool,
+                in_flight=blocks_in_flight,
+                step=chunk_size,
+                log_context=log_context,
+            )
+    return ReadAhead(
+        _stream_http(session, url, sha256, raw_size, chunk_size, log_context=log_context),
+        name="xz-stream",
+    )
+
+
+def _stream_http(
     session: requests.Session,
     url: str,
     sha256: str,

@@ -5,9 +5,11 @@ zeros (a new snapshot reads as zeros), from a bounded pool of threads fed
 through a bounded queue -> complete_snapshot with the LINEAR aggregate of the
 per-block SHA256 checksums -> wait until EC2 reports it ``completed``.
 
-Memory is O(workers x 512 KiB) whatever the image size. On any failure,
-from the raw data (a download error) or from AWS, nothing is completed: the
-workers stop, the snapshot is deleted and the error re-raised (download
+The raw data comes as chunks of any size (re-blocked here) or, from a
+multi-block xz file, as a ``BlockSource`` already cut into blocks
+(``fedimg.xzparallel``). Memory is O(workers x 512 KiB) whatever the image
+size. On any failure, from the raw data (a download error) or from AWS,
+nothing is completed: the workers stop, the snapshot is deleted and the error re-raised (download
 errors unchanged, AWS errors as ``SnapshotError`` carrying the AWS code).
 
 Retries: botocore's adaptive mode (fedimg.aws.AwsClients) retries
@@ -27,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -76,6 +78,27 @@ class SnapshotUpload:
     bytes_read: int
 
 
+@runtime_checkable
+class BlockSource(Protocol):
+    """Raw data already cut into non-zero 512 KiB blocks (fedimg.xzparallel.ParallelRaw).
+
+    ``blocks()`` yields (index, block) pairs in any order, or None when there
+    is no block yet (so the caller can report progress and check its
+    deadline); it raises on bad data and ends only once all of it is verified.
+    ``raw_done`` counts the raw bytes behind what was yielded so far.
+    ``close()`` stops it early.
+    """
+
+    raw_size: int
+
+    @property
+    def raw_done(self) -> int: ...
+
+    def blocks(self) -> Iterator[tuple[int, bytes] | None]: ...
+
+    def close(self) -> None: ...
+
+
 # ---------------------------------------------------------------------------
 # Functional core
 
@@ -116,6 +139,8 @@ def max_blocks_in_flight(workers: int) -> int:
 class Reblocker:
     """Cuts a stream of chunks of any size into 512 KiB blocks and drops the all-zero ones.
 
+    The stream starts at block ``first_index`` (0: the start of the image).
+
     ``push`` returns the non-zero (index, block) pairs completed by a chunk;
     ``finish`` returns the final partial block, zero-padded, if not all zero.
     Zero data is recognised in place (``bytes.startswith`` against a zero
@@ -124,9 +149,9 @@ class Reblocker:
     of the chunks the decompressor hands out.
     """
 
-    def __init__(self, block_size: int = BLOCK_SIZE) -> None:
+    def __init__(self, block_size: int = BLOCK_SIZE, first_index: int = 0) -> None:
         self.block_size = block_size
-        self.next_index = 0
+        self.next_index = first_index
         self._zero = memoryview(bytes(block_size))
         self._pending = 0  # bytes of the current, incomplete block
         self._pending_zero = True  # ... all zero so far (then they are not kept)
@@ -341,7 +366,7 @@ class _BlockWriter:
 def upload_snapshot(
     ebs: Any,
     ec2: Any,
-    raw: Iterable[bytes],
+    raw: Iterable[bytes] | BlockSource,
     raw_size: int,
     *,
     workers: int = 16,
@@ -353,7 +378,11 @@ def upload_snapshot(
     completion_timeout: float = 1800.0,
     log_context: str = "",
 ) -> SnapshotUpload:
-    """Write ``raw`` (exactly ``raw_size`` bytes, in chunks of any size) into a new snapshot.
+    """Write ``raw`` (exactly ``raw_size`` bytes) into a new snapshot.
+
+    ``raw`` is either chunks of any size, re-blocked here, or a
+    ``BlockSource`` handing over 512 KiB blocks itself (``stream_raw`` of a
+    multi-block xz file).
 
     ``timeout_minutes`` is both start_snapshot's Timeout (AWS cancels an
     unfinished snapshot after it) and the deadline for writing every block;
@@ -396,7 +425,10 @@ def upload_snapshot(
     writer: _BlockWriter | None = None
     try:
         writer = _BlockWriter(ebs, snapshot_id, workers, deadline, log_context)
-        bytes_read = _feed(writer, raw, raw_size, snapshot_id, progress)
+        if isinstance(raw, BlockSource):
+            bytes_read = _feed_blocks(writer, raw, raw_size, snapshot_id, progress)
+        else:
+            bytes_read = _feed(writer, raw, raw_size, snapshot_id, progress)
         digests = writer.finish()
         blocks_sent = len(digests)
         _complete(ebs, snapshot_id, digests)
@@ -456,10 +488,7 @@ def _feed(
             writer.submit(index, block)
         if progress is not None:
             progress(bytes_read)
-        if _clock() > writer.deadline:
-            raise SnapshotTimeout(
-                f"upload of {snapshot_id} outran its deadline", snapshot_id=snapshot_id
-            )
+        _check_deadline(writer, snapshot_id)
     if bytes_read != raw_size:
         raise SnapshotError(
             f"snapshot {snapshot_id}: raw data ended at {bytes_read} of {raw_size} bytes",
@@ -468,6 +497,43 @@ def _feed(
     for index, block in reblocker.finish():
         writer.submit(index, block)
     return bytes_read
+
+
+def _feed_blocks(
+    writer: _BlockWriter,
+    source: BlockSource,
+    raw_size: int,
+    snapshot_id: str,
+    progress: Callable[[int], None] | None,
+) -> int:
+    if source.raw_size != raw_size:
+        raise SnapshotError(
+            f"snapshot {snapshot_id}: raw data of {source.raw_size} bytes, "
+            f"not the declared {raw_size}",
+            snapshot_id=snapshot_id,
+        )
+    total = blocks_total(raw_size)
+    for item in source.blocks():
+        if item is not None:
+            index, block = item
+            if not 0 <= index < total or len(block) != BLOCK_SIZE:
+                raise SnapshotError(
+                    f"snapshot {snapshot_id}: block {index} of {len(block)} bytes "
+                    f"does not fit a volume of {total} blocks",
+                    snapshot_id=snapshot_id,
+                )
+            writer.submit(index, block)
+        if progress is not None:
+            progress(source.raw_done)
+        _check_deadline(writer, snapshot_id)
+    return source.raw_done
+
+
+def _check_deadline(writer: _BlockWriter, snapshot_id: str) -> None:
+    if _clock() > writer.deadline:
+        raise SnapshotTimeout(
+            f"upload of {snapshot_id} outran its deadline", snapshot_id=snapshot_id
+        )
 
 
 def _complete(ebs: Any, snapshot_id: str, digests: Mapping[int, bytes]) -> None:
@@ -506,7 +572,7 @@ def _wait_completed(ec2: Any, snapshot_id: str, deadline: float, log_context: st
         delay = min(delay * 2, COMPLETION_POLL_MAX)
 
 
-def _close(raw: Iterable[bytes]) -> None:
+def _close(raw: Iterable[bytes] | BlockSource) -> None:
     """Close a generator (and so its HTTP connection) the upload will not finish reading."""
     close = getattr(raw, "close", None)
     if callable(close):

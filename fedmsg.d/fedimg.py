@@ -65,6 +65,11 @@ config = {
     # to a host in fedimg.compose.allowed_hosts.
     "fedimg.http.timeout": 60.0,
     "fedimg.http.retries": 5,
+    # A multi-block raw.xz (xz -T0 writes them) is fetched as byte ranges of
+    # at least 8 MiB of raw data each, decoded in parallel: how many per image
+    # at once (about the cores to spare; each holds one xz decoder, up to 24
+    # MiB at xz -6, fewer run at once if bigger). Single-block files stream.
+    "fedimg.download.xz_blocks_in_flight": 4,
     # -- the gate ----------------------------------------------------------------
     # ResultsDB testcases that must all be PASSED (latest result) for release.
     "fedimg.gate.required_testcases": ["autocloud.ami.all"],

@@ -47,6 +47,23 @@ def recorder() -> Recorder:
 
 
 @pytest.fixture
+def server() -> Iterator[Any]:
+    """A devel.images.ImageServer (Range, faults) on a free loopback port."""
+    from devel.images import ImageServer
+
+    with ImageServer() as srv:
+        yield srv
+
+
+@pytest.fixture
+def session() -> Any:
+    """The HTTP seam as production builds it, without retries, with short timeouts."""
+    from fedimg.http import make_session
+
+    return make_session(retries=0, timeout=5.0)
+
+
+@pytest.fixture
 def local_bus() -> Iterator[LocalBus]:
     """A real fedmsg-relay on free loopback ports with a tap on its outbound socket."""
     from devel.bus import LocalBus

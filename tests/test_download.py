@@ -43,17 +43,7 @@ from fedimg.download import (
     stream_raw,
 )
 from fedimg.http import make_session
-
-
-@pytest.fixture
-def server() -> Iterator[ImageServer]:
-    with ImageServer() as srv:
-        yield srv
-
-
-@pytest.fixture
-def session() -> requests.Session:
-    return make_session(retries=0, timeout=5.0)
+from fedimg.readahead import ReadAhead
 
 
 @pytest.fixture(scope="module")
@@ -230,12 +220,25 @@ def test_probe_empty_file(server: ImageServer, session: requests.Session) -> Non
 
 
 @pytest.mark.integration
-def test_probe_refuses_a_server_that_ignores_range(
+def test_probe_spools_what_a_server_that_ignores_range_sends(
+    server: ImageServer, session: requests.Session, single: ImageFacts
+) -> None:
+    """Python's http.server ignores Range: its one full answer is kept, not fetched again."""
+    url = server.add("norange.raw.xz", Route(single.path, ranges=False))
+    raw_size = probe_raw_size(session, url)
+    assert raw_size == single.raw_size
+    assert raw_size.spool is not None and raw_size.spool.size == single.compressed_size
+    raw_size.spool.close()
+    assert len(server.requests) == 1, "no second download"
+
+
+@pytest.mark.integration
+def test_probe_without_a_spool_refuses_a_server_that_ignores_range(
     server: ImageServer, session: requests.Session, single: ImageFacts
 ) -> None:
     url = server.add("norange.raw.xz", Route(single.path, ranges=False))
     with pytest.raises(DownloadError) as info:
-        probe_raw_size(session, url)
+        probe_raw_size(session, url, spool_limit=0)
     assert not isinstance(info.value, CorruptImage)
     assert "Range" in str(info.value)
     assert len(server.requests) == 1, "no fallback to another full download"
@@ -404,3 +407,47 @@ def test_generated_image_facts_match_the_file(single: ImageFacts) -> None:
     assert single.nonzero_blocks == (0, 5)
     assert raw[:4] == b"boot" and raw[5 * BLOCK : 5 * BLOCK + 1000] == b"x" * 1000
     assert raw.count(0) == len(raw) - 4 - 1000
+
+
+# ---------------------------------------------------------------------------
+# Which path stream_raw takes (fedimg.xzparallel has the parallel one)
+
+
+@pytest.mark.integration
+def test_a_single_block_file_keeps_the_streaming_path(
+    server: ImageServer, session: requests.Session, single: ImageFacts
+) -> None:
+    url = server.add("single.raw.xz", Route(single.path))
+    raw_size = probe_raw_size(session, url)
+    assert raw_size.layout is not None and len(raw_size.layout.blocks) == 1
+    chunks = stream_raw(session, url, single.sha256, raw_size)
+    assert isinstance(chunks, ReadAhead)
+    assert b"".join(chunks) == lzma.decompress(single.path.read_bytes())
+
+
+@pytest.mark.integration
+def test_an_index_too_big_to_plan_falls_back_to_streaming(
+    server: ImageServer,
+    session: requests.Session,
+    multi: tuple[Path, str, int],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    path, sha, raw_size = multi
+    monkeypatch.setattr(download, "MAX_PLANNED_BLOCKS", 4)  # the file has 17 xz blocks
+    url = server.add("multi.raw.xz", Route(path))
+    probed = probe_raw_size(session, url)
+    assert probed == raw_size and probed.layout is None
+    chunks = stream_raw(session, url, sha, probed)
+    assert isinstance(chunks, ReadAhead)
+    assert b"".join(chunks) == xz_dc(path)
+
+
+def test_stream_raw_refuses_a_silly_parallelism(single: ImageFacts) -> None:
+    with pytest.raises(ValueError):
+        stream_raw(
+            make_session(),
+            "http://127.0.0.1:9/x",
+            single.sha256,
+            single.raw_size,
+            blocks_in_flight=0,
+        )

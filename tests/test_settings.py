@@ -22,6 +22,7 @@ def test_defaults() -> None:
     assert cfg.copy_concurrency == 25
     assert cfg.max_images == 50
     assert cfg.max_volume_gib == 32
+    assert cfg.xz_blocks_in_flight == 4
 
 
 def test_defaults_are_not_shared_between_instances() -> None:
@@ -58,6 +59,8 @@ def test_values_are_read_and_typed() -> None:
         {"fedimg.compose.arches": ["ppc64le"]},
         {"fedimg.stage.workers": 0},
         {"fedimg.stage.workers": True},
+        {"fedimg.download.xz_blocks_in_flight": 0},
+        {"fedimg.download.xz_blocks_in_flight": "4"},
         {"fedimg.gate.delete_rejected": "yes"},
         {"fedimg.resultsdb_url": "file:///tmp/db"},
         {"fedimg.gate.required_testcases": []},

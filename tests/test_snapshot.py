@@ -40,6 +40,7 @@ from fedimg.snapshot import (
     upload_snapshot,
     volume_size_gib,
 )
+from fedimg.xzparallel import ParallelRaw
 
 REGION = "us-east-1"
 TOKEN = "fedimg-test-token"
@@ -99,12 +100,6 @@ def aws(boto_session: boto3.session.Session) -> Iterator[Aws]:
         yield Aws(boto_session)
 
 
-@pytest.fixture
-def server() -> Iterator[ImageServer]:
-    with ImageServer() as srv:
-        yield srv
-
-
 @pytest.fixture(scope="module")
 def image(tmp_path_factory: pytest.TempPathFactory) -> ImageFacts:
     """Random and text blocks, zero gaps, and a non-zero partial last block."""
@@ -132,7 +127,9 @@ def upload(aws: Aws, raw: Any, raw_size: int, **kwargs: Any) -> snapshot.Snapsho
     return upload_snapshot(aws.ebs, aws.ec2, raw, raw_size, **args)
 
 
-def stream(server: ImageServer, facts: ImageFacts, sha256: str | None = None) -> Iterator[bytes]:
+def stream(
+    server: ImageServer, facts: ImageFacts, sha256: str | None = None
+) -> Iterator[bytes] | ParallelRaw:
     url = server.add(facts.path.name, Route(facts.path))
     session = make_session(retries=0, timeout=5.0)
     raw_size = probe_raw_size(session, url)
@@ -575,3 +572,128 @@ def test_delete_snapshot_quietly(aws: Aws, caplog: pytest.LogCaptureFixture) -> 
     aws.ec2.meta.events.register("before-parameter-build.ec2.DeleteSnapshot", refuse)
     delete_snapshot_quietly(aws.ec2, "snap-0123456789abcdef0", "ctx")  # logged, not raised
     assert [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+# ---------------------------------------------------------------------------
+# Multi-block xz images: blocks from a BlockSource (fedimg.xzparallel)
+
+
+@pytest.fixture(scope="module")
+def multiblock(tmp_path_factory: pytest.TempPathFactory) -> ImageFacts:
+    """xz blocks of 700000 raw bytes (not 512 KiB aligned), 3 parts of >= 8 MiB raw."""
+    return build_raw_xz(
+        tmp_path_factory.mktemp("multiblock") / "multiblock.raw.xz",
+        40 * BLOCK + 999,
+        (0, 1, 2, 13, 14, 15, 16, 26, 39, 40),
+        seed=21,
+        xz_block_size=700_000,
+    )
+
+
+@pytest.mark.integration
+def test_upload_of_a_multi_block_image_decoded_in_parallel(
+    aws: Aws, server: ImageServer, multiblock: ImageFacts
+) -> None:
+    raw = stream(server, multiblock)
+    assert isinstance(raw, ParallelRaw) and len(raw.parts) == 3
+    seen: list[int] = []
+    result = upload(aws, raw, multiblock.raw_size, progress=seen.append)
+
+    assert result.blocks_sent == len(multiblock.nonzero_blocks)
+    assert result.bytes_read == multiblock.raw_size
+    puts = aws.calls("PutSnapshotBlock")
+    assert sorted(p["BlockIndex"] for p in puts) == list(multiblock.nonzero_blocks)
+    for put in puts:
+        assert put["DataLength"] == BLOCK == len(put["BlockData"])
+        assert put["Checksum"] == b64sha(put["BlockData"])
+    (complete,) = aws.calls("CompleteSnapshot")
+    digests = b"".join(
+        bytes.fromhex(multiblock.block_digests[i]) for i in multiblock.nonzero_blocks
+    )
+    assert complete["ChangedBlocksCount"] == len(multiblock.nonzero_blocks)
+    assert complete["Checksum"] == b64sha(digests)
+    stored = aws.stored_blocks(result.snapshot_id)
+    assert {i: hashlib.sha256(d).hexdigest() for i, d in stored.items()} == (
+        multiblock.block_digests
+    )
+    assert seen == sorted(seen) and seen[-1] == multiblock.raw_size
+
+
+@pytest.mark.integration
+def test_parallel_checksum_mismatch_deletes_the_snapshot(
+    aws: Aws, server: ImageServer, multiblock: ImageFacts
+) -> None:
+    raw = stream(server, multiblock, sha256=hashlib.sha256(b"not this image").hexdigest())
+    assert isinstance(raw, ParallelRaw)
+    with pytest.raises(ChecksumMismatch):
+        upload(aws, raw, multiblock.raw_size)
+    assert aws.calls("PutSnapshotBlock"), "blocks were written before the checksum was known"
+    assert len(aws.calls("PutSnapshotBlock")) < len(multiblock.nonzero_blocks)
+    assert_abandoned(aws)
+
+
+class Blocks:
+    """A BlockSource handing out given items; records whether it was closed."""
+
+    def __init__(self, raw_size: int, items: list[tuple[int, bytes] | None]) -> None:
+        self.raw_size = raw_size
+        self.items = items
+        self.closed = False
+        self.done = 0
+
+    @property
+    def raw_done(self) -> int:
+        return self.done
+
+    def blocks(self) -> Iterator[tuple[int, bytes] | None]:
+        for item in self.items:
+            self.done += BLOCK
+            yield item
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize(
+    ("raw_size", "items"),
+    [
+        (3 * BLOCK, [(0, b"\x01" * BLOCK), (3, b"\x01" * BLOCK)]),  # past the volume
+        (3 * BLOCK, [(1, b"\x01" * 100)]),  # not a whole block
+        (3 * BLOCK, [(-1, b"\x01" * BLOCK)]),
+    ],
+    ids=["index", "length", "negative"],
+)
+def test_a_block_source_handing_out_a_bad_block(
+    aws: Aws, raw_size: int, items: list[tuple[int, bytes] | None]
+) -> None:
+    source = Blocks(raw_size, items)
+    with pytest.raises(SnapshotError, match="block"):
+        upload(aws, source, raw_size)
+    assert source.closed
+    assert_abandoned(aws)
+
+
+def test_a_block_source_of_another_size(aws: Aws) -> None:
+    source = Blocks(2 * BLOCK, [(0, b"\x01" * BLOCK)])
+    with pytest.raises(SnapshotError, match="bytes"):
+        upload(aws, source, 3 * BLOCK)
+    assert source.closed
+    assert_abandoned(aws)
+
+
+def test_a_block_source_outrunning_the_deadline(aws: Aws, monkeypatch: pytest.MonkeyPatch) -> None:
+    now = {"t": 1000.0}
+    monkeypatch.setattr(snapshot, "_clock", lambda: now["t"])
+
+    class Slow(Blocks):
+        def blocks(self) -> Iterator[tuple[int, bytes] | None]:
+            yield (0, b"\x01" * BLOCK)
+            now["t"] += 10 * 60 + 1
+            while True:  # a download that stalls: the caller must give up
+                yield None
+
+    source = Slow(4 * BLOCK, [])
+    with pytest.raises(SnapshotTimeout):
+        upload(aws, source, 4 * BLOCK, timeout_minutes=10)
+    assert source.closed
+    assert_abandoned(aws)
