@@ -115,6 +115,9 @@ class Outcome:
     resource: str  # an AMI id, an image name or a compose id
     action: str  # release | reject | wait | retest | released | promoting | staged | ...
     detail: str = ""
+    # Nothing was decided for a passing reason (another worker holds the AMI, ResultsDB
+    # could not be asked): looking again later may decide (fedora-messaging nacks it).
+    transient: bool = False
 
     @property
     def text(self) -> str:
@@ -223,8 +226,13 @@ class Engine:
         self._pool.shutdown(wait=True)
 
     # -- composes --------------------------------------------------------------------
-    def accept_compose(self, status: ComposeStatus) -> list[StageOutcome]:
-        """A compose message: remember the compose durably, then stage every image of it."""
+    def accept_compose(self, status: ComposeStatus, *, wait: bool = True) -> list[StageOutcome]:
+        """A compose message: remember the compose durably, then stage every image of it.
+
+        ``wait=False`` returns once the intent is recorded and the images are
+        handed to the engine's pool (only a failed metadata read is returned):
+        the intent, finished by the reconcile pass, is what makes that durable.
+        """
         if not status.finished or not status.location:
             log.info("compose %s: status %s, nothing to stage", status.compose_id, status.status)
             return []
@@ -255,6 +263,8 @@ class Engine:
                 ),
             )
         log.info("compose %s: accepted (intent recorded)", status.compose_id)
+        if not wait:
+            return self._start_compose(status.compose_id, Scope.MESSAGE)[1]
         return self.converge_compose(status.compose_id, Scope.MESSAGE)
 
     def stage_location(
@@ -521,7 +531,7 @@ class Engine:
             if not got:
                 with self._recheck_lock:
                     self._recheck.add(ami_id)
-                return Outcome(ami_id, "busy", "another worker is on it; it will look again")
+                return Outcome(ami_id, "busy", "another worker is on it", transient=True)
             while True:
                 with self._recheck_lock:
                     self._recheck.discard(ami_id)
@@ -565,7 +575,7 @@ class Engine:
             self.promoter.request_test(staged, action.count, action.reason)
             return Outcome(ami_id, "retest", f"{action.reason}; test requested again")
         log.info("%s: %s", staged.label, action.reason)
-        return Outcome(ami_id, "wait", action.reason)
+        return Outcome(ami_id, "wait", action.reason, transient=not life.results.known)
 
     # -- everything ------------------------------------------------------------------
     def reconcile(self, *, stage: bool = True) -> Report:
