@@ -1,7 +1,9 @@
 """``make demo``: a Fedora compose through the whole pipeline, on this machine, in a few minutes.
 
 Brings up ``devel.stack.Stack``, replays the recorded production compose
-message with the real ``fedmsg-dg-replay``, prints every message on the bus
+message with the real ``fedmsg-dg-replay`` (with ``--bus amqp``: over a
+private RabbitMQ with two ``fedora-messaging consume`` processes per app,
+replayed by ``devel.replay``), prints every message on the bus
 as it passes (time, topic, what it says), waits until every image reached
 its end state, then prints per image the staging AMI, its tests (from
 ResultsDB), its state and its AMI in every region, and checks the outcome:
@@ -356,6 +358,10 @@ def summarize(topic: str, body: Mapping[str, Any]) -> str:
         text = f"{name} public in {len(regions)} region(s)"
         failed = body.get("failed_regions")
         return text + (f"; FAILED in {', '.join(sorted(failed))}" if failed else "")
+    if ".fedora_image_uploader.published.v1.aws." in topic:
+        regions = body.get("regions")
+        count = len(regions) if isinstance(regions, Mapping) else 0
+        return f"{body.get('image_name')} public in {count} region(s) (AwsPublishedV1)"
     if ".autocloud.ami." in topic:
         text = f"{body.get('status')} {body.get('ami_id')} {name} job {str(body.get('job_id'))[:8]}"
         if body.get("status") in ("success", "failed"):
@@ -491,16 +497,21 @@ def _announced(state: PipelineState, messages: Sequence[Seen]) -> bool:
 
 def run_demo(options: StackOptions, out: TextIO, timeout: float) -> int:
     started = time.monotonic()
-    print("starting the local stack (moto, relay, hub, ResultsDB, SSH stand-in) ...", file=out)
+    bus = (
+        f"RabbitMQ, {options.per_app} consumer processes per app"
+        if options.bus == "amqp"
+        else "relay, hub"
+    )
+    print(f"starting the local stack (moto, {bus}, ResultsDB, SSH stand-in) ...", file=out)
     with Stack(options) as stack:
         print(f"stack up in {time.monotonic() - started:.1f}s", file=out)
         follower = Follower(stack, out)
-        print(f"replaying {stack.msg_id} with fedmsg-dg-replay", file=out, flush=True)
+        tool = stack.replay_tool
+        print(f"replaying {stack.msg_id} with {tool}", file=out, flush=True)
         replay = stack.replay()
         if replay.returncode != 0:
             print(
-                f"FAILED: fedmsg-dg-replay exited {replay.returncode}:\n"
-                f"{replay.stdout}{replay.stderr}",
+                f"FAILED: {tool} exited {replay.returncode}:\n{replay.stdout}{replay.stderr}",
                 file=out,
             )
             return 1
@@ -552,6 +563,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds for the pipeline")
     parser.add_argument("-v", "--verbose", action="store_true", help="log the stack's own steps")
+    parser.add_argument(
+        "--bus",
+        choices=["fedmsg", "amqp"],
+        default="fedmsg",
+        help="fedmsg (relay and one hub) or amqp (RabbitMQ, two consumer processes per app)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
@@ -560,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     out = sys.stdout
     try:
         with stop_on_signals():
-            return run_demo(StackOptions(), out, args.timeout)
+            return run_demo(StackOptions(bus=args.bus), out, args.timeout)
     except StackError as exc:
         print(f"the stack did not come up: {exc}", file=sys.stderr)
         return 2

@@ -704,6 +704,10 @@ def test_summarize_reads_each_topic_and_survives_odd_bodies() -> None:
         "org.fedoraproject.dev.autocloud.ami.failed",
         {"status": "failed", "ami_id": AMI_A, "job_id": "abc", "passed": 3, "failed": 1},
     )
+    published = "org.fedoraproject.dev.fedora_image_uploader.published.v1.aws.Cloud_Base.40.x86_64"
+    line = summarize(published, {"image_name": "F-40-hvm-gp3", "regions": {"us-east-1": AMI_A}})
+    assert line == "F-40-hvm-gp3 public in 1 region(s) (AwsPublishedV1)"
+    assert summarize(published, {"regions": 3})
     # Unknown topics and malformed bodies still give one line, never an exception.
     assert summarize("org.example.other", {"x": 1}) == '{"x": 1}'
     assert summarize("org.fedoraproject.dev.fedimg.image.upload", {"extra": "not a dict"})
