@@ -13,6 +13,10 @@ processes on the queue to test more AMIs at once. RabbitMQ's
 ``autocloud_ami.deadline``, or a long test's delivery is taken back.
 
 - a verdict on the same topic (``completed``/``failed``) is acked and ignored;
+- a request for an AMI whose summary result is already in ResultsDB is acked
+  without a test: a delivery taken back after the job finished (a broker
+  restart, a lost ack) is redelivered, and fedimg asks again only while the
+  summary is missing (if ResultsDB cannot be asked, the test runs);
 - a malformed request, or one this runner refuses (a region or architecture
   it does not test), is dropped with one log line;
 - no free test slot before ``autocloud_ami.queue_timeout``: retried;
@@ -29,6 +33,9 @@ from __future__ import annotations
 
 import logging
 from typing import Any
+
+import requests
+from resultsdb_api import ResultsDBapiException
 
 from autocloud_ami.config import AutocloudConfig
 from fedimg.fmcallback import Callback, Periodic, Transient, when_reactor_runs
@@ -100,7 +107,7 @@ class AmiTestConsumer(Callback):
         from autocloud_ami.job import InvalidRequest, QueueTimeout, test_ami, test_request
 
         image = test_request(body)
-        if image is None:
+        if image is None or self._tested(image.compose_id, str(image.ami_id)):
             return
         try:
             result = test_ami(image, self.deps)
@@ -124,6 +131,21 @@ class AmiTestConsumer(Callback):
             result.job_id,
             PASSED if result.passed else FAILED,
         )
+
+    def _tested(self, compose_id: str, ami_id: str) -> bool:
+        from autocloud_ami.report import summary_posted
+
+        try:
+            posted = summary_posted(self.reporter.api, ami_id)
+        except (ResultsDBapiException, requests.RequestException, ValueError) as exc:
+            # ResultsDB cannot be asked: testing again is the safe side.
+            log.warning("%s %s: cannot ask ResultsDB (%s); testing", compose_id, ami_id, exc)
+            return False
+        if posted:
+            log.info(
+                "%s %s: its summary is in ResultsDB already; not tested again", compose_id, ami_id
+            )
+        return posted
 
     def exhausted(self, mtype: MessageType, body: Any, why: str) -> None:
         from fedora_messaging.exceptions import Nack

@@ -460,17 +460,36 @@ class FakeJob:
         return self.result
 
 
-def autocloud_consumer(monkeypatch: pytest.MonkeyPatch, job: FakeJob) -> AmiTestConsumer:
+class FakeResultsApi:
+    """``ResultsDBapi.get_results``: a summary for the AMIs in ``summaries``, or an error."""
+
+    def __init__(self, summaries: tuple[str, ...] = (), error: Exception | None = None) -> None:
+        self.summaries = summaries
+        self.error = error
+        self.asked: list[dict[str, Any]] = []
+
+    def get_results(self, **query: Any) -> dict[str, Any]:
+        self.asked.append(query)
+        if self.error is not None:
+            raise self.error
+        return {"data": [{"id": 1}] if query["item"] in self.summaries else []}
+
+
+def autocloud_consumer(
+    monkeypatch: pytest.MonkeyPatch, job: FakeJob, api: FakeResultsApi | None = None
+) -> AmiTestConsumer:
     import autocloud_ami.job
 
     monkeypatch.setattr(autocloud_ami.job, "test_ami", job)
-    return AmiTestConsumer(
+    consumer = AmiTestConsumer(
         {"topic_prefix": PREFIX, "consumer_config": sample_settings("autocloud_ami.toml")},
         publisher=Recorder(),
         deps=object(),
         start=lambda run: None,
         sleep=Sleeps(),
     )
+    consumer.reporter.api = api or FakeResultsApi()
+    return consumer
 
 
 def test_a_test_request_runs_the_job_and_is_acked_once_results_are_delivered(
@@ -533,3 +552,28 @@ def test_no_free_slot_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:
     consumer = autocloud_consumer(monkeypatch, FakeJob(raises=QueueTimeout("no slot")))
     with pytest.raises(Nack):
         consumer(msg("fedimg.image.test", TEST_REQUEST))
+
+
+def test_a_request_for_an_ami_whose_summary_is_posted_is_acked_without_a_test(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    job = FakeJob()
+    api = FakeResultsApi(summaries=(AMI,))
+    consumer = autocloud_consumer(monkeypatch, job, api)
+    consumer(msg("fedimg.image.test", TEST_REQUEST))  # a redelivery after the job finished
+    assert job.calls == []
+    assert api.asked == [{"item": AMI, "type": "ami", "testcases": "autocloud.ami.all", "limit": 1}]
+
+
+def test_when_resultsdb_cannot_be_asked_the_ami_is_tested(monkeypatch: pytest.MonkeyPatch) -> None:
+    import requests
+
+    from autocloud_ami.report import Delivery
+
+    job = FakeJob(
+        result=type("R", (), {"delivery": Delivery(spooled=3), "passed": True, "job_id": "j"})
+    )
+    api = FakeResultsApi(error=requests.ConnectionError("refused"))
+    consumer = autocloud_consumer(monkeypatch, job, api)
+    consumer(msg("fedimg.image.test", TEST_REQUEST))
+    assert [i.ami_id for i in job.calls] == [AMI]
