@@ -38,7 +38,7 @@ import requests
 from resultsdb_api import ResultsDBapiException
 
 from autocloud_ami.config import AutocloudConfig
-from fedimg.fmcallback import Callback, Periodic, Transient, when_reactor_runs
+from fedimg.fmcallback import PUBLISH_TIMEOUT, Callback, Periodic, Transient, when_reactor_runs
 from fedimg.messages import (
     FAILED,
     IMAGE_TEST,
@@ -81,7 +81,7 @@ class AmiTestConsumer(Callback):
         self.cfg = cfg = AutocloudConfig.from_consumer_config(consumer_config)
         if not cfg.enabled:
             raise ConfigError("autocloud_ami.enabled is false: this consumer would do nothing")
-        emitter = Emitter(self._publisher or amqp_publisher())
+        emitter = Emitter(self._publisher or amqp_publisher(PUBLISH_TIMEOUT))
         self.deps = self._deps if self._deps is not None else Deps.from_config(cfg, emitter)
         self.reporter = reporter_for(cfg)  # the spool's flusher (as SweepProducer has one)
         self.sweep = Periodic(SWEEP, self._housekeeping, cfg.sweep_interval)

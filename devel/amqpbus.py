@@ -161,6 +161,7 @@ class AmqpBus:
     extra_env: dict[str, str] = field(default_factory=dict)
     processes: list[ManagedProcess] = field(default_factory=list)
     tap: AmqpTap | None = None
+    ports: dict[str, int] = field(default_factory=dict)  # process name -> monitoring port
     _own_workdir: bool = False
     _index: dict[str, int] = field(default_factory=dict)
 
@@ -242,7 +243,9 @@ class AmqpBus:
         config = self._config(app, monitoring_port=port)
         path = write_client_config(self.workdir / f"{app}-{index}.toml", self.node.url, config)
         argv = [str(BIN / "fedora-messaging"), "--conf", str(path), "consume"]
-        return self.spawn(f"{app}-{index}", argv), port
+        proc = self.spawn(f"{app}-{index}", argv)
+        self.ports[proc.name] = port
+        return proc, port
 
     def start_consumers(self, timeout: float = 120.0) -> list[ManagedProcess]:
         """``per_app`` processes of each app; returns once each of them consumes."""
@@ -268,6 +271,12 @@ class AmqpBus:
             wait_until(consuming, timeout, f"{proc.name} to consume", interval=0.2)
         except WaitTimeout as exc:
             raise WaitTimeout(f"{exc}:\n{proc.output()[-4000:]}") from None
+
+    def stats(self, proc: ManagedProcess) -> dict[str, int]:
+        """What the process's consumer counted (``/ready``): received, processed, rejected..."""
+        answer = requests.get(f"http://127.0.0.1:{self.ports[proc.name]}/ready", timeout=10)
+        answer.raise_for_status()
+        return {k: int(v) for k, v in answer.json()["consumed"].items()}
 
     def close(self) -> None:
         for proc in reversed(self.processes):

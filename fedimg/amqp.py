@@ -46,10 +46,11 @@ from typing import Any
 
 import requests
 from botocore.exceptions import BotoCoreError, ClientError
+from fedora_messaging.exceptions import ConnectionException, PublishException
 
 from fedimg.config import ConfigError, FedimgConfig
 from fedimg.engine import Engine
-from fedimg.fmcallback import Callback, Periodic, Transient, when_reactor_runs
+from fedimg.fmcallback import PUBLISH_TIMEOUT, Callback, Periodic, Transient, when_reactor_runs
 from fedimg.intents import IntentError
 from fedimg.messages import (
     COMPOSE_STATUS,
@@ -68,8 +69,15 @@ from fedimg.messages import (
 log = logging.getLogger(__name__)
 
 RECONCILE = "fedimg_reconcile"
-# What AWS and ResultsDB may raise for a while (throttled, unreachable, 5xx).
-AWS_OR_HTTP = (ClientError, BotoCoreError, requests.RequestException)
+# What AWS, ResultsDB and the broker may raise for a while (throttled, unreachable, 5xx,
+# a publish the broker did not confirm in time).
+PASSING = (
+    ClientError,
+    BotoCoreError,
+    requests.RequestException,
+    ConnectionException,
+    PublishException,
+)
 
 
 class FedimgConsumer(Callback):
@@ -102,7 +110,7 @@ class FedimgConsumer(Callback):
                 "fedimg.stage.enabled, fedimg.promote.enabled and fedimg.health.enabled "
                 "are all false: this consumer would do nothing"
             )
-        self.emitter = Emitter(self._publisher or amqp_publisher())
+        self.emitter = Emitter(self._publisher or amqp_publisher(PUBLISH_TIMEOUT))
         self.engine = (
             self._engine
             if self._engine is not None
@@ -171,7 +179,7 @@ class FedimgConsumer(Callback):
                 self.ack_after,
             )
             return
-        except AWS_OR_HTTP as exc:
+        except PASSING as exc:
             raise Transient(f"{notice.item}: {type(exc).__name__}: {exc}"[:300]) from exc
         if outcome is not None and outcome.transient:
             raise Transient(f"{notice.item}: {outcome.text}")

@@ -49,6 +49,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+# Seconds a publish from a consumer may wait for the broker: fedora-messaging keeps
+# retrying across a lost connection, and reconnects after 1, 2.7, 7.4, 20, 54 s... (a
+# broker restart of ~20 s is noticed after ~30 s), so this covers a restart.
+PUBLISH_TIMEOUT = 120
+
+
 class Transient(Exception):
     """The work cannot be done now for a passing reason; the text says which."""
 
