@@ -13,10 +13,18 @@ processes on the queue to test more AMIs at once. RabbitMQ's
 ``autocloud_ami.deadline``, or a long test's delivery is taken back.
 
 - a verdict on the same topic (``completed``/``failed``) is acked and ignored;
+- one test per AMI at a time across the runners of a host: a run holds the
+  flock ``<autocloud_ami.resultsdb_spool>/locks/ami-<id>.lock`` (released
+  when its process dies), and a request for an AMI held by another run is
+  retried with the backoff. A delivery is taken back when the connection to
+  the broker drops (a restart) and handed out again, possibly to the process
+  still testing it, or to another one; runners on several hosts share the
+  spool directory on a filesystem with working flock, or may test such an
+  AMI twice;
 - a request for an AMI whose summary result is already in ResultsDB is acked
-  without a test: a delivery taken back after the job finished (a broker
-  restart, a lost ack) is redelivered, and fedimg asks again only while the
-  summary is missing (if ResultsDB cannot be asked, the test runs);
+  without a test: a delivery taken back after the job finished is
+  redelivered, and fedimg asks again only while the summary is missing (if
+  ResultsDB cannot be asked, the test runs);
 - a malformed request, or one this runner refuses (a region or architecture
   it does not test), is dropped with one log line;
 - no free test slot before ``autocloud_ami.queue_timeout``: retried;
@@ -39,6 +47,7 @@ from resultsdb_api import ResultsDBapiException
 
 from autocloud_ami.config import AutocloudConfig
 from fedimg.fmcallback import PUBLISH_TIMEOUT, Callback, Periodic, Transient, when_reactor_runs
+from fedimg.locks import Guard
 from fedimg.messages import (
     FAILED,
     IMAGE_TEST,
@@ -84,6 +93,7 @@ class AmiTestConsumer(Callback):
         emitter = Emitter(self._publisher or amqp_publisher(PUBLISH_TIMEOUT))
         self.deps = self._deps if self._deps is not None else Deps.from_config(cfg, emitter)
         self.reporter = reporter_for(cfg)  # the spool's flusher (as SweepProducer has one)
+        self.guard = Guard(cfg.resultsdb_spool)  # <spool>/locks: one run per AMI per host
         self.sweep = Periodic(SWEEP, self._housekeeping, cfg.sweep_interval)
         self._start(self.sweep.start)
         log.info(
@@ -107,14 +117,19 @@ class AmiTestConsumer(Callback):
         from autocloud_ami.job import InvalidRequest, QueueTimeout, test_ami, test_request
 
         image = test_request(body)
-        if image is None or self._tested(image.compose_id, str(image.ami_id)):
+        if image is None:
             return
-        try:
-            result = test_ami(image, self.deps)
-        except InvalidRequest as exc:
-            raise InvalidMessage(f"refused test request: {exc}") from exc
-        except QueueTimeout as exc:
-            raise Transient(str(exc)) from exc
+        with self.guard.hold(f"ami-{image.ami_id}") as mine:
+            if not mine:
+                raise Transient(f"{image.compose_id} {image.ami_id}: being tested by another run")
+            if self._tested(image.compose_id, str(image.ami_id)):
+                return
+            try:
+                result = test_ami(image, self.deps)
+            except InvalidRequest as exc:
+                raise InvalidMessage(f"refused test request: {exc}") from exc
+            except QueueTimeout as exc:
+                raise Transient(str(exc)) from exc
         if result.delivery is None:
             from fedora_messaging.exceptions import HaltConsumer
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, TextIO
 
 from devel.bus import Seen
+from devel.compose import ComposeTree
 from devel.stack import Stack, StackError, StackOptions, Stopped, stop_on_signals
 from fedimg import tags
 
@@ -212,18 +213,22 @@ def leftovers(ec2: Any) -> Leftovers:
     )
 
 
-def read_state(stack: Stack, *, deep: bool = True) -> PipelineState:
-    """What AWS and ResultsDB say now; ``deep=False`` reads only the staging AMIs' state."""
-    assert stack.tree is not None
+def read_state(
+    stack: Stack, *, deep: bool = True, tree: ComposeTree | None = None
+) -> PipelineState:
+    """What AWS and ResultsDB say now (of the stack's compose, or ``tree``); ``deep=False``
+    reads only the staging AMIs' state."""
+    tree = tree or stack.tree
+    assert tree is not None
     opts = stack.options
     ec2 = stack.ec2(opts.staging_region)
     by_name = {
         tags.as_dict(i.get("Tags")).get(tags.IMAGE_NAME, ""): i
-        for i in staging_amis(ec2, stack.tree.compose_id)
+        for i in staging_amis(ec2, tree.compose_id)
     }
-    expected = stack.expected()
+    expected = stack.expected(tree)
     rows = []
-    for name, arch, subvariant in stack.raw_images():
+    for name, arch, subvariant in stack.raw_images(tree):
         row = ImageRow(name, arch, subvariant, expected[name])
         image = by_name.get(name)
         if image is not None:
@@ -456,7 +461,9 @@ class Follower:
         return self.tap.messages()[self.start :]
 
 
-def wait_settled(stack: Stack, follower: Follower, timeout: float) -> bool:
+def wait_settled(
+    stack: Stack, follower: Follower, timeout: float, tree: ComposeTree | None = None
+) -> bool:
     """Follow the bus until every image is released or rejected and announced; False on timeout."""
     deadline = time.monotonic() + timeout
     next_look = 0.0
@@ -465,7 +472,7 @@ def wait_settled(stack: Stack, follower: Follower, timeout: float) -> bool:
         now = time.monotonic()
         if now >= next_look:
             next_look = now + 1.0
-            state = read_state(stack, deep=False)
+            state = read_state(stack, deep=False, tree=tree)
             if state.settled and _announced(state, follower.messages()):
                 follower.flush()
                 return True

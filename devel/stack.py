@@ -403,20 +403,21 @@ class Stack:
         assert self.tree is not None and self.compose_server is not None
         return pungi_body(self.tree, self.compose_server.url)
 
-    def raw_images(self) -> list[tuple[str, str, str]]:
-        """(image name, arch, subvariant) of every image fedimg should stage."""
-        assert self.tree is not None
+    def raw_images(self, tree: ComposeTree | None = None) -> list[tuple[str, str, str]]:
+        """(image name, arch, subvariant) of every image fedimg should stage (of ``tree``)."""
+        tree = tree or self.tree
+        assert tree is not None
         return [
             (i.image_name, i.spec.arch, i.spec.subvariant)
-            for i in self.tree.raw_images()
+            for i in tree.raw_images()
             if i.spec.format == "raw.xz"
         ]
 
-    def expected(self) -> dict[str, str]:
+    def expected(self, tree: ComposeTree | None = None) -> dict[str, str]:
         """image name -> the end state it must reach (released / rejected)."""
         return {
             name: expected_state(name, subvariant, self.rules)
-            for name, _arch, subvariant in self.raw_images()
+            for name, _arch, subvariant in self.raw_images(tree)
         }
 
     @property

@@ -476,13 +476,19 @@ class FakeResultsApi:
 
 
 def autocloud_consumer(
-    monkeypatch: pytest.MonkeyPatch, job: FakeJob, api: FakeResultsApi | None = None
+    monkeypatch: pytest.MonkeyPatch,
+    job: FakeJob,
+    api: FakeResultsApi | None = None,
+    spool: Path | None = None,
 ) -> AmiTestConsumer:
     import autocloud_ami.job
 
     monkeypatch.setattr(autocloud_ami.job, "test_ami", job)
+    settings = sample_settings("autocloud_ami.toml")
+    if spool is not None:
+        settings["autocloud_ami.resultsdb_spool"] = str(spool)
     consumer = AmiTestConsumer(
-        {"topic_prefix": PREFIX, "consumer_config": sample_settings("autocloud_ami.toml")},
+        {"topic_prefix": PREFIX, "consumer_config": settings},
         publisher=Recorder(),
         deps=object(),
         start=lambda run: None,
@@ -494,22 +500,24 @@ def autocloud_consumer(
 
 def test_a_test_request_runs_the_job_and_is_acked_once_results_are_delivered(
     monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     from autocloud_ami.report import Delivery
 
     job = FakeJob(
         result=type("R", (), {"delivery": Delivery(posted=3), "passed": True, "job_id": "j"})
     )
-    consumer = autocloud_consumer(monkeypatch, job)
+    consumer = autocloud_consumer(monkeypatch, job, spool=tmp_path)
     consumer(msg("fedimg.image.test", TEST_REQUEST))
     assert [i.ami_id for i in job.calls] == [AMI]
 
 
 def test_results_that_cannot_be_kept_stop_the_runner_and_requeue_the_request(
     monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     job = FakeJob(result=type("R", (), {"delivery": None, "passed": False, "job_id": "j"}))
-    consumer = autocloud_consumer(monkeypatch, job)
+    consumer = autocloud_consumer(monkeypatch, job, spool=tmp_path)
     with pytest.raises(HaltConsumer) as halted:
         consumer(msg("fedimg.image.test", TEST_REQUEST))
     assert halted.value.requeue is True
@@ -523,19 +531,21 @@ def test_results_that_cannot_be_kept_stop_the_runner_and_requeue_the_request(
     ],
 )
 def test_a_verdict_on_the_test_topic_is_acked_without_a_test(
-    monkeypatch: pytest.MonkeyPatch, body: dict[str, Any]
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, body: dict[str, Any]
 ) -> None:
     job = FakeJob()
-    consumer = autocloud_consumer(monkeypatch, job)
+    consumer = autocloud_consumer(monkeypatch, job, spool=tmp_path)
     consumer(msg("fedimg.image.test", body))
     assert job.calls == []
 
 
-def test_a_refused_or_malformed_request_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_refused_or_malformed_request_is_dropped(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     from autocloud_ami.job import InvalidRequest
 
     job = FakeJob(raises=InvalidRequest("region eu-west-9 is not tested here"))
-    consumer = autocloud_consumer(monkeypatch, job)
+    consumer = autocloud_consumer(monkeypatch, job, spool=tmp_path)
     with pytest.raises(Drop):
         consumer(msg("fedimg.image.test", TEST_REQUEST))
     no_ami = {**TEST_REQUEST, "extra": {"virt_type": "hvm", "vol_type": "gp3"}}
@@ -546,26 +556,31 @@ def test_a_refused_or_malformed_request_is_dropped(monkeypatch: pytest.MonkeyPat
     assert len(job.calls) == 1
 
 
-def test_no_free_slot_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_free_slot_is_retried(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from autocloud_ami.job import QueueTimeout
 
-    consumer = autocloud_consumer(monkeypatch, FakeJob(raises=QueueTimeout("no slot")))
+    consumer = autocloud_consumer(
+        monkeypatch, FakeJob(raises=QueueTimeout("no slot")), spool=tmp_path
+    )
     with pytest.raises(Nack):
         consumer(msg("fedimg.image.test", TEST_REQUEST))
 
 
 def test_a_request_for_an_ami_whose_summary_is_posted_is_acked_without_a_test(
     monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     job = FakeJob()
     api = FakeResultsApi(summaries=(AMI,))
-    consumer = autocloud_consumer(monkeypatch, job, api)
+    consumer = autocloud_consumer(monkeypatch, job, api, spool=tmp_path)
     consumer(msg("fedimg.image.test", TEST_REQUEST))  # a redelivery after the job finished
     assert job.calls == []
     assert api.asked == [{"item": AMI, "type": "ami", "testcases": "autocloud.ami.all", "limit": 1}]
 
 
-def test_when_resultsdb_cannot_be_asked_the_ami_is_tested(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_when_resultsdb_cannot_be_asked_the_ami_is_tested(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     import requests
 
     from autocloud_ami.report import Delivery
@@ -574,6 +589,20 @@ def test_when_resultsdb_cannot_be_asked_the_ami_is_tested(monkeypatch: pytest.Mo
         result=type("R", (), {"delivery": Delivery(spooled=3), "passed": True, "job_id": "j"})
     )
     api = FakeResultsApi(error=requests.ConnectionError("refused"))
-    consumer = autocloud_consumer(monkeypatch, job, api)
+    consumer = autocloud_consumer(monkeypatch, job, api, spool=tmp_path)
     consumer(msg("fedimg.image.test", TEST_REQUEST))
     assert [i.ami_id for i in job.calls] == [AMI]
+
+
+def test_an_ami_tested_by_another_run_on_this_host_is_retried_not_tested_twice(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from fedimg.locks import Guard
+
+    job = FakeJob()
+    consumer = autocloud_consumer(monkeypatch, job, spool=tmp_path)
+    with Guard(tmp_path).hold(f"ami-{AMI}") as got:  # another process's run, as flock sees it
+        assert got
+        with pytest.raises(Nack):
+            consumer(msg("fedimg.image.test", TEST_REQUEST))
+    assert job.calls == []

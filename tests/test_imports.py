@@ -69,6 +69,7 @@ def test_autocloud_ami_imports_only_the_contract_and_the_aws_seam_from_fedimg() 
         "fedimg.settings",
         "fedimg.backlog",
         "fedimg.fmcallback",
+        "fedimg.locks",
         "fedimg",
     }
 

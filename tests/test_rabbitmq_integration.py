@@ -10,17 +10,13 @@ of seconds here); one test restarts it. Messages go through the real
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
-import time
 import tomllib
 from pathlib import Path
 from typing import Any
 
-import pika
-import pika.exceptions
 import pytest
 import requests
 from fedimg_messages.messages import HubPingV1, ImageReleaseV1, ImageTestV1, ImageUploadV1
@@ -28,18 +24,16 @@ from fedora_image_uploader_messages.publish import AwsPublishedV1
 from fedora_messaging import message as fm
 from resultsdb_api import ResultsDBapi
 
-from devel.bus import BIN, ManagedProcess, free_port, wait_until
+from devel.bus import ManagedProcess, free_port, wait_until
 from devel.rabbitmq import SERVER, RabbitMQ, RabbitMQError, RabbitMQTimeout, write_client_config
 from fedimg.messages import RESULT_NEW, parse_result_notice
+from tests.amqp_support import FM, ROOT, WAIT, child_env, fm_publish, queue_state
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[1]
-FM = str(BIN / "fedora-messaging")
 PREFIX = "org.fedoraproject.dev"
 AMI = "ami-0123456789abcdef0"
 COPY = "ami-0fedcba9876543210"
-WAIT = 120.0  # processes start slowly on a loaded 2-core machine
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -60,13 +54,6 @@ def client_config(node: RabbitMQ, path: Path, queue: str, keys: list[str], **ext
     return write_client_config(path, node.url, base)
 
 
-def child_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDORA_MESSAGING")}
-    env["PYTHONPATH"] = str(ROOT)
-    env.update(extra)
-    return env
-
-
 def start_consumer(conf: Path, record_to: Path, tmp_path: Path) -> ManagedProcess:
     """``fedora-messaging --conf FILE consume``: the production command line."""
     return ManagedProcess(
@@ -76,18 +63,6 @@ def start_consumer(conf: Path, record_to: Path, tmp_path: Path) -> ManagedProces
         env=child_env(FM_RECORD_TO=str(record_to)),
         log_path=tmp_path / f"{conf.stem}.consume.log",
     ).start()
-
-
-def queue_state(node: RabbitMQ, queue: str) -> tuple[int, int] | None:
-    """``(ready messages, consumers)`` of ``queue``, or None while it does not exist."""
-    try:
-        with node.connection() as conn:
-            frame: Any = conn.channel().queue_declare(queue, passive=True)
-    except pika.exceptions.ChannelClosedByBroker as exc:
-        if exc.reply_code == 404:
-            return None
-        raise
-    return int(frame.method.message_count), int(frame.method.consumer_count)
 
 
 def wait_consuming(node: RabbitMQ, queue: str, consumer: ManagedProcess) -> None:
@@ -111,21 +86,6 @@ def wait_recorded(path: Path, count: int, consumer: ManagedProcess) -> list[fm.M
 
     result: list[fm.Message] = wait_until(enough, WAIT, f"{count} message(s) in {path}", 0.2)
     return result
-
-
-def fm_publish(conf: Path, messages: list[fm.Message]) -> None:
-    """Publish with the ``fedora-messaging publish`` CLI (``api.publish`` in its process)."""
-    path = conf.with_suffix(f".{time.monotonic_ns()}.jsonl")
-    path.write_text(fm.dumps(messages), encoding="utf-8")
-    done = subprocess.run(
-        [FM, "--conf", str(conf), "publish", str(path)],
-        check=False,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=WAIT,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def take(node: RabbitMQ, queue: str) -> tuple[fm.Message, bytes]:
