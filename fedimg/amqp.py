@@ -19,10 +19,13 @@ acknowledged (see ``fedimg.fmcallback`` for the mechanics):
   process holds the AMI), ResultsDB unreachable and AWS errors are retried with
   a backoff; once the retries are used up the message is acked: the reconcile
   pass gates every ``testing`` AMI and resumes every ``promoting`` one anyway.
-  A promotion (copies to every region) may outlast ``consumer_timeout`` too:
-  after ``ack_after`` seconds (10 minutes) the message is acked and the work
-  goes on in this process; by then the AMI is tagged ``promoting``, which the
-  reconcile pass resumes if this process dies.
+  A release is acked once the gate decided it, and its promotion (copies to
+  every region: minutes to hours, longer than ``consumer_timeout``) goes on in
+  a pool of this process, up to 8 at a time: the AMI is tagged ``promoting``
+  first, which the reconcile pass resumes if this process dies (and a crash
+  before the tag leaves it ``testing``, which the pass gates again). Anything
+  else still running after ``ack_after`` seconds (10 minutes) is acked too and
+  goes on the same way.
 - ``fedimg.hub.ping``: answered with ``fedimg.hub.pong`` (what runs here).
 
 With ``fedimg.promote.enabled`` the reconcile pass runs in a thread of this
@@ -40,8 +43,8 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as StillRunning
 from typing import Any
 
 import requests
@@ -49,7 +52,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from fedora_messaging.exceptions import ConnectionException, PublishException
 
 from fedimg.config import ConfigError, FedimgConfig
-from fedimg.engine import Engine
+from fedimg.engine import Engine, Outcome
 from fedimg.fmcallback import PUBLISH_TIMEOUT, Callback, Periodic, Transient, when_reactor_runs
 from fedimg.intents import IntentError
 from fedimg.messages import (
@@ -99,8 +102,8 @@ class FedimgConsumer(Callback):
         self._engine = engine
         self._start = start
         self.ack_after = ack_after
-        # Where an AMI converges: the callback waits for it at most ack_after seconds.
-        self._results = ThreadPoolExecutor(4, thread_name_prefix="fedimg-result")
+        # Where an AMI converges: the callback waits until it is decided, at most ack_after.
+        self._results = ThreadPoolExecutor(8, thread_name_prefix="fedimg-result")
         super().__init__(conf, **kw)
 
     def setup(self, consumer_config: Any) -> None:
@@ -169,16 +172,25 @@ class FedimgConsumer(Callback):
     def _result(self, mtype: MessageType, body: Any) -> None:
         assert self.engine is not None
         notice = parse_result_notice(mtype, body)
-        future = self._results.submit(self.engine.on_result, notice)
-        try:
-            outcome = future.result(timeout=self.ack_after)
-        except StillRunning:
+        settled = threading.Event()
+        promoting: list[Outcome] = []
+
+        def decided(outcome: Outcome) -> None:
+            promoting.append(outcome)
+            settled.set()
+
+        future = self._results.submit(self.engine.on_result, notice, decided=decided)
+        future.add_done_callback(lambda _: settled.set())
+        settled.wait(self.ack_after)
+        if not future.done():
             log.info(
-                "%s: still converging after %.0fs; acked, the work goes on here",
+                "%s: %s; acked, the work goes on in this process",
                 notice.item,
-                self.ack_after,
+                promoting[0].text if promoting else f"still converging after {self.ack_after:.0f}s",
             )
             return
+        try:
+            outcome = future.result()
         except PASSING as exc:
             raise Transient(f"{notice.item}: {type(exc).__name__}: {exc}"[:300]) from exc
         if outcome is not None and outcome.transient:

@@ -497,8 +497,14 @@ class Engine:
         return ImageResult(ordered, staged=staged, tried=tried and not staged, gave_up=gave_up)
 
     # -- AMIs ------------------------------------------------------------------------
-    def on_result(self, notice: ResultNotice) -> Outcome | None:
-        """A ResultsDB message: a hint to look at the AMI it names again, never a verdict."""
+    def on_result(
+        self, notice: ResultNotice, *, decided: Callable[[Outcome], None] | None = None
+    ) -> Outcome | None:
+        """A ResultsDB message: a hint to look at the AMI it names again, never a verdict.
+
+        ``decided`` is called once a release or a promotion is decided, before
+        the copies (minutes) start: the AMI is then the reconcile pass's too.
+        """
         if notice.item_type != RESULTSDB_ITEM_TYPE:
             log.debug(
                 "result %s for %s %r: not an AMI, ignored",
@@ -514,7 +520,7 @@ class Engine:
                 notice.item[:100],
             )
             return None
-        outcome = self.converge_ami(notice.item, Scope.MESSAGE)
+        outcome = self.converge_ami(notice.item, Scope.MESSAGE, decided=decided)
         log.info(
             "%s: result %s (%s %s): %s",
             notice.item,
@@ -525,7 +531,9 @@ class Engine:
         )
         return outcome
 
-    def converge_ami(self, ami_id: str, scope: Scope) -> Outcome:
+    def converge_ami(
+        self, ami_id: str, scope: Scope, *, decided: Callable[[Outcome], None] | None = None
+    ) -> Outcome:
         """The gate for a testing AMI, the promotion of a promoting one (one worker per AMI)."""
         with self.guard.hold(f"ami-{ami_id}") as got:
             if not got:
@@ -535,14 +543,16 @@ class Engine:
             while True:
                 with self._recheck_lock:
                     self._recheck.discard(ami_id)
-                outcome = self._converge_ami_once(ami_id, scope)
+                outcome = self._converge_ami_once(ami_id, scope, decided)
                 with self._recheck_lock:
                     again = ami_id in self._recheck
                 if not (outcome.action == "wait" and again):
                     return outcome
                 log.info("%s: new results arrived while evaluating; looking again", ami_id)
 
-    def _converge_ami_once(self, ami_id: str, scope: Scope) -> Outcome:
+    def _converge_ami_once(
+        self, ami_id: str, scope: Scope, decided: Callable[[Outcome], None] | None = None
+    ) -> Outcome:
         described = describe_staging_ami(self.promoter.ec2, ami_id)
         if described is None:
             return Outcome(
@@ -559,6 +569,8 @@ class Engine:
         action = actions[0]
         if isinstance(action, Release):
             log.info("%s: gate says release: %s", staged.label, action.decision.reason)
+            if decided is not None:
+                decided(Outcome(ami_id, "release", action.decision.reason))
             self.promoter.release(staged, action.decision)
             return Outcome(ami_id, "release", action.decision.reason)
         if isinstance(action, Reject):
@@ -567,6 +579,8 @@ class Engine:
             return Outcome(ami_id, "reject", action.decision.reason)
         if isinstance(action, Promote):
             log.info("%s: resuming promotion", staged.label)
+            if decided is not None:
+                decided(Outcome(ami_id, "promoting", "resumed"))
             promotion = self.promoter.promote(staged)
             if promotion.complete:
                 return Outcome(ami_id, "released")

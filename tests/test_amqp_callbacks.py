@@ -86,6 +86,7 @@ class FakeEngine:
     results: list[Any] = field(default_factory=list)
     passes: list[bool] = field(default_factory=list)
     block: threading.Event | None = None
+    decide: Outcome | None = None
     closed: bool = False
 
     def accept_compose(self, status: Any, *, wait: bool = True) -> list[Any]:
@@ -94,8 +95,10 @@ class FakeEngine:
         self.accepted.append((status, wait))
         return []
 
-    def on_result(self, notice: Any) -> Outcome | None:
+    def on_result(self, notice: Any, *, decided: Any = None) -> Outcome | None:
         self.results.append(notice)
+        if self.decide is not None:
+            decided(self.decide)  # a release decided; the copies follow
         if self.block is not None:
             assert self.block.wait(30)
         if self.raises is not None:
@@ -339,7 +342,19 @@ def test_the_taskotron_topic_reaches_the_engine_too(tmp_path: Path) -> None:
     assert [(n.item, n.testcase) for n in engine.results] == [(AMI, "autocloud.ami.all")]
 
 
-def test_a_long_promotion_is_acked_after_ack_after_and_goes_on(tmp_path: Path) -> None:
+def test_a_decided_release_is_acked_while_its_promotion_goes_on(tmp_path: Path) -> None:
+    block = threading.Event()
+    decided = Outcome(AMI, "release", "every required test passed")
+    engine = FakeEngine(outcome=Outcome(AMI, "released"), block=block, decide=decided)
+    consumer, sleeps = fedimg_consumer(tmp_path, engine)
+    assert consumer.ack_after == 600.0
+    consumer(msg("resultsdb.result.new", RESULT))  # returned (acked) though still promoting
+    assert len(engine.results) == 1 and sleeps.delays == []
+    block.set()
+    consumer.close()
+
+
+def test_a_long_convergence_is_acked_after_ack_after_and_goes_on(tmp_path: Path) -> None:
     block = threading.Event()
     engine = FakeEngine(outcome=Outcome(AMI, "release"), block=block)
     consumer, _ = fedimg_consumer(tmp_path, engine)
@@ -606,3 +621,42 @@ def test_an_ami_tested_by_another_run_on_this_host_is_retried_not_tested_twice(
         with pytest.raises(Nack):
             consumer(msg("fedimg.image.test", TEST_REQUEST))
     assert job.calls == []
+
+
+def test_the_engine_says_a_release_is_decided_before_any_copy(tmp_path: Path) -> None:
+    import boto3
+    from moto import mock_aws
+
+    from fedimg.aws import AwsClients
+    from fedimg.config import FedimgConfig
+    from fedimg.messages import RESULT_NEW, Emitter, parse_result_notice
+    from fedimg.results import DummyResults
+    from tests.e2e_support import ami_in_testing
+    from tests.engine_support import make_engine
+
+    with mock_aws():
+        ec2 = boto3.client("ec2", region_name="us-east-1")
+        ami = ami_in_testing(ec2, 3)
+        results = DummyResults()
+        results.add(ami, "autocloud.ami.all", "PASSED")
+        cfg = FedimgConfig(
+            resultsdb_url="http://127.0.0.1:9/api/v2.0",
+            promote_enabled=True,
+            regions=["eu-west-1"],
+            state_dir=str(tmp_path),
+        )
+        recorder = Recorder()
+        engine = make_engine(cfg, Emitter(recorder), AwsClients(), tmp_path, results=results)
+        seen: list[tuple[str, list[str]]] = []
+        notice = parse_result_notice(
+            RESULT_NEW, {**RESULT, "data": {"item": [ami], "type": ["ami"]}}
+        )
+        try:
+            outcome = engine.on_result(
+                notice, decided=lambda o: seen.append((o.action, recorder.topics()))
+            )
+        finally:
+            engine.close()
+    assert outcome is not None and outcome.action == "release"
+    assert seen == [("release", [])]  # decided before anything was copied or announced
+    assert "fedimg.image.copy" in recorder.topics()
