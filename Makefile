@@ -30,11 +30,14 @@ test: lint typecheck
 unit: $(STAMP)
 	$(BIN)/pytest -m "not integration"
 
+# BUS=amqp: over a private RabbitMQ node, two fedora-messaging consumer processes per app.
+BUS ?= fedmsg
+
 demo: $(STAMP)
-	$(BIN)/python -m devel.demo
+	$(BIN)/python -m devel.demo --bus $(BUS)
 
 stack: $(STAMP)
-	$(BIN)/python -m devel.stack up
+	$(BIN)/python -m devel.stack up --bus $(BUS)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/upload.py

@@ -30,7 +30,6 @@ from fedimg.messages import (
     InvalidMessage,
     Topics,
     fedmsg_publisher,
-    parse_image_event,
     unwrap,
 )
 
@@ -79,14 +78,11 @@ class AmiTestConsumer(ResumableBacklog, FedmsgConsumer):
             log.exception("failed to handle message on %s", topic)
 
     def handle(self, body: Any) -> None:
-        from autocloud_ami.job import InvalidRequest, test_ami
+        from autocloud_ami.job import InvalidRequest, test_ami, test_request
 
-        status, image = parse_image_event(body, IMAGE_TEST)
-        if status != "started":
-            log.debug("%s: fedimg.image.test %s, not a request", image.compose_id, status)
+        image = test_request(body)
+        if image is None:
             return
-        if image.ami_id is None:
-            raise InvalidMessage(f"{image.compose_id}: test request without extra.id (AMI id)")
         try:
             result = test_ami(image, self.deps)
         except InvalidRequest as exc:
@@ -122,26 +118,10 @@ class SweepProducer(PollingProducer):
         super().__init__(hub)
 
     def poll(self) -> None:
-        # moksha's poll thread dies with the first exception: never let one out.
-        from autocloud_ami.sweeper import sweep
+        # moksha's poll thread dies with the first exception: housekeeping never raises.
+        from autocloud_ami.sweeper import housekeeping
 
-        try:
-            sweep(
-                self.aws.ec2,
-                self.cfg.regions,
-                lifetime=self.cfg.deadline,
-                poll=self.cfg.poll_interval,
-            )
-        except Exception:
-            log.exception("sweep failed")
-        try:
-            done = self.reporter.flush()
-            if done.posted or done.rejected or done.pending:
-                log.info(
-                    "spool: %d posted, %d rejected, %d still pending",
-                    done.posted,
-                    done.rejected,
-                    done.pending,
-                )
-        except Exception:
-            log.exception("spool flush failed")
+        cfg = self.cfg
+        housekeeping(
+            self.aws.ec2, cfg.regions, self.reporter, lifetime=cfg.deadline, poll=cfg.poll_interval
+        )

@@ -59,11 +59,14 @@ from fedimg.messages import (
     AMI_RUNNING,
     AMI_SUCCESS,
     FAILED,
+    IMAGE_TEST,
     REGION_RE,
     AmiTestEvent,
     Emitter,
+    InvalidMessage,
     MessageType,
     StagedImage,
+    parse_image_event,
 )
 
 log = logging.getLogger(__name__)
@@ -186,6 +189,23 @@ def check_request(request: StagedImage, cfg: AutocloudConfig) -> str:
             f"{request.architecture[:30]!r} (have {', '.join(sorted(cfg.instance_types))})"
         )
     return itype
+
+
+def test_request(body: Any) -> StagedImage | None:
+    """The image a ``fedimg.image.test`` body asks to test; None for a verdict on that topic.
+
+    Raises InvalidMessage for a malformed body or a request without an AMI id.
+    """
+    status, image = parse_image_event(body, IMAGE_TEST)
+    if status != "started":
+        log.debug("%s: fedimg.image.test %s, not a request", image.compose_id, status)
+        return None
+    if image.ami_id is None:
+        raise InvalidMessage(f"{image.compose_id}: test request without extra.id (AMI id)")
+    return image
+
+
+test_request.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
 
 
 def declared_family(subvariant: str) -> Family | None:

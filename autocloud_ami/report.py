@@ -421,6 +421,15 @@ def make_api(url: str, retries: int = 3, backoff: float = 1.0, timeout: float = 
     return api
 
 
+def summary_posted(api: Any, ami_id: str) -> bool:
+    """Whether ResultsDB already holds a summary (``autocloud.ami.all``) for ``ami_id``.
+
+    Raises what the client raises when ResultsDB cannot be asked.
+    """
+    found = api.get_results(item=ami_id, type=ITEM_TYPE, testcases=SUMMARY_TESTCASE, limit=1)
+    return bool(found.get("data")) if isinstance(found, dict) else False
+
+
 @dataclass
 class Delivery:
     """What one ``report``/``flush`` did."""

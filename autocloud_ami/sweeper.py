@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -323,3 +323,37 @@ def sweep(
         len(total.errors),
     )
     return total
+
+
+class Flushable(Protocol):
+    def flush(self) -> Any: ...
+
+
+def housekeeping(
+    ec2_for: Callable[[str], Any],
+    regions: Iterable[str],
+    reporter: Flushable,
+    *,
+    lifetime: float,
+    poll: float,
+) -> None:
+    """The periodic job of a runner: sweep leaks, then re-send spooled results; never raises.
+
+    Run by ``consumer.SweepProducer`` in a hub and by ``amqp.AmiTestConsumer``
+    in a fedora-messaging consumer.
+    """
+    try:
+        sweep(ec2_for, regions, lifetime=lifetime, poll=poll)
+    except Exception:
+        log.exception("sweep failed")
+    try:
+        done = reporter.flush()
+        if done.posted or done.rejected or done.pending:
+            log.info(
+                "spool: %d posted, %d rejected, %d still pending",
+                done.posted,
+                done.rejected,
+                done.pending,
+            )
+    except Exception:
+        log.exception("spool flush failed")

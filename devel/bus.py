@@ -151,42 +151,17 @@ class Seen:
     at: float
 
 
-class Tap:
-    """Subscribes to the relay's outbound socket and records every message."""
+class Recording:
+    """Messages seen on a bus, in arrival order, and waits on them (a tap's memory)."""
 
-    def __init__(self, endpoint: str) -> None:
-        self.endpoint = endpoint
-        self._ctx: zmq.Context[Any] = zmq.Context.instance()
+    def __init__(self) -> None:
         self._seen: list[Seen] = []
         self._cond = threading.Condition()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="bus-tap", daemon=True)
-        self._thread.start()
 
-    def _run(self) -> None:
-        sock = self._ctx.socket(zmq.SUB)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SUBSCRIBE, b"")
-        sock.connect(self.endpoint)
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        try:
-            while not self._stop.is_set():
-                if not dict(poller.poll(100)):
-                    continue
-                frames = sock.recv_multipart()
-                try:
-                    topic, payload = frames[0], frames[1]
-                    envelope = json.loads(payload)
-                except (IndexError, ValueError):
-                    log.warning("bus tap: skipped a message that is not [topic, json]")
-                    continue
-                seen = Seen(topic.decode(), envelope.get("msg", {}), envelope, time.time())
-                with self._cond:
-                    self._seen.append(seen)
-                    self._cond.notify_all()
-        finally:
-            sock.close()
+    def add(self, seen: Seen) -> None:
+        with self._cond:
+            self._seen.append(seen)
+            self._cond.notify_all()
 
     def messages(self, suffix: str | None = None) -> list[Seen]:
         with self._cond:
@@ -210,6 +185,40 @@ class Tap:
                     topics = sorted({m.topic for m in self._seen})
                     raise WaitTimeout(f"no {suffix} message within {timeout:.0f}s; saw {topics}")
                 self._cond.wait(left)
+
+
+class Tap(Recording):
+    """Subscribes to the relay's outbound socket and records every message."""
+
+    def __init__(self, endpoint: str) -> None:
+        super().__init__()
+        self.endpoint = endpoint
+        self._ctx: zmq.Context[Any] = zmq.Context.instance()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bus-tap", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        sock = self._ctx.socket(zmq.SUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+        sock.connect(self.endpoint)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                if not dict(poller.poll(100)):
+                    continue
+                frames = sock.recv_multipart()
+                try:
+                    topic, payload = frames[0], frames[1]
+                    envelope = json.loads(payload)
+                except (IndexError, ValueError):
+                    log.warning("bus tap: skipped a message that is not [topic, json]")
+                    continue
+                self.add(Seen(topic.decode(), envelope.get("msg", {}), envelope, time.time()))
+        finally:
+            sock.close()
 
     def close(self) -> None:
         self._stop.set()

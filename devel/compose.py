@@ -64,6 +64,9 @@ class ImageSpec:
     name: str | None = None
     seed: int = 0
     xz_block_size: int | None = None
+    # productmd allows one image per (arch, subvariant, type, format, disc): more
+    # images of one kind in one compose need discs of their own.
+    disc_number: int = 1
 
     def file_name(self, compose_id: str) -> str:
         if self.name:
@@ -176,8 +179,8 @@ def _image_entry(
     entry.type = spec.type
     entry.format = spec.format
     entry.arch = spec.arch
-    entry.disc_number = 1
-    entry.disc_count = 1
+    entry.disc_number = spec.disc_number
+    entry.disc_count = spec.disc_number
     entry.checksums = {"sha256": sha256}
     entry.implant_md5 = None
     entry.bootable = False

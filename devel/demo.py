@@ -1,7 +1,9 @@
 """``make demo``: a Fedora compose through the whole pipeline, on this machine, in a few minutes.
 
 Brings up ``devel.stack.Stack``, replays the recorded production compose
-message with the real ``fedmsg-dg-replay``, prints every message on the bus
+message with the real ``fedmsg-dg-replay`` (with ``--bus amqp``: over a
+private RabbitMQ with two ``fedora-messaging consume`` processes per app,
+replayed by ``devel.replay``), prints every message on the bus
 as it passes (time, topic, what it says), waits until every image reached
 its end state, then prints per image the staging AMI, its tests (from
 ResultsDB), its state and its AMI in every region, and checks the outcome:
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, TextIO
 
 from devel.bus import Seen
+from devel.compose import ComposeTree
 from devel.stack import Stack, StackError, StackOptions, Stopped, stop_on_signals
 from fedimg import tags
 
@@ -210,18 +213,22 @@ def leftovers(ec2: Any) -> Leftovers:
     )
 
 
-def read_state(stack: Stack, *, deep: bool = True) -> PipelineState:
-    """What AWS and ResultsDB say now; ``deep=False`` reads only the staging AMIs' state."""
-    assert stack.tree is not None
+def read_state(
+    stack: Stack, *, deep: bool = True, tree: ComposeTree | None = None
+) -> PipelineState:
+    """What AWS and ResultsDB say now (of the stack's compose, or ``tree``); ``deep=False``
+    reads only the staging AMIs' state."""
+    tree = tree or stack.tree
+    assert tree is not None
     opts = stack.options
     ec2 = stack.ec2(opts.staging_region)
     by_name = {
         tags.as_dict(i.get("Tags")).get(tags.IMAGE_NAME, ""): i
-        for i in staging_amis(ec2, stack.tree.compose_id)
+        for i in staging_amis(ec2, tree.compose_id)
     }
-    expected = stack.expected()
+    expected = stack.expected(tree)
     rows = []
-    for name, arch, subvariant in stack.raw_images():
+    for name, arch, subvariant in stack.raw_images(tree):
         row = ImageRow(name, arch, subvariant, expected[name])
         image = by_name.get(name)
         if image is not None:
@@ -356,6 +363,10 @@ def summarize(topic: str, body: Mapping[str, Any]) -> str:
         text = f"{name} public in {len(regions)} region(s)"
         failed = body.get("failed_regions")
         return text + (f"; FAILED in {', '.join(sorted(failed))}" if failed else "")
+    if ".fedora_image_uploader.published.v1.aws." in topic:
+        regions = body.get("regions")
+        count = len(regions) if isinstance(regions, Mapping) else 0
+        return f"{body.get('image_name')} public in {count} region(s) (AwsPublishedV1)"
     if ".autocloud.ami." in topic:
         text = f"{body.get('status')} {body.get('ami_id')} {name} job {str(body.get('job_id'))[:8]}"
         if body.get("status") in ("success", "failed"):
@@ -450,7 +461,9 @@ class Follower:
         return self.tap.messages()[self.start :]
 
 
-def wait_settled(stack: Stack, follower: Follower, timeout: float) -> bool:
+def wait_settled(
+    stack: Stack, follower: Follower, timeout: float, tree: ComposeTree | None = None
+) -> bool:
     """Follow the bus until every image is released or rejected and announced; False on timeout."""
     deadline = time.monotonic() + timeout
     next_look = 0.0
@@ -459,7 +472,7 @@ def wait_settled(stack: Stack, follower: Follower, timeout: float) -> bool:
         now = time.monotonic()
         if now >= next_look:
             next_look = now + 1.0
-            state = read_state(stack, deep=False)
+            state = read_state(stack, deep=False, tree=tree)
             if state.settled and _announced(state, follower.messages()):
                 follower.flush()
                 return True
@@ -491,16 +504,21 @@ def _announced(state: PipelineState, messages: Sequence[Seen]) -> bool:
 
 def run_demo(options: StackOptions, out: TextIO, timeout: float) -> int:
     started = time.monotonic()
-    print("starting the local stack (moto, relay, hub, ResultsDB, SSH stand-in) ...", file=out)
+    bus = (
+        f"RabbitMQ, {options.per_app} consumer processes per app"
+        if options.bus == "amqp"
+        else "relay, hub"
+    )
+    print(f"starting the local stack (moto, {bus}, ResultsDB, SSH stand-in) ...", file=out)
     with Stack(options) as stack:
         print(f"stack up in {time.monotonic() - started:.1f}s", file=out)
         follower = Follower(stack, out)
-        print(f"replaying {stack.msg_id} with fedmsg-dg-replay", file=out, flush=True)
+        tool = stack.replay_tool
+        print(f"replaying {stack.msg_id} with {tool}", file=out, flush=True)
         replay = stack.replay()
         if replay.returncode != 0:
             print(
-                f"FAILED: fedmsg-dg-replay exited {replay.returncode}:\n"
-                f"{replay.stdout}{replay.stderr}",
+                f"FAILED: {tool} exited {replay.returncode}:\n{replay.stdout}{replay.stderr}",
                 file=out,
             )
             return 1
@@ -552,6 +570,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds for the pipeline")
     parser.add_argument("-v", "--verbose", action="store_true", help="log the stack's own steps")
+    parser.add_argument(
+        "--bus",
+        choices=["fedmsg", "amqp"],
+        default="fedmsg",
+        help="fedmsg (relay and one hub) or amqp (RabbitMQ, two consumer processes per app)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
@@ -560,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     out = sys.stdout
     try:
         with stop_on_signals():
-            return run_demo(StackOptions(), out, args.timeout)
+            return run_demo(StackOptions(bus=args.bus), out, args.timeout)
     except StackError as exc:
         print(f"the stack did not come up: {exc}", file=sys.stderr)
         return 2

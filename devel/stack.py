@@ -4,12 +4,22 @@ What runs (every port free at start, every child in its own process group,
 stopped in reverse order on exit, Ctrl-C or SIGTERM; one temp dir, removed):
 
 - ``moto_server``: the AWS endpoint (``AWS_ENDPOINT_URL``) for everything;
-- ``fedmsg-relay`` and ONE ``fedmsg-hub`` running fedimg stage, autocloud_ami
-  and fedimg promote from their entry points, configured by a generated
-  ``fedmsg.d/`` (staging region us-east-1, four target regions, short
-  timeouts for stand-ins, fedmsg's backlog feature on);
+- the bus, one of two (``StackOptions.bus``):
+
+  - ``fedmsg``: ``fedmsg-relay`` and ONE ``fedmsg-hub`` running fedimg stage,
+    autocloud_ami and fedimg promote from their entry points, configured by a
+    generated ``fedmsg.d/`` (fedmsg's backlog feature on);
+  - ``amqp``: a private RabbitMQ node (``devel.rabbitmq``) and
+    ``StackOptions.per_app`` processes per app of ``fedora-messaging --conf
+    FILE consume`` (``fedimg.amqp:FedimgConsumer``,
+    ``autocloud_ami.amqp:AmiTestConsumer``) sharing one durable queue per app,
+    FILE being the repository's sample with the local URL and settings
+    (``devel.amqpbus``);
+
+  both with the same settings: staging region us-east-1, four target regions,
+  short timeouts for stand-ins;
 - the ResultsDB stand-in (``python -m devel.resultsdb``), publishing
-  ``resultsdb.result.new`` on the bus;
+  ``resultsdb.result.new`` on the bus (over AMQP as the real server does);
 - the instance host (``python -m devel.instancehost``): the SSH address of
   every test instance (``autocloud_ami.ssh_override``), failing SELinux on the
   aarch64 Cloud Base image so a rejection shows next to the releases;
@@ -18,13 +28,14 @@ stopped in reverse order on exit, Ctrl-C or SIGTERM; one temp dir, removed):
   datagrepper stand-in holding the compose's FINISHED message under the
   PRODUCTION topic and recording the bus, and a file server for test output.
 
-    python -m devel.stack up     # prints the endpoints and how to drive it; Ctrl-C stops it
+    python -m devel.stack up [--bus amqp]   # prints the endpoints and how to drive it; Ctrl-C stops
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import http.server
 import json
@@ -45,6 +56,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Final, TextIO
 
+from devel.amqpbus import AmqpBus, replay_argv
 from devel.bus import (
     BIN,
     LocalBus,
@@ -58,6 +70,7 @@ from devel.compose import compose_message as pungi_body
 from devel.datagrepper import Datagrepper
 from devel.instancehost import FailRule, family_of
 from devel.motoserver import MotoServer
+from devel.rabbitmq import RabbitMQ
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +103,13 @@ class StackOptions:
     extra_env: Mapping[str, str] = field(default_factory=dict)
     # Given moto_server's URL, the AWS endpoint of the bus processes (a recording proxy in tests).
     aws_proxy: Callable[[str], str] | None = None
+    # "fedmsg" (relay + one hub) or "amqp" (RabbitMQ + per_app consumer processes per app).
+    bus: str = "fedmsg"
+    per_app: int = 2
+    # amqp: a running node to use (tests share one) instead of starting one; a suffix for
+    # the queue names, so that stacks sharing a node do not share queues.
+    rabbitmq: RabbitMQ | None = None
+    queue_suffix: str = ""
 
     def rules(self) -> list[FailRule]:
         return [FailRule.parse(text) for text in self.fail]
@@ -211,8 +231,9 @@ class Stack:
         self.compose_server: ComposeServer | None = None
         self.datagrepper: Datagrepper | None = None
         self.outputs: FileServer | None = None
-        self.bus: LocalBus | None = None
-        self.hub: ManagedProcess | None = None
+        self.bus: LocalBus | AmqpBus | None = None
+        self.hub: ManagedProcess | None = None  # fedmsg
+        self.workers: list[ManagedProcess] = []  # the hub, or every consumer process
         self.resultsdb: ManagedProcess | None = None
         self.instancehost: ManagedProcess | None = None
         self.resultsdb_url = ""
@@ -276,14 +297,32 @@ class Stack:
             datagrepper_url=f"{self.datagrepper.url}/raw",
             output_url=self.outputs.url,
         )
-        self.bus = self._exit.enter_context(
-            LocalBus(
-                settings={**settings, **HUB_SETTINGS},
-                workdir=workdir / "bus",
-                extra_env={**self._aws_env(), **opts.extra_env},
+        extra_env = {**self._aws_env(), **opts.extra_env}
+        resultsdb_bus: list[str] = []
+        if opts.bus == "amqp":
+            node = opts.rabbitmq or self._exit.enter_context(RabbitMQ())
+            self.bus = self._exit.enter_context(
+                AmqpBus(
+                    node,
+                    settings=settings,
+                    per_app=opts.per_app,
+                    queue_suffix=opts.queue_suffix,
+                    workdir=workdir / "bus",
+                    extra_env=extra_env,
+                )
             )
-        )
-        self.datagrepper.record(self.bus.outbound)
+            resultsdb_bus = ["--no-bus", "--amqp-conf", str(self.bus.publisher_config)]
+        elif opts.bus == "fedmsg":
+            self.bus = self._exit.enter_context(
+                LocalBus(
+                    settings={**settings, **HUB_SETTINGS},
+                    workdir=workdir / "bus",
+                    extra_env=extra_env,
+                )
+            )
+            self.datagrepper.record(self.bus.outbound)
+        else:
+            raise StackError(f"unknown bus {opts.bus!r}: fedmsg or amqp")
 
         self.resultsdb = self._spawn_devel(
             "resultsdb",
@@ -295,6 +334,7 @@ class Stack:
                 str(rdb_port),
                 "--db",
                 str(workdir / "resultsdb.sqlite"),
+                *resultsdb_bus,
             ],
         )
         self.instancehost = self._spawn_devel(
@@ -318,7 +358,14 @@ class Stack:
         )
         self._wait_ready(self.resultsdb, "ResultsDB stand-in listening on", 60.0)
         self._wait_ready(self.instancehost, "listening on", 60.0)
-        self.hub = self.bus.start_hub(timeout=opts.hub_timeout)
+        if isinstance(self.bus, AmqpBus):
+            try:
+                self.workers = self.bus.start_consumers(timeout=opts.hub_timeout)
+            except (WaitTimeout, RuntimeError) as exc:
+                raise StackError(str(exc)) from exc
+        else:
+            self.hub = self.bus.start_hub(timeout=opts.hub_timeout)
+            self.workers = [self.hub]
         log.info("stack up in %.1fs", time.monotonic() - self.started_at)
 
     def _aws_env(self) -> dict[str, str]:
@@ -328,11 +375,15 @@ class Stack:
             env["AWS_ENDPOINT_URL"] = self.options.aws_proxy(self.moto.url)
         return env
 
+    def _devel_env(self) -> dict[str, str]:
+        """The bus environment, with this repository importable (``python -m devel.*``)."""
+        env = self.env()
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        return env
+
     def _spawn_devel(self, name: str, args: list[str]) -> ManagedProcess:
         assert self.bus is not None
-        env = self.bus.env()
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-        return self.bus.spawn(name, [sys.executable, "-m", *args], env=env)
+        return self.bus.spawn(name, [sys.executable, "-m", *args], env=self._devel_env())
 
     @staticmethod
     def _wait_ready(proc: ManagedProcess, marker: str, timeout: float) -> None:
@@ -352,20 +403,21 @@ class Stack:
         assert self.tree is not None and self.compose_server is not None
         return pungi_body(self.tree, self.compose_server.url)
 
-    def raw_images(self) -> list[tuple[str, str, str]]:
-        """(image name, arch, subvariant) of every image fedimg should stage."""
-        assert self.tree is not None
+    def raw_images(self, tree: ComposeTree | None = None) -> list[tuple[str, str, str]]:
+        """(image name, arch, subvariant) of every image fedimg should stage (of ``tree``)."""
+        tree = tree or self.tree
+        assert tree is not None
         return [
             (i.image_name, i.spec.arch, i.spec.subvariant)
-            for i in self.tree.raw_images()
+            for i in tree.raw_images()
             if i.spec.format == "raw.xz"
         ]
 
-    def expected(self) -> dict[str, str]:
+    def expected(self, tree: ComposeTree | None = None) -> dict[str, str]:
         """image name -> the end state it must reach (released / rejected)."""
         return {
             name: expected_state(name, subvariant, self.rules)
-            for name, _arch, subvariant in self.raw_images()
+            for name, _arch, subvariant in self.raw_images(tree)
         }
 
     @property
@@ -402,12 +454,12 @@ class Stack:
     def replay(
         self, msg_id: str | None = None, timeout: float = 60.0
     ) -> subprocess.CompletedProcess[str]:
-        """Replay a datagrepper message onto the bus with the real ``fedmsg-dg-replay``."""
+        """Replay a datagrepper message onto the bus: ``fedmsg-dg-replay`` or ``devel.replay``."""
         assert self.bus is not None and self.datagrepper is not None
         return subprocess.run(
             self.replay_argv(msg_id),
             cwd=self.bus.workdir,
-            env=self.env(),
+            env=self._devel_env(),
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
@@ -415,8 +467,16 @@ class Stack:
             check=False,
         )
 
+    @property
+    def replay_tool(self) -> str:
+        return "devel.replay" if isinstance(self.bus, AmqpBus) else "fedmsg-dg-replay"
+
     def replay_argv(self, msg_id: str | None = None) -> list[str]:
         assert self.datagrepper is not None
+        if isinstance(self.bus, AmqpBus):
+            return replay_argv(
+                msg_id or self.msg_id, self.datagrepper.url, self.bus.publisher_config
+            )
         return [
             str(BIN / "fedmsg-dg-replay"),
             "--msg-id",
@@ -439,6 +499,8 @@ class Stack:
         )
         aws = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.moto.env().items())
         body = shlex.quote(json.dumps({"status": "DOOMED", "compose_id": self.options.compose_id}))
+        if isinstance(self.bus, AmqpBus):
+            return self._amqp_commands(self.bus, bus, aws, body)
         return {
             "replay the recorded compose message (what `make demo` does)": (
                 f"{bus} {shlex.join(self.replay_argv())}"
@@ -453,23 +515,65 @@ class Stack:
             "results in ResultsDB": f"curl -s '{self.resultsdb_url}/results?limit=5'",
         }
 
+    def _amqp_commands(self, amqp: AmqpBus, bus: str, aws: str, body: str) -> dict[str, str]:
+        """The commands of an AMQP stack: fedora-messaging's CLI with the stack's configs."""
+        conf = shlex.quote(str(amqp.publisher_config))
+        replay = shlex.join(self.replay_argv())
+        fm = f"{BIN}/fedora-messaging --conf {conf}"
+        printer = "fedora_messaging.example:printer"
+        return {
+            "replay the recorded compose message (what `make demo BUS=amqp` does)": (
+                f"cd {shlex.quote(str(REPO))} && {replay}"
+            ),
+            "tail the bus (a queue of its own, removed when you stop it)": (
+                f"{fm} consume --callback {printer} --routing-key '#' "
+                f"--queue-name tail-$$ --app-name tail"
+            ),
+            "staged AMIs, their tests and copies": f"{bus} {aws} {BIN}/fedimg status",
+            "resume unfinished promotions (no bus: the consumers also run a pass)": (
+                f"{bus} {aws} {BIN}/fedimg --no-publish reconcile"
+            ),
+            "publish your own message": (
+                f"echo {body} | {sys.executable} -c "
+                "'import json,sys; from fedora_messaging import api, message; "
+                'api.publish(message.Message(topic="pungi.compose.status.change", '
+                "body=json.load(sys.stdin)))' "
+                f"# with FEDORA_MESSAGING_CONF={conf}"
+            ),
+            "results in ResultsDB": f"curl -s '{self.resultsdb_url}/results?limit=5'",
+        }
+
     def describe(self) -> str:
         """The endpoints and the commands, for a person at a terminal."""
         assert self.moto and self.bus and self.datagrepper and self.compose_server
-        assert self.outputs is not None and self.hub is not None and self.hub.proc is not None
+        assert self.outputs is not None and self.workers
+        if isinstance(self.bus, AmqpBus):
+            bus_lines = [
+                f"  RabbitMQ              {self.bus.node.url}",
+                *(
+                    f"  {w.name:<21} pid {w.proc.pid if w.proc else '?'} "
+                    f"(fedora-messaging consume, queue {self.bus.queue(w.name.rsplit('-', 1)[0])})"
+                    for w in self.workers
+                ),
+            ]
+        else:
+            assert self.hub is not None and self.hub.proc is not None
+            bus_lines = [
+                f"  fedmsg relay          in {self.bus.inbound}  out {self.bus.outbound}",
+                f"  fedmsg-hub            pid {self.hub.proc.pid} (fedimg stage, autocloud_ami, "
+                "fedimg promote)",
+            ]
         lines = [
             "fedimg local stack (loopback only; Ctrl-C stops everything)",
             "",
             f"  AWS (moto_server)     {self.moto.url}",
-            f"  fedmsg relay          in {self.bus.inbound}  out {self.bus.outbound}",
-            f"  fedmsg-hub            pid {self.hub.proc.pid} (fedimg stage, autocloud_ami, "
-            "fedimg promote)",
+            *bus_lines,
             f"  ResultsDB stand-in    {self.resultsdb_url}",
             f"  instance SSH stand-in {self.ssh_override}  (fails: {', '.join(self.options.fail)})",
             f"  compose               {self.compose_server.url}",
             f"  datagrepper stand-in  {self.datagrepper.url}  (recorded msg {self.msg_id})",
             f"  test output           {self.outputs.url}",
-            f"  fedmsg config         {self.fedmsg_config}",
+            f"  fedmsg config         {self.fedmsg_config} (the CLIs' settings)",
             f"  logs                  {self.bus.workdir}/*.log",
             f"  staging region        {self.options.staging_region}; targets "
             f"{', '.join(self.options.regions)}",
@@ -508,9 +612,11 @@ def run_up(options: StackOptions, out: TextIO | None = None) -> int:
     try:
         with stop_on_signals(), Stack(options) as stack:
             print(stack.describe(), file=out, flush=True)
-            assert stack.hub is not None and stack.hub.proc is not None
-            stack.hub.proc.wait()  # a signal interrupts this with KeyboardInterrupt/Stopped
-            print(f"fedmsg-hub exited:\n{stack.hub.output()[-4000:]}", file=sys.stderr)
+            # A signal interrupts this wait with KeyboardInterrupt/Stopped.
+            while all(w.alive for w in stack.workers):
+                time.sleep(0.5)
+            gone = next(w for w in stack.workers if not w.alive)
+            print(f"{gone.name} exited:\n{gone.output()[-4000:]}", file=sys.stderr)
             return 1
     except (KeyboardInterrupt, Stopped):
         print("stopped; everything torn down", file=out, flush=True)
@@ -524,6 +630,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m devel.stack", description=__doc__)
     parser.add_argument("command", choices=["up"])
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--bus", choices=["fedmsg", "amqp"], default="fedmsg")
     parser.add_argument(
         "--fail",
         action="append",
@@ -535,7 +642,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    options = StackOptions() if args.fail is None else StackOptions(fail=tuple(args.fail))
+    options = StackOptions(bus=args.bus)
+    if args.fail is not None:
+        options = dataclasses.replace(options, fail=tuple(args.fail))
     try:
         options.rules()
     except ValueError as exc:

@@ -32,19 +32,27 @@ from __future__ import annotations
 import hashlib
 import logging
 import lzma
-import os
 import re
 import struct
-import tempfile
 import time
 import zlib
 from collections.abc import Iterator
-from typing import IO, TYPE_CHECKING, overload
+from typing import TYPE_CHECKING, overload
 
 import requests
 import urllib3.exceptions
 
 from fedimg.http import retry_policy
+from fedimg.rawio import (
+    DEFAULT_CHUNK,
+    ChecksumMismatch,
+    CorruptImage,
+    DownloadError,
+    ImageTooLarge,
+    Spool,
+    check_sha256,
+    raise_for_status,
+)
 from fedimg.readahead import ReadAhead
 from fedimg.xzblocks import (
     BLOCKS_IN_FLIGHT,
@@ -63,7 +71,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 # Tail bytes fetched by the first Range request: holds the footer and the index
 # of every image fedimg uploads (a 4 GiB image in 1 MiB xz blocks has a ~16 KiB index).
 PROBE_WINDOW = 64 * 1024
@@ -76,40 +83,9 @@ MAX_PLANNED_BLOCKS = 65536
 # A server that ignores Range gets its file spooled to a temporary file of at
 # most this many bytes (a Fedora cloud raw.xz is well under 1 GiB).
 SPOOL_LIMIT = 8 << 30
-# Raw bytes per decompression step. 256 KiB stays in the CPU cache, and so costs
-# less CPU than 1 MiB (benchmarks/upload.py, docs/performance.md).
-DEFAULT_CHUNK = 256 * 1024
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
 _sleep = time.sleep  # the backoff between resumes; a test may record it instead
 _IDENTITY = {"Accept-Encoding": "identity"}
-
-
-class DownloadError(Exception):
-    """The image could not be downloaded as published (HTTP error, stall, truncation)."""
-
-    def __init__(self, url: str, reason: str) -> None:
-        super().__init__(f"{url}: {reason}")
-        self.url = url
-        self.reason = reason
-
-
-class ChecksumMismatch(DownloadError):
-    """The downloaded file's sha256 is not the published one."""
-
-
-class CorruptImage(DownloadError):
-    """The file is not a valid xz image of the declared size."""
-
-
-class ImageTooLarge(DownloadError):
-    """The image's xz index claims more raw bytes than the largest volume allowed."""
-
-
-def check_sha256(sha256: str) -> str:
-    """The hex digest, lower-cased; ValueError unless it is 64 hex characters."""
-    if not isinstance(sha256, str) or not SHA256_RE.match(sha256):
-        raise ValueError(f"not a hex sha256 digest: {sha256!r}")
-    return sha256.lower()
 
 
 # ---------------------------------------------------------------------------
@@ -190,65 +166,6 @@ def parse_index(index: bytes, records: list[tuple[int, int]] | None = None) -> t
 # Range reads
 
 
-class Spool:
-    """A whole compressed file in an anonymous temporary file, read by offset.
-
-    What ``probe_raw_size`` falls back to when the server ignores Range: the
-    one download is written here (at most ``limit`` bytes), its index read from
-    here, and ``stream_raw`` decodes from here. The file has no name, so it is
-    gone once closed or once the process ends, whatever happens.
-    """
-
-    def __init__(self, file: IO[bytes], size: int) -> None:
-        self.file = file
-        self.size = size
-
-    @classmethod
-    def download(cls, resp: requests.Response, url: str, limit: int, log_context: str) -> Spool:
-        """Write the body of the 200 answer ``resp`` to a new spool."""
-        declared = int(resp.headers.get("Content-Length") or 0)
-        log.warning(
-            "%s: %s: the server ignored the Range request (HTTP 200): downloading the "
-            "whole file (%d bytes) to a temporary file first",
-            log_context,
-            url,
-            declared,
-        )
-        if declared > limit:
-            raise DownloadError(url, f"{declared} bytes is more than the {limit} bytes spooled")
-        file = tempfile.TemporaryFile(prefix="fedimg-spool-")
-        size = 0
-        try:
-            for piece in resp.iter_content(1 << 20):
-                size += len(piece)
-                if size > limit:
-                    raise DownloadError(url, f"more than the {limit} bytes spooled")
-                file.write(piece)
-            file.flush()
-        except (requests.RequestException, OSError, urllib3.exceptions.HTTPError) as exc:
-            file.close()
-            raise DownloadError(
-                url, f"download to a temporary file failed at {size}: {exc}"
-            ) from exc
-        except BaseException:
-            file.close()
-            raise
-        return cls(file, size)
-
-    def read(self, offset: int, length: int) -> bytes:
-        """``length`` bytes at ``offset`` (safe from several threads at once)."""
-        data = os.pread(self.file.fileno(), length, offset)
-        while len(data) < length:
-            more = os.pread(self.file.fileno(), length - len(data), offset + len(data))
-            if not more:
-                raise OSError(f"spool holds {self.size} bytes, read past it")
-            data += more
-        return data
-
-    def close(self) -> None:
-        self.file.close()
-
-
 class RawSize(int):
     """The raw size ``probe_raw_size`` learned, with what else it learned on the way.
 
@@ -319,7 +236,7 @@ class _RangeReader:
                 if resp.status_code == 416:
                     raise CorruptImage(self.url, "file is empty (HTTP 416 for its tail)")
                 if resp.status_code != 206:
-                    _raise_for_status(resp, self.url)
+                    raise_for_status(resp, self.url)
                     if resp.status_code == 200 and self.spool_limit and self.spool is None:
                         spool = Spool.download(resp, self.url, self.spool_limit, self.log_context)
                         self.spool = spool
@@ -343,11 +260,6 @@ class _RangeReader:
         if len(data) != end - start + 1:
             raise DownloadError(self.url, "range answer shorter than its Content-Range")
         return start, end, total, data
-
-
-def _raise_for_status(resp: requests.Response, url: str) -> None:
-    if resp.status_code >= 400:
-        raise DownloadError(url, f"HTTP {resp.status_code} {resp.reason}")
 
 
 # A transfer that broke off (connection closed, reset or stalled): worth resuming.
@@ -411,7 +323,7 @@ def _open_at(
         headers["Range"] = f"bytes={offset}-"
     resp = session.get(url, headers=headers, stream=True)
     try:
-        _raise_for_status(resp, url)
+        raise_for_status(resp, url)
         if not offset:
             if resp.status_code != 200:
                 raise DownloadError(url, f"unexpected HTTP {resp.status_code} for a GET")

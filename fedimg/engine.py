@@ -115,6 +115,9 @@ class Outcome:
     resource: str  # an AMI id, an image name or a compose id
     action: str  # release | reject | wait | retest | released | promoting | staged | ...
     detail: str = ""
+    # Nothing was decided for a passing reason (another worker holds the AMI, ResultsDB
+    # could not be asked): looking again later may decide (fedora-messaging nacks it).
+    transient: bool = False
 
     @property
     def text(self) -> str:
@@ -225,8 +228,13 @@ class Engine:
         self._pool.shutdown(wait=True)
 
     # -- composes --------------------------------------------------------------------
-    def accept_compose(self, status: ComposeStatus) -> list[StageOutcome]:
-        """A compose message: remember the compose durably, then stage every image of it."""
+    def accept_compose(self, status: ComposeStatus, *, wait: bool = True) -> list[StageOutcome]:
+        """A compose message: remember the compose durably, then stage every image of it.
+
+        ``wait=False`` returns once the intent is recorded and the images are
+        handed to the engine's pool (only a failed metadata read is returned):
+        the intent, finished by the reconcile pass, is what makes that durable.
+        """
         if not status.finished or not status.location:
             log.info("compose %s: status %s, nothing to stage", status.compose_id, status.status)
             return []
@@ -257,6 +265,8 @@ class Engine:
                 ),
             )
         log.info("compose %s: accepted (intent recorded)", status.compose_id)
+        if not wait:
+            return self._start_compose(status.compose_id, Scope.MESSAGE)[1]
         return self.converge_compose(status.compose_id, Scope.MESSAGE)
 
     def stage_location(
@@ -489,8 +499,14 @@ class Engine:
         return ImageResult(ordered, staged=staged, tried=tried and not staged, gave_up=gave_up)
 
     # -- AMIs ------------------------------------------------------------------------
-    def on_result(self, notice: ResultNotice) -> Outcome | None:
-        """A ResultsDB message: a hint to look at the AMI it names again, never a verdict."""
+    def on_result(
+        self, notice: ResultNotice, *, decided: Callable[[Outcome], None] | None = None
+    ) -> Outcome | None:
+        """A ResultsDB message: a hint to look at the AMI it names again, never a verdict.
+
+        ``decided`` is called once a release or a promotion is decided, before
+        the copies (minutes) start: the AMI is then the reconcile pass's too.
+        """
         if notice.item_type != RESULTSDB_ITEM_TYPE:
             log.debug(
                 "result %s for %s %r: not an AMI, ignored",
@@ -506,7 +522,7 @@ class Engine:
                 notice.item[:100],
             )
             return None
-        outcome = self.converge_ami(notice.item, Scope.MESSAGE)
+        outcome = self.converge_ami(notice.item, Scope.MESSAGE, decided=decided)
         log.info(
             "%s: result %s (%s %s): %s",
             notice.item,
@@ -517,24 +533,28 @@ class Engine:
         )
         return outcome
 
-    def converge_ami(self, ami_id: str, scope: Scope) -> Outcome:
+    def converge_ami(
+        self, ami_id: str, scope: Scope, *, decided: Callable[[Outcome], None] | None = None
+    ) -> Outcome:
         """The gate for a testing AMI, the promotion of a promoting one (one worker per AMI)."""
         with self.guard.hold(f"ami-{ami_id}") as got:
             if not got:
                 with self._recheck_lock:
                     self._recheck.add(ami_id)
-                return Outcome(ami_id, "busy", "another worker is on it; it will look again")
+                return Outcome(ami_id, "busy", "another worker is on it", transient=True)
             while True:
                 with self._recheck_lock:
                     self._recheck.discard(ami_id)
-                outcome = self._converge_ami_once(ami_id, scope)
+                outcome = self._converge_ami_once(ami_id, scope, decided)
                 with self._recheck_lock:
                     again = ami_id in self._recheck
                 if not (outcome.action == "wait" and again):
                     return outcome
                 log.info("%s: new results arrived while evaluating; looking again", ami_id)
 
-    def _converge_ami_once(self, ami_id: str, scope: Scope) -> Outcome:
+    def _converge_ami_once(
+        self, ami_id: str, scope: Scope, decided: Callable[[Outcome], None] | None = None
+    ) -> Outcome:
         described = describe_staging_ami(self.promoter.ec2, ami_id)
         if described is None:
             return Outcome(
@@ -551,6 +571,8 @@ class Engine:
         action = actions[0]
         if isinstance(action, Release):
             log.info("%s: gate says release: %s", staged.label, action.decision.reason)
+            if decided is not None:
+                decided(Outcome(ami_id, "release", action.decision.reason))
             self.promoter.release(staged, action.decision)
             return Outcome(ami_id, "release", action.decision.reason)
         if isinstance(action, Reject):
@@ -559,6 +581,8 @@ class Engine:
             return Outcome(ami_id, "reject", action.decision.reason)
         if isinstance(action, Promote):
             log.info("%s: resuming promotion", staged.label)
+            if decided is not None:
+                decided(Outcome(ami_id, "promoting", "resumed"))
             promotion = self.promoter.promote(staged)
             if promotion.complete:
                 return Outcome(ami_id, "released")
@@ -567,7 +591,7 @@ class Engine:
             self.promoter.request_test(staged, action.count, action.reason)
             return Outcome(ami_id, "retest", f"{action.reason}; test requested again")
         log.info("%s: %s", staged.label, action.reason)
-        return Outcome(ami_id, "wait", action.reason)
+        return Outcome(ami_id, "wait", action.reason, transient=not life.results.known)
 
     # -- everything ------------------------------------------------------------------
     def reconcile(self, *, stage: bool = True) -> Report:

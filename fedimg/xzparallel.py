@@ -43,14 +43,14 @@ from typing import Protocol
 import requests
 import urllib3.exceptions
 
-from fedimg.download import (
+from fedimg.rawio import (
     DEFAULT_CHUNK,
     ChecksumMismatch,
     CorruptImage,
     DownloadError,
     Spool,
-    _raise_for_status,
     check_sha256,
+    raise_for_status,
 )
 from fedimg.readahead import drain
 from fedimg.snapshot import BLOCK_SIZE, ZERO_BLOCK, Reblocker
@@ -149,7 +149,7 @@ class HttpRanges:
         headers = {"Accept-Encoding": "identity", "Range": f"bytes={pos}-{end - 1}"}
         with self.session.get(self.url, headers=headers, stream=True) as resp:
             if resp.status_code != 206:
-                _raise_for_status(resp, self.url)
+                raise_for_status(resp, self.url)
                 raise DownloadError(
                     self.url, f"HTTP {resp.status_code} for bytes {pos}-{end - 1}, not 206"
                 )

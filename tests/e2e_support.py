@@ -5,12 +5,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import psutil
 
 from devel.bus import Seen
-from fedimg.messages import InvalidMessage, Topics
+from fedimg import tags
+from fedimg.messages import InvalidMessage, StagedImage, Topics
 
 TOPICS = Topics("org.fedoraproject", "dev")
 
@@ -142,3 +144,29 @@ class ProcessWatcher:
             except psutil.NoSuchProcess:
                 continue
         return left
+
+
+def ami_in_testing(client: Any, n: int) -> str:
+    """An AMI in ``client``'s region tagged ``testing`` as fedimg's stage tags it."""
+    region = client.meta.region_name
+    image = StagedImage(
+        compose_id=f"Fedora-Cloud-41-20261124.{n}",
+        image_name=f"Fedora-Cloud-Base-Generic-41-20261124.{n}.x86_64",
+        image_url=f"https://kojipkgs.test/f41-{n}.raw.xz",
+        architecture="x86_64",
+        region=region,
+        subvariant="Cloud_Base",
+        release="41",
+    )
+    vol = client.create_volume(Size=5, AvailabilityZone=f"{region}a")
+    snap = client.create_snapshot(VolumeId=vol["VolumeId"])["SnapshotId"]
+    ami = client.register_image(
+        Name=f"{image.image_name}-hvm-gp3",
+        RootDeviceName="/dev/sda1",
+        VirtualizationType="hvm",
+        BlockDeviceMappings=[{"DeviceName": "/dev/sda1", "Ebs": {"SnapshotId": snap}}],
+    )["ImageId"]
+    values = tags.image_tags(image, tags.State.TESTING, datetime.now(UTC).isoformat())
+    client.create_tags(Resources=[ami], Tags=tags.as_list(values))
+    client.create_tags(Resources=[snap], Tags=tags.as_list(values))
+    return str(ami)

@@ -32,7 +32,7 @@ from resultsdb_api import ResultsDBapi
 from autocloud_ami.instance import generate_key
 from autocloud_ami.ssh import ParamikoSession, SshTimeout
 from autocloud_ami.suite import SUITE, Family
-from devel.bus import Seen, wait_until
+from devel.bus import LocalBus, Seen, wait_until
 from devel.demo import (
     Follower,
     ImageRow,
@@ -404,6 +404,7 @@ def test_replaying_the_compose_again_uploads_tests_and_copies_nothing(run: Run) 
     wait_until(reannounced, 60, "the stager to re-announce the three existing AMIs")
     # A round trip through the hub after the re-announcements: anything they caused is out.
     assert stack.hub is not None
+    assert isinstance(stack.bus, LocalBus)  # this test runs the fedmsg stack
     stack.bus.wait_hub(stack.hub, timeout=30)
     later = tap.messages()[start:]
     completed = [m.body for m in later if short(m.topic) == "fedimg.image.upload"]
@@ -715,6 +716,10 @@ def test_summarize_reads_each_topic_and_survives_odd_bodies() -> None:
         "org.fedoraproject.dev.autocloud.ami.failed",
         {"status": "failed", "ami_id": AMI_A, "job_id": "abc", "passed": 3, "failed": 1},
     )
+    published = "org.fedoraproject.dev.fedora_image_uploader.published.v1.aws.Cloud_Base.40.x86_64"
+    line = summarize(published, {"image_name": "F-40-hvm-gp3", "regions": {"us-east-1": AMI_A}})
+    assert line == "F-40-hvm-gp3 public in 1 region(s) (AwsPublishedV1)"
+    assert summarize(published, {"regions": 3})
     # Unknown topics and malformed bodies still give one line, never an exception.
     assert summarize("org.example.other", {"x": 1}) == '{"x": 1}'
     assert summarize("org.fedoraproject.dev.fedimg.image.upload", {"extra": "not a dict"})

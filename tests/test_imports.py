@@ -68,6 +68,8 @@ def test_autocloud_ami_imports_only_the_contract_and_the_aws_seam_from_fedimg() 
         "fedimg.aws",
         "fedimg.settings",
         "fedimg.backlog",
+        "fedimg.fmcallback",
+        "fedimg.locks",
         "fedimg",
     }
 

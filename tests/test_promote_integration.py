@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,8 @@ import resultsdb_api
 from devel.bus import LocalBus, free_port, wait_for_port, wait_until
 from devel.motoserver import MotoServer
 from fedimg import tags
-from fedimg.messages import IMAGE_PUBLISH, IMAGE_RELEASE, IMAGE_TEST, StagedImage
+from fedimg.messages import IMAGE_PUBLISH, IMAGE_RELEASE, IMAGE_TEST
+from tests.e2e_support import ami_in_testing
 
 pytestmark = pytest.mark.integration
 
@@ -76,28 +76,7 @@ def ec2(moto: MotoServer, region: str) -> Any:
 
 def stage(moto: MotoServer, n: int) -> str:
     """A staged AMI in moto_server, tagged as fedimg's stage tags it."""
-    client = ec2(moto, STAGING)
-    image = StagedImage(
-        compose_id=f"Fedora-Cloud-41-20261124.{n}",
-        image_name=f"Fedora-Cloud-Base-Generic-41-20261124.{n}.x86_64",
-        image_url=f"https://kojipkgs.test/f41-{n}.raw.xz",
-        architecture="x86_64",
-        region=STAGING,
-        subvariant="Cloud_Base",
-        release="41",
-    )
-    vol = client.create_volume(Size=5, AvailabilityZone=f"{STAGING}a")
-    snap = client.create_snapshot(VolumeId=vol["VolumeId"])["SnapshotId"]
-    ami = client.register_image(
-        Name=f"{image.image_name}-hvm-gp3",
-        RootDeviceName="/dev/sda1",
-        VirtualizationType="hvm",
-        BlockDeviceMappings=[{"DeviceName": "/dev/sda1", "Ebs": {"SnapshotId": snap}}],
-    )["ImageId"]
-    values = tags.image_tags(image, tags.State.TESTING, datetime.now(UTC).isoformat())
-    client.create_tags(Resources=[ami], Tags=tags.as_list(values))
-    client.create_tags(Resources=[snap], Tags=tags.as_list(values))
-    return ami
+    return ami_in_testing(ec2(moto, STAGING), n)
 
 
 def copies(moto: MotoServer, region: str, ami: str) -> list[dict[str, Any]]:
@@ -160,7 +139,7 @@ def test_passed_result_in_resultsdb_releases_and_failed_rejects(stack: dict[str,
     )
     IMAGE_TEST.validate(failed.body)
     assert TESTCASE in failed.body["reason"] and "Permissive" in failed.body["reason"]
-    assert state(moto, bad) == "rejected"
+    wait_until(lambda: state(moto, bad) == "rejected", 30, f"{bad} tagged rejected")
     for region in TARGETS:
         assert copies(moto, region, bad) == []
     perms = ec2(moto, STAGING).describe_image_attribute(ImageId=bad, Attribute="launchPermission")[

@@ -10,17 +10,13 @@ of seconds here); one test restarts it. Messages go through the real
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
-import time
 import tomllib
 from pathlib import Path
 from typing import Any
 
-import pika
-import pika.exceptions
 import pytest
 import requests
 from fedimg_messages.messages import HubPingV1, ImageReleaseV1, ImageTestV1, ImageUploadV1
@@ -28,18 +24,16 @@ from fedora_image_uploader_messages.publish import AwsPublishedV1
 from fedora_messaging import message as fm
 from resultsdb_api import ResultsDBapi
 
-from devel.bus import BIN, ManagedProcess, free_port, wait_until
+from devel.bus import ManagedProcess, free_port, wait_until
 from devel.rabbitmq import SERVER, RabbitMQ, RabbitMQError, RabbitMQTimeout, write_client_config
 from fedimg.messages import RESULT_NEW, parse_result_notice
+from tests.amqp_support import FM, ROOT, WAIT, child_env, fm_publish, queue_state
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[1]
-FM = str(BIN / "fedora-messaging")
 PREFIX = "org.fedoraproject.dev"
 AMI = "ami-0123456789abcdef0"
 COPY = "ami-0fedcba9876543210"
-WAIT = 120.0  # processes start slowly on a loaded 2-core machine
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -60,13 +54,6 @@ def client_config(node: RabbitMQ, path: Path, queue: str, keys: list[str], **ext
     return write_client_config(path, node.url, base)
 
 
-def child_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDORA_MESSAGING")}
-    env["PYTHONPATH"] = str(ROOT)
-    env.update(extra)
-    return env
-
-
 def start_consumer(conf: Path, record_to: Path, tmp_path: Path) -> ManagedProcess:
     """``fedora-messaging --conf FILE consume``: the production command line."""
     return ManagedProcess(
@@ -76,18 +63,6 @@ def start_consumer(conf: Path, record_to: Path, tmp_path: Path) -> ManagedProces
         env=child_env(FM_RECORD_TO=str(record_to)),
         log_path=tmp_path / f"{conf.stem}.consume.log",
     ).start()
-
-
-def queue_state(node: RabbitMQ, queue: str) -> tuple[int, int] | None:
-    """``(ready messages, consumers)`` of ``queue``, or None while it does not exist."""
-    try:
-        with node.connection() as conn:
-            frame: Any = conn.channel().queue_declare(queue, passive=True)
-    except pika.exceptions.ChannelClosedByBroker as exc:
-        if exc.reply_code == 404:
-            return None
-        raise
-    return int(frame.method.message_count), int(frame.method.consumer_count)
 
 
 def wait_consuming(node: RabbitMQ, queue: str, consumer: ManagedProcess) -> None:
@@ -111,21 +86,6 @@ def wait_recorded(path: Path, count: int, consumer: ManagedProcess) -> list[fm.M
 
     result: list[fm.Message] = wait_until(enough, WAIT, f"{count} message(s) in {path}", 0.2)
     return result
-
-
-def fm_publish(conf: Path, messages: list[fm.Message]) -> None:
-    """Publish with the ``fedora-messaging publish`` CLI (``api.publish`` in its process)."""
-    path = conf.with_suffix(f".{time.monotonic_ns()}.jsonl")
-    path.write_text(fm.dumps(messages), encoding="utf-8")
-    done = subprocess.run(
-        [FM, "--conf", str(conf), "publish", str(path)],
-        check=False,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=WAIT,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def take(node: RabbitMQ, queue: str) -> tuple[fm.Message, bytes]:
@@ -301,7 +261,7 @@ def test_a_sample_config_binds_exactly_its_topics_and_serves_liveness(
         config = tomllib.load(fh)
     health = free_port()
     config.update(
-        callback="tests.fm_recorder:Record",  # the real callbacks come with the engine
+        callback="tests.fm_recorder:Record",  # records what the bindings route (real ones below)
         monitoring={"address": "127.0.0.1", "port": health},
     )
     conf = write_client_config(tmp_path / sample, rabbitmq.url, config)
@@ -467,3 +427,118 @@ def test_resultsdb_standin_publishes_result_new_over_amqp_like_the_real_server(
     assert got.body == created == json.loads(body)
     notice = parse_result_notice(RESULT_NEW, got.body)
     assert (notice.item, notice.testcase, notice.outcome) == (AMI, "autocloud.ami.all", "PASSED")
+
+
+# -- the samples, as shipped, with the real callbacks ----------------------------------------------
+
+
+def sample_consumer(
+    rabbitmq: RabbitMQ, tmp_path: Path, sample: str, **change: Any
+) -> tuple[ManagedProcess, int]:
+    """``fedora-messaging --conf <sample> consume`` with only the broker URL (and credentials)
+    changed, and a free monitoring port (the sample's is fixed; one per process on a host)."""
+    with (ROOT / "fedora-messaging" / sample).open("rb") as fh:
+        shipped = tomllib.load(fh)
+    # Earlier tests on this node may have left messages in the sample's durable queue.
+    for queue in shipped["queues"]:
+        if queue_state(rabbitmq, queue) is not None:
+            with rabbitmq.connection() as conn:
+                conn.channel().queue_purge(queue)
+    port = free_port()
+    config = {**shipped, "monitoring": {**shipped["monitoring"], "port": port}, **change}
+    conf = write_client_config(tmp_path / sample, rabbitmq.url, config)
+    with conf.open("rb") as fh:
+        written = tomllib.load(fh)
+    differs = {k for k in {*written, *shipped} if written.get(k) != shipped.get(k)}
+    assert differs == {"amqp_url", "monitoring", *change}
+    consumer = ManagedProcess(
+        name=sample,
+        argv=[FM, "--conf", str(conf), "consume"],
+        cwd=tmp_path,
+        # No AWS beyond loopback: the start-up passes find nothing listening there.
+        env=child_env(AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}"),
+        log_path=tmp_path / f"{sample}.log",
+    ).start()
+    return consumer, port
+
+
+def consumed(port: int) -> dict[str, int]:
+    answer = requests.get(f"http://127.0.0.1:{port}/ready", timeout=10)
+    return dict(answer.json()["consumed"]) if answer.ok else {}
+
+
+def test_the_fedimg_sample_runs_fedimg_with_only_the_url_changed(
+    rabbitmq: RabbitMQ, tmp_path: Path
+) -> None:
+    rabbitmq.declare_queue("it-pongs", [f"{PREFIX}.fedimg.hub.pong"])
+    consumer, port = sample_consumer(rabbitmq, tmp_path, "fedimg.toml")
+    try:
+        wait_consuming(rabbitmq, "fedimg", consumer)
+        assert (tmp_path / ".fedimg-state").is_dir()  # the sample's state_dir, checked at start
+        publisher = write_client_config(tmp_path / "pub.toml", rabbitmq.url, {"topic_prefix": ""})
+        malformed = base_message(f"{PREFIX}.pungi.compose.status.change", {"compose_id": 3})
+        fm_publish(
+            publisher,
+            [malformed, HubPingV1(topic=f"{PREFIX}.fedimg.hub.ping", body={"token": "t1"})],
+        )
+        wait_until(
+            lambda: (queue_state(rabbitmq, "it-pongs") or (0, 0))[0] == 1,
+            WAIT,
+            "fedimg's pong",
+            interval=0.2,
+        )
+        counts = consumed(port)
+    finally:
+        consumer.stop()
+    pong = take(rabbitmq, "it-pongs")[0]
+    assert pong.body["token"] == "t1"
+    assert set(pong.body["components"]) >= {"fedimg_stage", "fedimg_promote", "fedimg_reconcile"}
+    assert (counts["received"], counts["dropped"], counts["processed"]) == (2, 1, 1)
+
+
+def test_the_autocloud_sample_runs_autocloud_ami_with_only_the_url_changed(
+    rabbitmq: RabbitMQ, tmp_path: Path
+) -> None:
+    consumer, port = sample_consumer(rabbitmq, tmp_path, "autocloud_ami.toml")
+    try:
+        wait_consuming(rabbitmq, "autocloud_ami", consumer)
+        publisher = write_client_config(tmp_path / "pub.toml", rabbitmq.url, {"topic_prefix": ""})
+        verdict = {  # the gate's verdict on the same topic: acked, no test
+            "image_name": "Fedora-Cloud-Base-40-20240501.0.x86_64.raw.xz",
+            "destination": "us-east-1",
+            "service": "EC2",
+            "status": "completed",
+            "compose": "Fedora-Cloud-40-20240501.0",
+            "architecture": "x86_64",
+            "extra": {"id": AMI, "virt_type": "hvm", "vol_type": "gp3"},
+        }
+        topic = f"{PREFIX}.fedimg.image.test"
+        fm_publish(
+            publisher,
+            [ImageTestV1(topic=topic, body=verdict), base_message(topic, {"status": "started"})],
+        )
+        wait_until(lambda: consumed(port).get("received") == 2, WAIT, "two deliveries", 0.2)
+        wait_until(
+            lambda: consumed(port)["processed"] + consumed(port)["dropped"] == 2,
+            WAIT,
+            "both handled",
+            0.2,
+        )
+        counts = consumed(port)
+    finally:
+        consumer.stop()
+    assert (counts["processed"], counts["dropped"]) == (1, 1)
+
+
+def test_a_sample_with_a_misspelt_setting_stops_naming_it(
+    rabbitmq: RabbitMQ, tmp_path: Path
+) -> None:
+    with (ROOT / "fedora-messaging" / "fedimg.toml").open("rb") as fh:
+        settings = tomllib.load(fh)["consumer_config"]
+    bad = {**settings, "fedimg.stage.enabeld": True}
+    consumer, _ = sample_consumer(rabbitmq, tmp_path, "fedimg.toml", consumer_config=bad)
+    assert consumer.proc is not None
+    code = consumer.proc.wait(timeout=WAIT)
+    consumer.stop()
+    assert code != 0
+    assert "fedimg.stage.enabeld" in consumer.output()
