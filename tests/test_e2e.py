@@ -139,7 +139,7 @@ def test_stack_up_prints_working_commands_and_tears_down_on_sigterm(tmp_path: Pa
                 lines.append(line)
             heading = next(i for i, x in enumerate(lines) if x.startswith("# staged AMIs"))
             status = lines[heading + 1]
-            workdir = next(x.split()[-1] for x in lines if x.strip().startswith("fedmsg config"))
+            workdir = next(x.split()[2] for x in lines if x.strip().startswith("fedmsg config"))
             result = subprocess.run(
                 ["sh", "-c", status.strip()],
                 capture_output=True,
