@@ -482,7 +482,14 @@ class Stager:
             self.session, image.url, log_context=ctx, max_raw_gib=self.cfg.max_volume_gib
         )
         progress = self.progress(ctx, raw_size)
-        raw = stream_raw(self.session, image.url, image.sha256, raw_size, log_context=ctx)
+        raw = stream_raw(
+            self.session,
+            image.url,
+            image.sha256,
+            raw_size,
+            log_context=ctx,
+            blocks_in_flight=self.cfg.xz_blocks_in_flight,
+        )
         try:
             upload = upload_snapshot(
                 self.aws.ebs(self.region),
