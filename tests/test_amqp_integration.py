@@ -290,7 +290,9 @@ def test_killed_workers_and_a_broker_restart_lose_and_duplicate_nothing(
         assert replayed.returncode == 0, replayed.stdout + replayed.stderr
 
         # The fedimg process that took the compose is staging it: SIGKILL, then a new one
-        # (its start-up pass finishes the compose's intent; it passes every 5 s).
+        # (its start-up pass finishes the compose's intent; it passes every 5 s and asks
+        # for a test again after 20 s without results: the request the killed one may
+        # not have sent, between tagging an AMI and announcing it).
         staging: ManagedProcess = wait_until(
             lambda: next((w for w in fedimg if bus.stats(w)["received"] > received[w.name]), None),
             WAIT,
@@ -298,7 +300,7 @@ def test_killed_workers_and_a_broker_restart_lose_and_duplicate_nothing(
             interval=0.05,
         )
         staging.kill()
-        bus.settings["fedimg.reconcile.interval"] = 5.0
+        bus.settings.update({"fedimg.reconcile.interval": 5.0, "fedimg.gate.retest_after": 20.0})
         fresh, port = bus.start_consumer("fedimg")
         bus.wait_consuming(fresh, port, WAIT)
 
