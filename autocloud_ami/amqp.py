@@ -49,9 +49,7 @@ from autocloud_ami.config import AutocloudConfig
 from fedimg.fmcallback import PUBLISH_TIMEOUT, Callback, Periodic, Transient, when_reactor_runs
 from fedimg.locks import Guard
 from fedimg.messages import (
-    FAILED,
     IMAGE_TEST,
-    PASSED,
     Emitter,
     InvalidMessage,
     MessageType,
@@ -114,7 +112,13 @@ class AmiTestConsumer(Callback):
         )
 
     def handle(self, mtype: MessageType, body: Any) -> None:
-        from autocloud_ami.job import InvalidRequest, QueueTimeout, test_ami, test_request
+        from autocloud_ami.job import (
+            InvalidRequest,
+            QueueTimeout,
+            log_finished,
+            test_ami,
+            test_request,
+        )
 
         image = test_request(body)
         if image is None:
@@ -139,13 +143,7 @@ class AmiTestConsumer(Callback):
                 reason=f"{image.ami_id}: results neither posted nor spooled",
                 requeue=True,
             )
-        log.info(
-            "%s %s: job %s finished: %s",
-            image.compose_id,
-            image.ami_id,
-            result.job_id,
-            PASSED if result.passed else FAILED,
-        )
+        log_finished(image, result)
 
     def _tested(self, compose_id: str, ami_id: str) -> bool:
         from autocloud_ami.report import summary_posted

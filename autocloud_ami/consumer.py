@@ -23,9 +23,7 @@ from moksha.hub.api.producer import PollingProducer
 from autocloud_ami.config import AutocloudConfig
 from fedimg.backlog import ResumableBacklog
 from fedimg.messages import (
-    FAILED,
     IMAGE_TEST,
-    PASSED,
     Emitter,
     InvalidMessage,
     Topics,
@@ -78,7 +76,7 @@ class AmiTestConsumer(ResumableBacklog, FedmsgConsumer):
             log.exception("failed to handle message on %s", topic)
 
     def handle(self, body: Any) -> None:
-        from autocloud_ami.job import InvalidRequest, test_ami, test_request
+        from autocloud_ami.job import InvalidRequest, log_finished, test_ami, test_request
 
         image = test_request(body)
         if image is None:
@@ -88,13 +86,7 @@ class AmiTestConsumer(ResumableBacklog, FedmsgConsumer):
         except InvalidRequest as exc:
             log.error("refused test request: %s", exc)
             return
-        log.info(
-            "%s %s: job %s finished: %s",
-            image.compose_id,
-            image.ami_id,
-            result.job_id,
-            PASSED if result.passed else FAILED,
-        )
+        log_finished(image, result)
 
 
 class SweepProducer(PollingProducer):

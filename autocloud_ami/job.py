@@ -238,6 +238,12 @@ class JobResult:
         return self.report.counts()
 
 
+def log_finished(image: StagedImage, result: JobResult) -> None:
+    """The consumers' one line for a job that ran to its end."""
+    verdict = PASSED if result.passed else FAILED
+    log.info("%s %s: job %s finished: %s", image.compose_id, image.ami_id, result.job_id, verdict)
+
+
 def output_text(outcome: TestOutcome) -> str:
     head = [
         f"test:     {outcome.test_id}",

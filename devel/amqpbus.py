@@ -42,6 +42,7 @@ from devel.bus import (
     ManagedProcess,
     Recording,
     Seen,
+    Spawner,
     WaitTimeout,
     free_port,
     wait_until,
@@ -149,7 +150,7 @@ class AmqpTap(Recording):
 
 
 @dataclass
-class AmqpBus:
+class AmqpBus(Spawner):
     """Consumer processes of both apps on one node, their configs and a tap, in a temp dir."""
 
     node: RabbitMQ
@@ -204,24 +205,6 @@ class AmqpBus:
         env["PYTHONUNBUFFERED"] = "1"
         env.update(self.extra_env)
         return env
-
-    def spawn(
-        self,
-        name: str,
-        argv: list[str],
-        env: dict[str, str] | None = None,
-        cwd: Path | None = None,
-    ) -> ManagedProcess:
-        assert self.workdir is not None
-        proc = ManagedProcess(
-            name=name,
-            argv=argv,
-            cwd=cwd or self.workdir,
-            env=env or self.env(),
-            log_path=self.workdir / f"{name}-{len(self.processes)}.log",
-        ).start()
-        self.processes.append(proc)
-        return proc
 
     # -- consumers ----------------------------------------------------------------------------
     def _config(self, app: str, monitoring_port: int) -> dict[str, Any]:

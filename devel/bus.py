@@ -236,8 +236,37 @@ def write_fedmsg_config(directory: Path, config: Mapping[str, Any]) -> Path:
     return confd
 
 
+class Spawner:
+    """Processes started in a bus's work directory, logged there, remembered to be stopped."""
+
+    workdir: Path | None
+    processes: list[ManagedProcess]
+
+    def env(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    def spawn(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> ManagedProcess:
+        """Start a process that reads this bus's config (fedmsg reads ./fedmsg.d)."""
+        assert self.workdir is not None
+        proc = ManagedProcess(
+            name=name,
+            argv=argv,
+            cwd=cwd or self.workdir,
+            env=env or self.env(),
+            log_path=self.workdir / f"{name}-{len(self.processes)}.log",
+        ).start()
+        self.processes.append(proc)
+        return proc
+
+
 @dataclass
-class LocalBus:
+class LocalBus(Spawner):
     """A relay (and optionally hubs) on free loopback ports, in a temp dir."""
 
     settings: dict[str, Any] = field(default_factory=dict)
@@ -332,25 +361,6 @@ class LocalBus:
             self._pub = None
         if self._own_workdir and self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def spawn(
-        self,
-        name: str,
-        argv: list[str],
-        env: dict[str, str] | None = None,
-        cwd: Path | None = None,
-    ) -> ManagedProcess:
-        """Start a process that reads this bus's config (fedmsg reads ./fedmsg.d)."""
-        assert self.workdir is not None
-        proc = ManagedProcess(
-            name=name,
-            argv=argv,
-            cwd=cwd or self.workdir,
-            env=env or self.env(),
-            log_path=self.workdir / f"{name}-{len(self.processes)}.log",
-        ).start()
-        self.processes.append(proc)
-        return proc
 
     def start_hub(self, name: str = "hub", timeout: float = 60.0) -> ManagedProcess:
         """Start ``fedmsg-hub`` (consumers from their entry points) and wait until it answers."""

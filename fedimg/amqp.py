@@ -16,9 +16,11 @@ acknowledged (see ``fedimg.fmcallback`` for the mechanics):
   written is retried, then stops the process (the message is requeued).
 - ``resultsdb.result.new`` / ``taskotron.result.new``: ``on_result`` converges
   the AMI (gate, promotion) before the message is acked. ``busy`` (another
-  process holds the AMI), ResultsDB unreachable and AWS errors are retried with
-  a backoff; once the retries are used up the message is acked: the reconcile
-  pass gates every ``testing`` AMI and resumes every ``promoting`` one anyway.
+  thread or process holds the AMI) is acked: the engine left a mark the holder
+  reads when it lets go, and it looks again. ResultsDB unreachable and AWS or
+  broker errors are retried with a backoff; once the retries are used up the
+  message is acked: the reconcile pass gates every ``testing`` AMI and resumes
+  every ``promoting`` one anyway.
   A release is acked once the gate decided it, and its promotion (copies to
   every region: minutes to hours, longer than ``consumer_timeout``) goes on in
   a pool of this process, up to 8 at a time: the AMI is tagged ``promoting``

@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import logging
 import sys
-import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -115,8 +114,8 @@ class Outcome:
     resource: str  # an AMI id, an image name or a compose id
     action: str  # release | reject | wait | retest | released | promoting | staged | ...
     detail: str = ""
-    # Nothing was decided for a passing reason (another worker holds the AMI, ResultsDB
-    # could not be asked): looking again later may decide (fedora-messaging nacks it).
+    # Nothing was decided for a passing reason (ResultsDB could not be asked): looking
+    # again later may decide (fedora-messaging retries the message).
     transient: bool = False
 
     @property
@@ -194,8 +193,6 @@ class Engine:
         self.guard = guard
         self.now = now
         self._pool = ThreadPoolExecutor(cfg.stage_workers, thread_name_prefix="fedimg-stage")
-        self._recheck_lock = threading.Lock()
-        self._recheck: set[str] = set()
 
     @classmethod
     def from_config(
@@ -536,21 +533,31 @@ class Engine:
     def converge_ami(
         self, ami_id: str, scope: Scope, *, decided: Callable[[Outcome], None] | None = None
     ) -> Outcome:
-        """The gate for a testing AMI, the promotion of a promoting one (one worker per AMI)."""
-        with self.guard.hold(f"ami-{ami_id}") as got:
+        """The gate for a testing AMI, the promotion of a promoting one (one worker per AMI).
+
+        A worker (thread or process) that finds the AMI held leaves a mark and
+        tries once more; the holder, once it lets go, looks again if it found
+        only a reason to wait and a mark is there. Either the second try gets
+        the AMI or the holder sees the mark: a result is never left unlooked at.
+        """
+        key = f"ami-{ami_id}"
+        marked = False
+        while True:
+            with self.guard.hold(key) as got:
+                if got:
+                    self.guard.unmark(key)
+                    outcome = self._converge_ami_once(ami_id, scope, decided)
             if not got:
-                with self._recheck_lock:
-                    self._recheck.add(ami_id)
-                return Outcome(ami_id, "busy", "another worker is on it", transient=True)
-            while True:
-                with self._recheck_lock:
-                    self._recheck.discard(ami_id)
-                outcome = self._converge_ami_once(ami_id, scope, decided)
-                with self._recheck_lock:
-                    again = ami_id in self._recheck
-                if not (outcome.action == "wait" and again):
-                    return outcome
+                if marked:
+                    return Outcome(ami_id, "busy", "another worker is on it; it will look again")
+                self.guard.mark(key)
+                marked = True
+                continue
+            if outcome.action == "wait" and self.guard.marked(key):
                 log.info("%s: new results arrived while evaluating; looking again", ami_id)
+                marked = False
+                continue
+            return outcome
 
     def _converge_ami_once(
         self, ami_id: str, scope: Scope, decided: Callable[[Outcome], None] | None = None

@@ -158,15 +158,21 @@ def ami_in_testing(client: Any, n: int) -> str:
         subvariant="Cloud_Base",
         release="41",
     )
-    vol = client.create_volume(Size=5, AvailabilityZone=f"{region}a")
-    snap = client.create_snapshot(VolumeId=vol["VolumeId"])["SnapshotId"]
+    ami, snap = register_ami(client, image)
+    values = tags.image_tags(image, tags.State.TESTING, datetime.now(UTC).isoformat())
+    client.create_tags(Resources=[ami], Tags=tags.as_list(values))
+    client.create_tags(Resources=[snap], Tags=tags.as_list(values))
+    return str(ami)
+
+
+def register_ami(client: Any, image: StagedImage) -> tuple[str, str]:
+    """``(AMI, snapshot)`` registered for ``image`` as stage registers them, untagged."""
+    vol = client.create_volume(Size=5, AvailabilityZone=f"{image.region}a")
+    snap = str(client.create_snapshot(VolumeId=vol["VolumeId"])["SnapshotId"])
     ami = client.register_image(
         Name=f"{image.image_name}-hvm-gp3",
         RootDeviceName="/dev/sda1",
         VirtualizationType="hvm",
         BlockDeviceMappings=[{"DeviceName": "/dev/sda1", "Ebs": {"SnapshotId": snap}}],
     )["ImageId"]
-    values = tags.image_tags(image, tags.State.TESTING, datetime.now(UTC).isoformat())
-    client.create_tags(Resources=[ami], Tags=tags.as_list(values))
-    client.create_tags(Resources=[snap], Tags=tags.as_list(values))
-    return str(ami)
+    return str(ami), snap

@@ -295,6 +295,7 @@ def test_an_intent_that_cannot_be_written_is_retried_then_stops_the_process(
         Outcome(AMI, "reject", "autocloud.ami.all FAILED"),
         Outcome(AMI, "wait", "waiting for autocloud.ami.all"),
         Outcome(AMI, "ignored", "state is released"),
+        Outcome(AMI, "busy", "another worker is on it; it will look again"),
         None,  # not an AMI result
     ],
 )
@@ -309,7 +310,6 @@ def test_a_decided_or_waiting_result_is_acked(tmp_path: Path, outcome: Outcome |
 @pytest.mark.parametrize(
     ("outcome", "raises"),
     [
-        (Outcome(AMI, "busy", "another worker is on it", transient=True), None),
         (Outcome(AMI, "wait", "ResultsDB unavailable: 503", transient=True), None),
         (None, ClientError({"Error": {"Code": "RequestLimitExceeded"}}, "DescribeImages")),
     ],

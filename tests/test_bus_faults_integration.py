@@ -52,6 +52,7 @@ from fedimg.messages import (
     StagedImage,
     parse_test_request,
 )
+from tests.e2e_support import register_ami
 from tests.test_promote_integration import REPO, STAGING, TARGETS, TESTCASE, copies, ec2, stage
 
 pytestmark = pytest.mark.integration
@@ -230,14 +231,7 @@ def register(moto: MotoServer, n: int) -> tuple[str, str, StagedImage]:
         subvariant="Cloud_Base",
         release="41",
     )
-    vol = client.create_volume(Size=5, AvailabilityZone=f"{STAGING}a")
-    snap = client.create_snapshot(VolumeId=vol["VolumeId"])["SnapshotId"]
-    ami = client.register_image(
-        Name=f"{image.image_name}-hvm-gp3",
-        RootDeviceName="/dev/sda1",
-        VirtualizationType="hvm",
-        BlockDeviceMappings=[{"DeviceName": "/dev/sda1", "Ebs": {"SnapshotId": snap}}],
-    )["ImageId"]
+    ami, snap = register_ami(client, image)
     return ami, snap, image
 
 
