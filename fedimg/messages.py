@@ -774,3 +774,17 @@ RESULTSDB_SOURCE: Final = "autocloud"
 TESTCASE_PREFIX: Final = "autocloud.ami."
 SUMMARY_TESTCASE: Final = TESTCASE_PREFIX + "all"
 PASSED, INFO, FAILED, NEEDS_INSPECTION = OUTCOMES
+
+# Scenarios: one AMI is tested on several instance types. Every result
+# autocloud_ami posts (each test and the per-scenario summary) carries the
+# scenario it ran in under SCENARIO_KEY, named by ``scenario_name``.
+SCENARIO_KEY: Final = "scenario"
+# A test that does not apply to an image (an Atomic-only test on Cloud Base) is
+# posted with outcome INFO and the reason under SKIPPED_KEY: a rule that
+# requires it is then visibly inapplicable instead of waiting for a result.
+SKIPPED_KEY: Final = "skipped"
+
+
+def scenario_name(arch: str, instance_type: str) -> str:
+    """The scenario of a test run: ``x86_64:t3.small`` (architecture, instance type)."""
+    return f"{arch}:{instance_type}"
