@@ -11,10 +11,15 @@ venv: $(STAMP)
 
 # fedimg-messages/ (the message schema package) is a distribution of its own
 # that fedimg requires: installed from this clone in the same pip run.
+# uv resolves the same releases as pip in a tenth of the time (a fresh clone's
+# `make test` has 6 minutes on a 2-core machine); where uv cannot be had or
+# fails, pip does the same install.
+PIP := $(BIN)/pip --quiet --disable-pip-version-check
+PACKAGES := -e ./fedimg-messages -e '.[hub,test]'
 $(STAMP): setup.py pyproject.toml fedimg-messages/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade pip
-	$(BIN)/pip install --quiet --disable-pip-version-check -e ./fedimg-messages -e '.[hub,test]'
+	( $(PIP) install uv && $(BIN)/uv pip install --quiet --python $(BIN)/python $(PACKAGES) ) \
+	  || ( $(PIP) install --upgrade pip && $(PIP) install $(PACKAGES) )
 	touch $(STAMP)
 
 lint: $(STAMP)
@@ -24,11 +29,15 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# The integration tests mostly wait on their processes: more workers than cores
+# pays. Tests that share a stack or the RabbitMQ node stay in one worker
+# (tests/conftest.py groups them for --dist loadgroup).
+TEST_WORKERS ?= 4
 test: lint typecheck
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup
 
 unit: $(STAMP)
-	$(BIN)/pytest -m "not integration"
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup -m "not integration"
 
 # BUS=amqp: over a private RabbitMQ node, two fedora-messaging consumer processes per app.
 BUS ?= fedmsg

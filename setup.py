@@ -36,10 +36,15 @@ setup(
         # point's distribution requirements and cannot find dotted names such as
         # "moksha.hub"/"moksha.common" against their underscore dist-info. So the
         # hub runtime is an extra: `pip install fedimg[hub]` (the Makefile does).
-        "hub": ["moksha.hub>=1.5.17,<1.6"],
+        # fedmsg and moksha import pkg_resources without declaring it; setuptools 81
+        # and later no longer ship it.
+        "hub": ["moksha.hub>=1.5.17,<1.6", "setuptools>=65,<81"],
         "test": [
-            "pytest>=8,<10",
+            # pytest 9.2 derives a test's nodeid from a new field, and pytest-xdist 3.8's
+            # loadgroup still renames the old one: its groups would be silently ignored.
+            "pytest>=8,<9.2",
             "pytest-timeout>=2.3,<3",  # every test has a deadline (pyproject: timeout)
+            "pytest-xdist>=3.5,<4",  # make test: workers, --dist loadgroup (tests/conftest.py)
             "hypothesis>=6.100,<7",
             "moto[server,ec2,ebs]>=5.2,<5.3",
             "PyYAML>=6",  # the self-destruct cloud-config is parsed as cloud-init would

@@ -7,6 +7,7 @@ with it on exit; every wait has a deadline and raises ``WaitTimeout``.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -37,11 +38,58 @@ class WaitTimeout(TimeoutError):
     """A condition did not hold before its deadline."""
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+# Ports are handed out BELOW the kernel's ephemeral range (ip_local_port_range,
+# 32768-60999 by default): neither another process's bind(0) nor an outgoing
+# connection takes one between the moment it is picked and the moment its server
+# binds it. A counter shared by every process of the machine (a file under flock)
+# hands each port out once, so parallel test workers, the stacks they spawn and a
+# developer's own stack never pick the same one. The file is machine-wide on
+# purpose (not under $TMPDIR, which tests and the demo point at private folders).
+# Per user, opened without following a symbolic link.
+PORT_FLOOR = 20000
+_PORT_COUNTER = Path(f"/tmp/fedimg-free-port-{os.getuid()}.next")  # noqa: S108 (see above)
+
+
+def _port_range() -> range:
+    try:
+        first = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        first = 32768
+    return range(PORT_FLOOR, max(PORT_FLOOR, min(first, 65536)))
+
+
+def _bindable(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on, handed to no one else before."""
+    ports = _port_range()
+    if len(ports) < 1000:  # an unusual ip_local_port_range: let the kernel pick
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            return int(sock.getsockname()[1])
+    fd = os.open(_PORT_COUNTER, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    with open(fd, "r+", encoding="ascii") as counter:
+        fcntl.flock(counter, fcntl.LOCK_EX)  # released when the file is closed
+        text = counter.read().strip()
+        at = int(text) % len(ports) if text.isdigit() else os.getpid() % len(ports)
+        for _ in range(len(ports)):
+            port = ports[at]
+            at = (at + 1) % len(ports)
+            if _bindable(port):
+                break
+        else:
+            raise OSError(f"no free port in {ports.start}-{ports.stop - 1}")
+        counter.seek(0)
+        counter.truncate()
+        counter.write(str(at))
+    return port
 
 
 def wait_until(

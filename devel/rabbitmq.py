@@ -70,22 +70,12 @@ def _epmd_binary() -> str:
     return found
 
 
-def _free_ports(count: int) -> list[int]:
-    """``count`` distinct free loopback ports."""
-    ports: list[int] = []
-    while len(ports) < count:
-        port = free_port()
-        if port not in ports:
-            ports.append(port)
-    return ports
-
-
 class RabbitMQ:
     """One private node: ``with RabbitMQ() as rmq: rmq.url``."""
 
     def __init__(self, workdir: Path | None = None, host: str = "127.0.0.1") -> None:
         self.host = host
-        self.amqp_port, self.dist_port, self.epmd_port = _free_ports(3)
+        self.amqp_port, self.dist_port, self.epmd_port = (free_port() for _ in range(3))
         self.nodename = f"fedimg-{uuid.uuid4().hex[:8]}@localhost"
         self._own_workdir = workdir is None
         self.workdir = workdir

@@ -1962,14 +1962,18 @@ class SshTestHost:
             transport.close()
             return
         # Wait for authentication to record the login (bounded: paramiko's auth timeout).
+        # A quick client may log in, work and leave between two looks: the auth
+        # handler still says it authenticated once the transport is closed.
         deadline = time.monotonic() + 30
         while transport.is_active() and not self._stop.is_set() and time.monotonic() < deadline:
             if transport.is_authenticated():
-                with self._lock:
-                    self.logins += 1
-                self.os.note_login(self.user, peer, "publickey")
-                return
+                break
             time.sleep(0.01)
+        handler = transport.auth_handler
+        if handler is not None and handler.is_authenticated():
+            with self._lock:
+                self.logins += 1
+            self.os.note_login(self.user, peer, "publickey")
 
     def on_exec(self, channel: paramiko.Channel, command: str) -> bool:
         with self._lock:

@@ -15,6 +15,7 @@ from hypothesis import settings as hypothesis_settings
 
 if TYPE_CHECKING:
     from devel.bus import LocalBus
+    from tests.audited_run import AuditedRun
 
 # moto and boto3 must never reach a real AWS account from the tests.
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
@@ -23,6 +24,29 @@ os.environ.setdefault("AWS_SECURITY_TOKEN", "testing")
 os.environ.setdefault("AWS_SESSION_TOKEN", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.pop("AWS_PROFILE", None)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Keep what shares an expensive fixture in one pytest-xdist worker (``--dist loadgroup``).
+
+    Tests using the session's RabbitMQ node run in one worker, and so do those of
+    the shared pipeline run; every other integration module stays whole (its
+    module-scoped stack starts once). Unit tests are spread one by one.
+    """
+    for item in items:
+        if item.get_closest_marker("xdist_group"):
+            continue
+        names = getattr(item, "fixturenames", ())
+        if "rabbitmq" in names:
+            group = "rabbitmq"
+        elif "audited_run" in names:
+            group = "audited_run"
+        elif item.get_closest_marker("integration"):
+            group = item.nodeid.split("::", 1)[0]
+        else:
+            continue
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 class Recorder:
@@ -88,3 +112,11 @@ def rabbitmq() -> Iterator[Any]:
 # machine it fails tests for being slow, not wrong. No test fails on timing.
 hypothesis_settings.register_profile("fedimg", deadline=None)
 hypothesis_settings.load_profile("fedimg")
+
+
+@pytest.fixture(scope="session")
+def audited_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuditedRun]:
+    """One full pipeline run, read by the secrets and the IAM audits (tests/audited_run.py)."""
+    from tests.audited_run import audited_run as run
+
+    yield from run(tmp_path_factory.mktemp("audited-run"))

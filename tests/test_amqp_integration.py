@@ -179,6 +179,12 @@ def test_a_compose_message_releases_and_rejects_as_over_fedmsg(stack: Stack) -> 
 def test_every_published_body_validates_against_the_class_it_was_sent_as(stack: Stack) -> None:
     tap = amqp(stack).tap
     assert tap is not None
+
+    def announced() -> bool:  # the announcement follows the release message
+        schemas = {m.envelope["headers"].get("fedora_messaging_schema") for m in tap.messages()}
+        return any(fm.get_class(name) is AwsPublishedV1 for name in schemas if name)
+
+    wait_until(announced, WAIT, "the AwsPublishedV1 announcement of the released images")
     ours = [m for m in tap.messages() if short(m.topic).startswith(OURS)]
     sent_as = set()
     for seen in ours:

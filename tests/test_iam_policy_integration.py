@@ -1,11 +1,12 @@
 """The IAM policies in ``docs/iam/`` fit the code, both ways.
 
-One real pipeline run (``devel.stack.Stack``: moto_server recording every
-request, relay, one hub with every consumer, ResultsDB and SSH stand-ins) of
-the demo's mixed compose: two images released, one rejected and - with
-``fedimg.gate.delete_rejected`` on - deregistered. Every AWS call the hub made
-goes through a recording proxy in this process (so that the ids of what a
-call created are known from its answer) and is also in moto's own recording.
+One real pipeline run (``tests/audited_run.py``, shared with the secrets audit:
+moto_server recording every request, relay, one hub with every consumer,
+ResultsDB and SSH stand-ins) of the demo's mixed compose: two images
+released, one rejected and - with ``fedimg.gate.delete_rejected`` on -
+deregistered. Every AWS call the hub made goes through a recording proxy in
+this process (so that the ids of what a call created are known from its
+answer) and is also in moto's own recording.
 Then:
 
 - every (component, action) in moto's recording is an Action the component's
@@ -30,12 +31,11 @@ from __future__ import annotations
 import ast
 import base64
 import fnmatch
-import io
 import itertools
 import json
 import re
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -47,11 +47,10 @@ import pytest
 from botocore import xform_name
 
 from devel.awscalls import AwsCall, call_of
-from devel.awsproxy import Exchange, RecordingProxy
-from devel.bus import wait_until
-from devel.demo import Follower
-from devel.stack import REPO, Stack, StackOptions
+from devel.awsproxy import Exchange
+from devel.stack import REPO, Stack
 from fedimg import tags
+from tests.audited_run import AuditedRun
 
 POLICY_DIR: Final = REPO / "docs" / "iam"
 POLICY_FILES: Final = {"fedimg": "fedimg-policy.json", "autocloud_ami": "autocloud-ami-policy.json"}
@@ -880,76 +879,10 @@ class Run:
     states: dict[str, str]  # image name -> final state ("deleted" for the deregistered reject)
 
 
-def _images_settled(stack: Stack, follower: Follower) -> dict[str, str] | None:
-    """image name -> end state once every image reached it (and was announced); else None."""
-    assert stack.tree is not None
-    ec2 = stack.ec2(stack.options.staging_region)
-    found = ec2.describe_images(
-        Owners=["self"],
-        Filters=[{"Name": f"tag:{tags.COMPOSE_ID}", "Values": [stack.options.compose_id]}],
-    )["Images"]
-    staged = {
-        tags.as_dict(i.get("Tags")).get(tags.IMAGE_NAME): tags.as_dict(i.get("Tags")).get(
-            tags.STATE
-        )
-        for i in found
-        if tags.SOURCE_AMI not in tags.as_dict(i.get("Tags"))
-    }
-    bodies = [(m.topic, m.body) for m in follower.messages()]
-    states = {}
-    for name, expected in stack.expected().items():
-        if expected == "rejected":
-            failed = any(
-                t.endswith("fedimg.image.test")
-                and b.get("status") == "failed"
-                and b.get("image_name") == name
-                for t, b in bodies
-            )
-            if not failed or name in staged:
-                return None
-            states[name] = "deleted"
-        else:
-            released = any(
-                t.endswith("fedimg.image.release") and b.get("image_name") == name
-                for t, b in bodies
-            )
-            if staged.get(name) != "released" or not released:
-                return None
-            states[name] = "released"
-    return states
-
-
 @pytest.fixture(scope="module")
-def run() -> Iterator[Run]:
-    proxy = RecordingProxy()
-    options = StackOptions(
-        record_aws=True,
-        aws_proxy=proxy.attach,  # the hub's AWS_ENDPOINT_URL; the test's own reads go direct
-        extra_settings={"fedimg.gate.delete_rejected": True},
-    )
-    with proxy, Stack(options) as stack:
-        follower = Follower(stack, io.StringIO())
-        replay = stack.replay()
-        assert replay.returncode == 0, replay.stdout + replay.stderr
-        holder: dict[str, dict[str, str]] = {}
-
-        def settled() -> bool:
-            states = _images_settled(stack, follower)
-            if states is not None:
-                holder["states"] = states
-            return states is not None
-
-        wait_until(
-            settled, PIPELINE_TIMEOUT, "every image released, or rejected and deleted", interval=0.5
-        )
-        # The hub keeps polling (reconcile, sweep): stop it, let its last calls finish, so
-        # that moto's recording and the proxy's hold the same calls.
-        assert stack.hub is not None and stack.moto is not None
-        stack.hub.stop()
-        wait_until(proxy.idle, 60, "the proxy to finish its last requests", interval=0.05)
-        recorded = stack.moto.recorded_calls()
-        requests = [r for r in map(api_request, proxy.snapshot()) if r is not None]
-        yield Run(stack, recorded, requests, holder["states"])
+def run(audited_run: AuditedRun) -> Run:
+    requests = [r for r in map(api_request, audited_run.exchanges) if r is not None]
+    return Run(audited_run.stack, audited_run.recorded, requests, audited_run.states)
 
 
 def _by_component(calls: Sequence[AwsCall]) -> dict[str, Counter[str]]:
@@ -961,7 +894,7 @@ def _by_component(calls: Sequence[AwsCall]) -> dict[str, Counter[str]]:
 
 @pytest.mark.integration
 @pytest.mark.slow
-@pytest.mark.timeout(600)  # whichever runs first starts the whole stack
+@pytest.mark.timeout(600)  # the first test of the session to ask starts the run
 def test_the_run_released_and_rejected_so_both_paths_were_exercised(run: Run) -> None:
     assert sorted(run.states.values()) == ["deleted", "released", "released"], run.states
     made = _by_component(run.recorded)
@@ -973,7 +906,7 @@ def test_the_run_released_and_rejected_so_both_paths_were_exercised(run: Run) ->
 
 @pytest.mark.integration
 @pytest.mark.slow
-@pytest.mark.timeout(600)  # whichever runs first starts the whole stack
+@pytest.mark.timeout(600)  # the first test of the session to ask starts the run
 def test_every_call_of_the_run_is_an_action_its_component_is_allowed(run: Run) -> None:
     made = _by_component(run.recorded)
     missing = {
@@ -985,7 +918,7 @@ def test_every_call_of_the_run_is_an_action_its_component_is_allowed(run: Run) -
 
 @pytest.mark.integration
 @pytest.mark.slow
-@pytest.mark.timeout(600)  # whichever runs first starts the whole stack
+@pytest.mark.timeout(600)  # the first test of the session to ask starts the run
 def test_no_hub_call_escapes_attribution(run: Run) -> None:
     """Calls without a fedimg/autocloud_ami User-Agent are the test's and the stand-ins' reads."""
     other = _by_component(run.recorded).get("other", Counter())
@@ -1001,7 +934,7 @@ def test_no_hub_call_escapes_attribution(run: Run) -> None:
 
 @pytest.mark.integration
 @pytest.mark.slow
-@pytest.mark.timeout(600)  # whichever runs first starts the whole stack
+@pytest.mark.timeout(600)  # the first test of the session to ask starts the run
 def test_every_call_is_authorised_with_resources_and_conditions(run: Run) -> None:
     policies = {c: load_policy(c) for c in POLICY_FILES}
     outcome = authorise_run(run.requests, policies)
@@ -1024,7 +957,7 @@ def test_every_call_is_authorised_with_resources_and_conditions(run: Run) -> Non
 
 @pytest.mark.integration
 @pytest.mark.slow
-@pytest.mark.timeout(600)  # whichever runs first starts the whole stack
+@pytest.mark.timeout(600)  # the first test of the session to ask starts the run
 def test_policies_grant_nothing_the_code_does_not_call(run: Run) -> None:
     """Least privilege both ways: granted == what the code calls (+ tag-on-create)."""
     policies = {c: load_policy(c) for c in POLICY_FILES}
@@ -1080,7 +1013,7 @@ def test_a_recording_with_interleaved_entries_is_read_whole() -> None:
 
 @pytest.mark.integration
 @pytest.mark.slow
-@pytest.mark.timeout(600)  # whichever runs first starts the whole stack
+@pytest.mark.timeout(600)  # the first test of the session to ask starts the run
 def test_test_instances_get_ssh_from_one_address_and_per_run_keys_all_removed(run: Run) -> None:
     """From what autocloud_ami sent: tcp/22 from the runner only; nothing it made is left."""
     mine = [r for r in run.requests if r.call.component == "autocloud_ami" and r.ok]

@@ -1,18 +1,10 @@
 """No credential, key or token in any log line or message of a full pipeline run.
 
-One ``devel.stack.Stack`` runs the demo's compose (two releases, one
-rejection) with:
-
-- AWS credentials that are unmistakable (a fresh random secret key and session
-  token; ``devel.motoserver.FAKE_CREDENTIALS`` uses ``testing``, a word fedimg
-  logs legitimately as a state, so it could not be searched for);
-- every test instance's throwaway private key captured as the hub creates it
-  (a ``sitecustomize`` on the hub's ``PYTHONPATH`` records each private key
-  paramiko loads), so the scan looks for the real keys, not only PEM headers;
-- logging at DEBUG for fedimg, autocloud_ami, paramiko, urllib3 and the rest,
-  except botocore and boto3 at INFO: botocore's DEBUG prints signed request
-  headers by design, which is why production must never run it at DEBUG
-  (docs/security.md).
+The run is the one the IAM audit reads too (``tests/audited_run.py``): the
+demo's compose with unmistakable AWS credentials, every throwaway private key
+captured as the hub creates it, and logging at DEBUG for everything but
+botocore and boto3 (their DEBUG output is the signed request, which is why
+production must never run them at DEBUG: docs/security.md).
 
 Then every file the stack wrote (hub, relay, ResultsDB, instance host, status
 files, test outputs, spool) plus moto_server's log, and every message seen on
@@ -27,11 +19,8 @@ keys are exactly the ones imported to AWS).
 from __future__ import annotations
 
 import base64
-import io
 import json
 import re
-import secrets
-import textwrap
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,63 +32,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from devel.bus import Seen
-from devel.demo import Follower, problems, read_state, wait_settled
-from devel.stack import Stack, StackOptions
-
-PIPELINE_TIMEOUT: Final = 180.0
-KEY_LOG_ENV: Final = "FEDIMG_TEST_KEY_LOG"
-
-#: Loaded by every Python process of the stack whose PYTHONPATH has its directory: records
-#: each private key paramiko loads (autocloud_ami.instance.generate_key loads every one).
-SITECUSTOMIZE: Final = textwrap.dedent(
-    '''
-    """Written by tests/test_secrets_integration.py: capture every private key paramiko loads."""
-    import os
-
-    _LOG = os.environ.get("FEDIMG_TEST_KEY_LOG")
-    if _LOG:
-        import io
-        import json
-        import threading
-
-        import paramiko
-
-        _lock = threading.Lock()
-        _real = paramiko.PKey.from_private_key.__func__
-
-        def _capture(cls, file_obj, password=None):
-            text = file_obj.read()
-            with _lock, open(_LOG, "a") as out:
-                out.write(json.dumps({"pem": text, "pid": os.getpid()}) + "\\n")
-            return _real(cls, io.StringIO(text), password)
-
-        paramiko.PKey.from_private_key = classmethod(_capture)
-    '''
-)
-
-# Every logger at DEBUG except botocore/boto3 (their DEBUG output is the signed request).
-VERBOSE_LOGGING: Final = {
-    "version": 1,
-    # Loggers made before the hub applies this (paramiko's, imported by the key capture)
-    # must keep logging.
-    "disable_existing_loggers": False,
-    "formatters": {"bare": {"format": "[%(asctime)s][%(name)s %(levelname)s] %(message)s"}},
-    "handlers": {
-        "console": {
-            "class": "logging.StreamHandler",
-            "formatter": "bare",
-            "level": "DEBUG",
-            "stream": "ext://sys.stdout",
-        }
-    },
-    "loggers": {
-        "botocore": {"level": "INFO"},
-        "boto3": {"level": "INFO"},
-        "s3transfer": {"level": "INFO"},
-    },
-    "root": {"level": "DEBUG", "handlers": ["console"]},
-}
-
+from tests.audited_run import AuditedRun
 
 # -- what a leak looks like ------------------------------------------------------------------------
 
@@ -296,60 +229,31 @@ def _imported_keys_and_token_uses(recording: Path, token: str) -> tuple[set[str]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
-    here = tmp_path_factory.mktemp("secrets")
-    site = here / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    key_log = here / "private-keys.jsonl"
-    secret_key = "fedimgSECRET" + secrets.token_urlsafe(24)
-    token = "fedimgTOKEN" + secrets.token_urlsafe(48)
-    options = StackOptions(
-        record_aws=True,
-        extra_settings={"logging": VERBOSE_LOGGING},
-        extra_env={
-            "AWS_SECRET_ACCESS_KEY": secret_key,
-            "AWS_SESSION_TOKEN": token,
-            # botocore reads this one first, and tests/conftest.py sets it.
-            "AWS_SECURITY_TOKEN": token,
-            "PYTHONPATH": str(site),
-            KEY_LOG_ENV: str(key_log),
-        },
-    )
-    with Stack(options) as stack:
-        follower = Follower(stack, io.StringIO())
-        replay = stack.replay()
-        assert replay.returncode == 0, replay.stdout + replay.stderr
-        settled = wait_settled(stack, follower, PIPELINE_TIMEOUT)
-        state = read_state(stack)
-        assert settled, f"pipeline did not settle: {problems(state, follower.messages())}"
-        assert stack.bus is not None and stack.bus.tap is not None and stack.moto is not None
-        assert stack.workdir is not None and stack.hub is not None
-        # Stop the hub so that its log is complete, then read what every process wrote.
-        stack.hub.stop()
-        recording = stack.moto.recording_path
-        moto_dir = recording.parent
-        assert key_log.exists(), "no private key was captured: sitecustomize not loaded?"
-        captured = [json.loads(line)["pem"] for line in key_log.read_text().splitlines()]
-        needles = [
-            *GENERIC,
-            Needle.literal("AWS secret access key", secret_key),
-            Needle.literal("AWS session token", token),
-        ]
-        for i, pem in enumerate(captured):
-            needles += key_needles(f"private key {i}", pem)
-        sources = [
-            *files_under(stack.workdir),
-            *files_under(moto_dir, skip=[recording]),  # the recording is the test's instrument
-            *message_sources(stack.bus.tap.messages()),
-        ]
-        imported, uses = _imported_keys_and_token_uses(recording, token)
-        yield Run(sources, needles, captured, imported, uses, stack.hub.output())
+def run(audited_run: AuditedRun) -> Run:
+    stack = audited_run.stack
+    assert stack.workdir is not None
+    assert audited_run.key_log.exists(), "no private key was captured: sitecustomize not loaded?"
+    captured = [json.loads(line)["pem"] for line in audited_run.key_log.read_text().splitlines()]
+    needles = [
+        *GENERIC,
+        Needle.literal("AWS secret access key", audited_run.secret_key),
+        Needle.literal("AWS session token", audited_run.token),
+    ]
+    for i, pem in enumerate(captured):
+        needles += key_needles(f"private key {i}", pem)
+    recording = audited_run.recording
+    sources = [
+        *files_under(stack.workdir),
+        *files_under(recording.parent, skip=[recording]),  # the recording is the instrument
+        *message_sources(audited_run.messages),
+    ]
+    imported, uses = _imported_keys_and_token_uses(recording, audited_run.token)
+    return Run(sources, needles, captured, imported, uses, audited_run.hub_log)
 
 
 @pytest.mark.integration
 @pytest.mark.slow
-@pytest.mark.timeout(600)  # whichever runs first starts the whole stack
+@pytest.mark.timeout(600)  # the first test of the session to ask starts the run
 def test_the_secrets_were_live_during_the_run(run: Run) -> None:
     """Positive controls: otherwise finding nothing would prove nothing."""
     assert run.token_headers > 50, "the hub did not sign its AWS calls with our session token"
@@ -369,7 +273,7 @@ def test_the_secrets_were_live_during_the_run(run: Run) -> None:
 
 @pytest.mark.integration
 @pytest.mark.slow
-@pytest.mark.timeout(600)  # whichever runs first starts the whole stack
+@pytest.mark.timeout(600)  # the first test of the session to ask starts the run
 def test_no_secret_in_any_log_file_or_message(run: Run) -> None:
     leaks = find_leaks(run.sources, run.needles)
     assert leaks == [], "\n".join(leaks[:50])

@@ -40,6 +40,9 @@ SETTINGS = {
     "fedimg.stage.workers": 3,
     "fedimg.http.retries": 0,
     "fedimg.http.timeout": 20.0,
+    # The tests reset moto between them: a reconcile pass of the hub would find the
+    # intents of earlier tests and stage them again beside the CLI's own run.
+    "fedimg.reconcile.interval": 24 * 3600.0,
 }
 
 
