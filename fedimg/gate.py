@@ -35,13 +35,13 @@ that have no policy.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Literal, Protocol
 
-from fedimg.messages import INFO, PASSED, RESULTSDB_ITEM_TYPE, SCENARIO_KEY, SKIPPED_KEY
+from fedimg.messages import INFO, PASSED, RESULTSDB_ITEM_TYPE, SKIPPED_KEY
 from fedimg.policy import GatePolicy, Rule, Subject, default_policy
 
 RELEASE: Literal["release"] = "release"
@@ -91,12 +91,6 @@ class WaiverLike(Protocol):
 
     @property
     def waived(self) -> bool: ...
-
-
-def scenario_of(result: ResultLike) -> str:
-    """The scenario a result ran in; ``""`` for results posted without one."""
-    values = result.data.get(SCENARIO_KEY, ())
-    return values[0] if values else ""
 
 
 def label(testcase: str, scenario: str | None) -> str:
@@ -246,7 +240,7 @@ def _check(
 
 
 def _requirements(
-    rule: Rule, arch: str, latest: Mapping[tuple[str, str], ResultLike]
+    rule: Rule, arch: str, present: Collection[tuple[str, str]]
 ) -> list[tuple[str, str]]:
     """(testcase, scenario) pairs the rule requires, given the results that exist."""
     pairs: list[tuple[str, str]] = []
@@ -255,8 +249,8 @@ def _requirements(
         if wanted is not None:
             pairs.extend((testcase, s) for s in wanted)
             continue
-        present = sorted({s for (t, s) in latest if t == testcase})
-        pairs.extend((testcase, s) for s in present or [""])
+        seen = sorted({s for (t, s) in present if t == testcase})
+        pairs.extend((testcase, s) for s in seen or [""])
     return pairs
 
 
@@ -325,11 +319,15 @@ def evaluate(
     staged_at: datetime,
     now: datetime,
     deadline: timedelta,
+    retracted: Collection[tuple[str, str]] = (),
 ) -> Decision:
     """The verdict for one AMI; see the module docstring for the rules.
 
     ``latest`` maps (testcase, scenario) to the newest result (scenario ``""``
     for results without one); ``staged_at`` is when its testing began.
+    ``retracted``: (testcase, scenario) pairs whose results were set aside by
+    a retest: their scenarios still count as present (their new results are
+    awaited), never as gone.
     """
     rules = policy.applicable(subject)
     names = tuple(r.name for r in rules)
@@ -341,7 +339,8 @@ def evaluate(
     usable = usable_waivers(waivers, ami_id)
     tally = _Tally()
     for rule in rules:
-        for testcase, scenario in _requirements(rule, subject.arch, latest):
+        present = {*latest, *retracted}
+        for testcase, scenario in _requirements(rule, subject.arch, present):
             result = latest.get((testcase, scenario))
             tally.add(rule, _check(rule, testcase, scenario, result, rejecting), usable)
 

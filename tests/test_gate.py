@@ -514,3 +514,22 @@ def test_default_policy_gates_every_present_scenario() -> None:
 def test_the_rules_that_apply_are_named() -> None:
     assert judge(PASS_ALL).rules == ("cloud", "selinux-production")
     assert judge({}, subject=ARM).rules == ("cloud",)
+
+
+def test_a_retracted_scenario_stays_required_in_the_default_policy() -> None:
+    """After a retest of one scenario its old result is set aside: the gate waits for it."""
+    policy = default_policy([SUMMARY])
+    kept = {(SUMMARY, NITRO): res("PASSED", NITRO)}
+    decision = evaluate(
+        policy,
+        X86,
+        AMI,
+        kept,
+        [],
+        reject_outcomes=REJECT_OUTCOMES,
+        staged_at=STAGED,
+        now=STAGED + timedelta(hours=1),
+        deadline=DEADLINE,
+        retracted=[(SUMMARY, XEN)],
+    )
+    assert decision.verdict == "wait" and decision.missing == (f"{SUMMARY} [{XEN}]",)

@@ -126,6 +126,19 @@ IMAGE_RELEASE: Final = body_schema(
         release={"type": ["integer", "string"]},
         regions={"type": "object", "additionalProperties": AMI},
         failed_regions={"type": "object", "additionalProperties": TEXT},
+        # Optional (added compatibly): every WaiverDB waiver the gate used to release it.
+        waivers={
+            "type": "array",
+            "maxItems": 64,
+            "items": obj(
+                ["id", "testcase", "username", "comment"],
+                id={"type": "integer"},
+                testcase=NAME,
+                scenario={"type": ["string", "null"], "maxLength": 255},
+                username=NAME,
+                comment=TEXT,
+            ),
+        },
     ),
 )
 
