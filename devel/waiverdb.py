@@ -54,7 +54,6 @@ from devel.resultsdb import (
     Response,
     ResultsDBServer,
     _Handler,
-    _HTTPServer,
     fedmsg_bus,
     fedmsg_config_found,
 )
@@ -367,30 +366,18 @@ class WaiverDBServer(ResultsDBServer):
             raise RuntimeError("the WaiverDB stand-in is not started")
         return f"http://{self.host}:{self.port}{API_PREFIX}"
 
-    def start(self) -> WaiverDBServer:
+    handler = _WaiverHandler
+    name = "waiverdb-standin"
+
+    def _build(self) -> None:
         self.waivers = Store()
         self.waiver_api = Api(self.waivers, self.publisher)
-        self._http = _HTTPServer((self.host, self.port), _WaiverHandler)
-        self._http.owner = self
-        self.port = int(self._http.server_address[1])
-        self._thread = threading.Thread(
-            target=self._http.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name="waiverdb-standin",
-            daemon=True,
-        )
-        self._thread.start()
-        log.info("WaiverDB stand-in on %s", self.url)
-        return self
 
     def stop(self) -> None:
         super().stop()
         if self.waivers is not None:
             self.waivers.close()
             self.waivers = None
-
-    def __enter__(self) -> WaiverDBServer:
-        return self.start()
 
     def respond(self, req: Request) -> Response:
         with self._count_lock:

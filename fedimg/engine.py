@@ -21,7 +21,7 @@ import contextlib
 import dataclasses
 import logging
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -766,8 +766,7 @@ def cli_stage(
 
 def cli_promote(cfg: FedimgConfig, emitter: Emitter, ami_id: str) -> int:
     """``fedimg promote AMI_ID``: 0 only if the AMI ends up released."""
-    if not AMI_ID_RE.match(ami_id):
-        log.error("%r is not an AMI id", ami_id)
+    if not _is_ami_id(ami_id):
         return 2
     engine = Engine.from_config(cfg, emitter)
     try:
@@ -825,21 +824,35 @@ def cli_retest(
     engine: Engine | None = None,
 ) -> int:
     """``fedimg retest AMI [--scenario S]``: 0 once the new test run is requested."""
-    if not AMI_ID_RE.match(ami_id):
-        log.error("%r is not an AMI id", ami_id)
+    if not _is_ami_id(ami_id):
         return 2
-    own = engine is None
-    engine = engine or Engine.from_config(cfg, emitter)
-    try:
-        outcome = engine.retest(ami_id, scenario, who)
-    finally:
-        if own:
-            engine.close()
+    with _cli_engine(cfg, emitter, engine) as used:
+        outcome = used.retest(ami_id, scenario, who)
     if outcome.action != "retest":
         log.error("%s: not retested: %s", ami_id, outcome.text)
         return 1
     log.info("%s: %s", ami_id, outcome.text)
     return 0
+
+
+def _is_ami_id(ami_id: str) -> bool:
+    if AMI_ID_RE.match(ami_id):
+        return True
+    log.error("%r is not an AMI id", ami_id)
+    return False
+
+
+@contextlib.contextmanager
+def _cli_engine(cfg: FedimgConfig, emitter: Emitter, engine: Engine | None) -> Iterator[Engine]:
+    """The engine a command was given (tests), else one built for it and closed after."""
+    if engine is not None:
+        yield engine
+        return
+    built = Engine.from_config(cfg, emitter)
+    try:
+        yield built
+    finally:
+        built.close()
 
 
 def explain_lines(facts: AmiFacts, decision: Decision, policy: Policy) -> list[str]:
@@ -871,20 +884,15 @@ def cli_explain(
     engine: Engine | None = None,
 ) -> int:
     """``fedimg policy explain AMI``: 0 if the gate could be evaluated."""
-    if not AMI_ID_RE.match(ami_id):
-        log.error("%r is not an AMI id", ami_id)
+    if not _is_ami_id(ami_id):
         return 2
-    own = engine is None
-    engine = engine or Engine.from_config(cfg, Emitter(lambda *_: None))
-    try:
-        found = engine.explain(ami_id)
-    finally:
-        if own:
-            engine.close()
+    with _cli_engine(cfg, Emitter(lambda *_: None), engine) as used:
+        found = used.explain(ami_id)
+        policy = used.policy
     if isinstance(found, str):
         log.error("%s: %s", ami_id, found)
         return 1
-    for line in explain_lines(*found, engine.policy):
+    for line in explain_lines(*found, policy):
         print_line(line)
     return 0
 

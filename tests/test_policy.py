@@ -177,3 +177,42 @@ def test_unreadable_files_name_the_file(tmp_path: Path, content: Any, words: lis
 def test_a_missing_file_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(PolicyError, match="cannot read"):
         load_policy(tmp_path / "absent.yaml")
+
+
+# -- the setting and the command ------------------------------------------------------------
+
+
+def test_the_policy_file_is_read_and_checked_once_at_start_up(tmp_path: Path) -> None:
+    from fedimg.config import FedimgConfig
+    from fedimg.settings import ConfigError
+
+    raw = {"fedimg.resultsdb_url": "http://r.test/api/v2.0"}
+    assert FedimgConfig.from_fedmsg(raw).gate_policy.rules[0].name == "default"
+    good = tmp_path / "good.yaml"
+    good.write_text(GOOD)
+    cfg = FedimgConfig.from_fedmsg({**raw, "fedimg.gate.policy_file": str(good)})
+    good.write_text("rules: []")  # read once: a later edit does not change this process
+    assert [r.name for r in cfg.gate_policy.rules] == ["cloud", "selinux"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rules:\n  - name: r\n    testcases: [a]\n    match: {arch: [s390x]}\n")
+    with pytest.raises(ConfigError) as caught:
+        FedimgConfig.from_fedmsg({**raw, "fedimg.gate.policy_file": str(bad)})
+    assert str(bad) in str(caught.value) and "rule 'r'" in str(caught.value)
+    with pytest.raises(ConfigError, match=r"fedimg\.gate\.policy_file"):
+        FedimgConfig.from_fedmsg({**raw, "fedimg.gate.policy_file": ["a.yaml"]})
+    with pytest.raises(ConfigError, match=r"fedimg\.waiverdb_url"):
+        FedimgConfig.from_fedmsg({**raw, "fedimg.waiverdb_url": "ftp://w.test"})
+
+
+def test_policy_check_says_ok_or_why_not(tmp_path: Path, capsys: Any) -> None:
+    from fedimg.cli import main
+
+    good = tmp_path / "good.yaml"
+    good.write_text(GOOD)
+    assert main(["policy", "check", str(good)]) == 0
+    out = capsys.readouterr().out
+    assert "rule cloud" in out and "x86_64:t3.small" in out and "2 rule(s), OK" in out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rules: [{name: r, testcases: [a], if_skipped: sometimes}]")
+    assert main(["policy", "check", str(bad)]) == 2
+    assert main(["policy", "check", str(tmp_path / "absent.yaml")]) == 2

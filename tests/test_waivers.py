@@ -8,6 +8,7 @@ asserting on what it SENDS (tags, messages) as well as on moto's state.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -20,7 +21,7 @@ from moto import mock_aws
 
 from devel.waiverdb import WaiverDBServer
 from fedimg import tags
-from fedimg.engine import Engine, cli_explain, cli_retest
+from fedimg.engine import Engine, cli_explain, cli_retest, cli_waive
 from fedimg.http import make_session
 from fedimg.messages import WAIVER_NEW, Emitter, InvalidMessage, parse_result_notice
 from fedimg.promote import Promoter
@@ -49,6 +50,7 @@ from tests.test_promote import (
 AMI = "ami-0123456789abcdef0"
 OTHER = "ami-0fedcba9876543210"
 NITRO = "x86_64:t3.small"
+STAGING_REGION = "us-east-1"
 
 
 @pytest.fixture
@@ -452,3 +454,53 @@ def test_a_rejected_ami_is_released_by_a_waiver_never_by_a_late_pass(world, reco
     waived.add(ami, TESTCASE, "INFO is fine here", username="hank")
     assert engine.converge_ami(ami, engine_scope()).action == "release"
     assert recorder.bodies("fedimg.image.release")[0]["waivers"][0]["username"] == "hank"
+
+
+# -- fedimg waive, and the release message's schema ---------------------------------------
+
+
+def test_fedimg_waive_refuses_what_it_must_not_ask(world, wdb, recording) -> None:
+    engine = world[0]
+    cfg = dataclasses.replace(engine.cfg, waiverdb_url=wdb.url)
+    released = stage_ami(tags.State.RELEASED)
+    testing = stage_ami()
+
+    def waive(ami: str, comment: str = "known", config: Any = cfg, user: Any = "ivy") -> int:
+        return cli_waive(
+            config, ami, TESTCASE, scenario=None, comment=comment, user=user, aws=recording
+        )
+
+    assert waive(testing, config=engine.cfg) == 2  # no fedimg.waiverdb_url
+    assert waive(released) == 1
+    assert waive(OTHER) == 1
+    assert waive("not-an-ami") == 1
+    assert waive(testing, comment=" ") == 1
+    assert waive(testing, user=None) == 1  # WaiverDB: 401
+    assert source(wdb).waivers(testing) == [] and wdb.request_count("POST") == 1
+    assert waive(testing) == 0
+    assert [w.username for w in source(wdb).waivers(testing)] == ["ivy"]
+
+
+def test_the_release_schema_takes_waivers_and_shows_them() -> None:
+    from fedimg_messages.messages import ImageReleaseV1
+
+    from fedimg.messages import IMAGE_RELEASE, StagedImage, release_event
+
+    image = StagedImage(
+        "Fedora-41-20261124.0",
+        "Fedora-Cloud-Base-41",
+        "https://k.test/i.raw.xz",
+        "x86_64",
+        STAGING_REGION,
+        AMI,
+        release="41",
+    )
+    used = [{"id": 3, "testcase": TESTCASE, "scenario": NITRO, "username": "j", "comment": "ok"}]
+    body = release_event(image, {STAGING_REGION: AMI}, None, used)
+    IMAGE_RELEASE.validate(body)
+    message = ImageReleaseV1(body=body)
+    message.validate()
+    assert f"WAIVED {TESTCASE} [{NITRO}] by j: ok" in str(message)
+    assert "waivers" not in release_event(image, {STAGING_REGION: AMI})
+    with pytest.raises(InvalidMessage):
+        IMAGE_RELEASE.validate({**body, "waivers": [{"id": "3"}]})
