@@ -776,7 +776,8 @@ def cli_promote(cfg: FedimgConfig, emitter: Emitter, ami_id: str) -> int:
 
 
 def promote_by_hand(engine: Engine, ami_id: str) -> int:
-    """The gate by hand: evaluate a testing AMI, resume a promoting one."""
+    """The gate by hand: evaluate a testing AMI, resume a promoting one, release a
+    rejected one only if waivers now cover what rejected it (``fedimg retest`` for a new run)."""
     try:
         staged = engine.promoter.lookup(ami_id)
     except NotEligible as exc:
@@ -785,10 +786,7 @@ def promote_by_hand(engine: Engine, ami_id: str) -> int:
     if staged.state is State.RELEASED:
         log.info("%s: already released", staged.label)
         return 0
-    if staged.state is State.REJECTED:
-        log.error("%s: rejected by the gate; refusing to release it", staged.label)
-        return 1
-    if staged.state not in (State.TESTING, State.PROMOTING):
+    if staged.state not in (State.TESTING, State.PROMOTING, State.REJECTED):
         log.error("%s: unknown state %r; refusing to act", staged.label, staged.state)
         return 1
     outcome = engine.converge_ami(ami_id, Scope.BY_HAND)

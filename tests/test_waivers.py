@@ -504,3 +504,15 @@ def test_the_release_schema_takes_waivers_and_shows_them() -> None:
     assert "waivers" not in release_event(image, {STAGING_REGION: AMI})
     with pytest.raises(InvalidMessage):
         IMAGE_RELEASE.validate({**body, "waivers": [{"id": "3"}]})
+
+
+def test_promote_by_hand_releases_a_rejected_ami_only_once_waived(world) -> None:
+    from fedimg.engine import promote_by_hand
+
+    engine, results, waived, moment = world
+    ami = staged(moment)
+    results.add(ami, TESTCASE, "FAILED")
+    assert promote_by_hand(engine, ami) == 1 and state(ami) == "rejected"
+    assert promote_by_hand(engine, ami) == 1 and state(ami) == "rejected"  # no waiver yet
+    waived.add(ami, TESTCASE, "a lost waiver message: applied by hand")
+    assert promote_by_hand(engine, ami) == 0 and state(ami) == "released"

@@ -44,6 +44,10 @@ EXTRA: Final[dict[str, Any]] = {
         "virt_type": {"const": VIRT_TYPE},
         "vol_type": {"type": "string", "maxLength": 16},
         "source_image_id": AMI,
+        # On a test request made by `fedimg retest` (optional, added compatibly): results
+        # of these scenarios ("*": all) submitted before this UTC time no longer count.
+        "retest_since": NAME,
+        "scenarios": {"type": "array", "items": NAME, "maxItems": 64},
     },
 }
 
