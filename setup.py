@@ -23,6 +23,7 @@ setup(
         "paramiko>=3.4,<6",
         "cryptography>=42",  # throwaway test-instance keys (autocloud_ami.instance)
         "jsonschema>=4.17,<5",
+        "PyYAML>=6",  # the gate policy file (fedimg.gate.policy_file)
         # The second transport (AMQP/RabbitMQ), and the schemas of what is published:
         # fedimg-messages lives in ./fedimg-messages, install it from there in the same
         # pip run (`pip install ./fedimg-messages .`); fedora-image-uploader-messages

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 from fedimg.messages import OUTCOMES, RESULT_NEW, InvalidMessage, Publisher
@@ -1113,20 +1113,27 @@ class ResultsDBServer:
             raise RuntimeError("the ResultsDB stand-in is not started")
         return f"http://{self.host}:{self.port}{API_PREFIX}"
 
-    def start(self) -> ResultsDBServer:
+    handler: type[_Handler] = _Handler
+    name = "resultsdb-standin"
+
+    def _build(self) -> None:
+        """The store and the API behind the HTTP shell (a subclass builds its own)."""
         self.store = Store(self.db_path)
         self.api = Api(self.store, self.publisher)
-        self._http = _HTTPServer((self.host, self.port), _Handler)
+
+    def start(self) -> Self:
+        self._build()
+        self._http = _HTTPServer((self.host, self.port), self.handler)
         self._http.owner = self
         self.port = int(self._http.server_address[1])
         self._thread = threading.Thread(
             target=self._http.serve_forever,
             kwargs={"poll_interval": 0.05},
-            name="resultsdb-standin",
+            name=self.name,
             daemon=True,
         )
         self._thread.start()
-        log.info("ResultsDB stand-in on %s (db %s)", self.url, self.db_path)
+        log.info("%s on %s (db %s)", self.name, self.url, self.db_path)
         return self
 
     def stop(self) -> None:
@@ -1141,7 +1148,7 @@ class ResultsDBServer:
             self.store.close()
             self.store = None
 
-    def __enter__(self) -> ResultsDBServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

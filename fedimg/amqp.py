@@ -14,7 +14,8 @@ acknowledged (see ``fedimg.fmcallback`` for the mechanics):
   hand-off safe: a process killed while staging leaves it to the reconcile
   pass of any process sharing the state directory. An intent that cannot be
   written is retried, then stops the process (the message is requeued).
-- ``resultsdb.result.new`` / ``taskotron.result.new``: ``on_result`` converges
+- ``resultsdb.result.new`` / ``taskotron.result.new`` / ``waiverdb.waiver.new``
+  (a waiver may release a failed AMI): ``on_result`` converges
   the AMI (gate, promotion) before the message is acked. ``busy`` (another
   thread or process holds the AMI) is acked: the engine left a mark the holder
   reads when it lets go, and it looks again. ResultsDB unreachable and AWS or
@@ -63,6 +64,7 @@ from fedimg.messages import (
     HUB_PONG,
     RESULT_NEW,
     TASKOTRON_RESULT_NEW,
+    WAIVER_NEW,
     Emitter,
     MessageType,
     Publisher,
@@ -88,7 +90,7 @@ PASSING = (
 class FedimgConsumer(Callback):
     """fedimg stage, promote and health in one fedora-messaging consumer process."""
 
-    handled = (COMPOSE_STATUS, RESULT_NEW, TASKOTRON_RESULT_NEW, HUB_PING)
+    handled = (COMPOSE_STATUS, RESULT_NEW, TASKOTRON_RESULT_NEW, WAIVER_NEW, HUB_PING)
 
     def __init__(
         self,

@@ -6,6 +6,7 @@ Every key lives in the fedmsg config (``fedmsg.d/fedimg.py`` documents each);
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from fedimg.messages import FAILED, NEEDS_INSPECTION, SUMMARY_TESTCASE
+from fedimg.policy import GatePolicy, default_policy, load_policy
 from fedimg.settings import ConfigError, load, load_consumer_config, setting
 from fedimg.xzblocks import BLOCKS_IN_FLIGHT
 
@@ -55,6 +57,14 @@ class FedimgConfig:
     required_testcases: list[str] = setting("fedimg.gate.required_testcases", [SUMMARY_TESTCASE])
     reject_outcomes: list[str] = setting("fedimg.gate.reject_outcomes", [FAILED, NEEDS_INSPECTION])
     gate_deadline: float = setting("fedimg.gate.deadline", 6 * 3600.0)
+    policy_file: str = setting(
+        "fedimg.gate.policy_file",
+        "",
+        doc="YAML gate policy (fedimg.policy); empty: required_testcases for every image",
+    )
+    waiverdb_url: str = setting(
+        "fedimg.waiverdb_url", "", doc="WaiverDB API v1.0 base URL; empty: no waivers"
+    )
     delete_rejected: bool = setting("fedimg.gate.delete_rejected", False)
     copy_concurrency: int = setting("fedimg.promote.max_concurrent_copies", 25)
     copy_timeout: float = setting("fedimg.promote.copy_timeout", 3 * 3600.0)
@@ -105,6 +115,16 @@ class FedimgConfig:
             )
         if not self.required_testcases:
             raise ValueError("fedimg.gate.required_testcases: at least one testcase is needed")
+        if self.waiverdb_url and urlsplit(self.waiverdb_url).scheme not in ("http", "https"):
+            raise ValueError(f"fedimg.waiverdb_url: not an http(s) URL: {self.waiverdb_url!r}")
+        self.gate_policy  # noqa: B018 - read and validated once, at start-up
+
+    @functools.cached_property
+    def gate_policy(self) -> GatePolicy:
+        """The gate policy: ``fedimg.gate.policy_file`` (read once), else the default."""
+        if self.policy_file:
+            return load_policy(self.policy_file)
+        return default_policy(self.required_testcases)
 
     @classmethod
     def from_fedmsg(cls, raw: Mapping[str, Any]) -> FedimgConfig:

@@ -32,6 +32,7 @@ from fedimg.messages import (
     HUB_PONG,
     RESULT_NEW,
     TASKOTRON_RESULT_NEW,
+    WAIVER_NEW,
     Emitter,
     InvalidMessage,
     MessageType,
@@ -140,10 +141,10 @@ class StageConsumer(FedimgConsumer):
 
 
 class PromoteConsumer(FedimgConsumer):
-    """Runs the gate when ResultsDB says a result for an AMI arrived."""
+    """Runs the gate when ResultsDB says a result for an AMI arrived, or WaiverDB a waiver."""
 
     config_key = "fedimg.promote.enabled"
-    consumes = (RESULT_NEW, TASKOTRON_RESULT_NEW)
+    consumes = (RESULT_NEW, TASKOTRON_RESULT_NEW, WAIVER_NEW)
 
     def handle(self, mtype: MessageType, body: Any) -> None:
         self.lifecycle.on_result(parse_result_notice(mtype, body))

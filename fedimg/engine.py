@@ -21,7 +21,7 @@ import contextlib
 import dataclasses
 import logging
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -30,10 +30,12 @@ from typing import Any
 import requests
 from botocore.exceptions import BotoCoreError, ClientError
 
+from fedimg import tags
 from fedimg.aws import AwsClients
 from fedimg.compose import CloudImage, ComposeError, read_compose
 from fedimg.config import FedimgConfig
-from fedimg.facts import ImageFacts
+from fedimg.facts import AmiFacts, AmiLife, ImageFacts
+from fedimg.gate import Decision
 from fedimg.http import make_session
 from fedimg.intents import Intent, IntentError, IntentStore
 from fedimg.locks import Guard
@@ -47,6 +49,7 @@ from fedimg.messages import (
     check_http_url,
 )
 from fedimg.observe import (
+    ami_results,
     describe_staging_ami,
     image_from_tags,
     observe_ami,
@@ -64,6 +67,7 @@ from fedimg.plan import (
     MarkResumed,
     Policy,
     Promote,
+    Refuse,
     Reject,
     Release,
     RequestTest,
@@ -71,8 +75,10 @@ from fedimg.plan import (
     Stage,
     Wait,
     compose_progress,
+    gate_decision,
     plan_ami,
     plan_image,
+    plan_retest,
 )
 from fedimg.promote import NotEligible, Promoter
 from fedimg.results import ResultsDBSource, ResultsSource
@@ -84,7 +90,18 @@ from fedimg.stage import (
     TerminalBoard,
     failure_reason,
 )
+from fedimg.tags import COMPOSE_ID as COMPOSE_ID_TAG
 from fedimg.tags import State
+from fedimg.waivers import (
+    BearerAuth,
+    NoWaivers,
+    WaiverDBSource,
+    WaiverRefused,
+    WaiverSource,
+    WaiversUnavailable,
+    new_waiver_body,
+    waiver_source,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +117,7 @@ def policy_of(cfg: FedimgConfig) -> Policy:
         retest_after=timedelta(seconds=cfg.retest_after),
         grace=timedelta(seconds=cfg.orphan_grace),
         max_attempts=cfg.stage_max_attempts,
+        gate=cfg.gate_policy,
     )
 
 
@@ -183,8 +201,10 @@ class Engine:
         intents: IntentStore,
         guard: Guard,
         now: Callable[[], datetime] = _utcnow,
+        waivers: WaiverSource | None = None,
     ) -> None:
         self.cfg = cfg
+        self.waivers: WaiverSource = waivers if waivers is not None else NoWaivers()
         self.policy = policy_of(cfg)
         self.stager = stager
         self.promoter = promoter
@@ -204,6 +224,7 @@ class Engine:
         session: requests.Session | None = None,
         results: ResultsSource | None = None,
         progress: ProgressFactory | None = None,
+        waivers: WaiverSource | None = None,
     ) -> Engine:
         """Build the engine and its seams; IntentError if the state directory is unusable."""
         aws = aws or AwsClients(max_attempts=cfg.aws_max_attempts)
@@ -219,6 +240,7 @@ class Engine:
             results=results or ResultsDBSource.from_config(cfg),
             intents=intents,
             guard=Guard(cfg.state_dir),
+            waivers=waivers or waiver_source(cfg),
         )
 
     def close(self) -> None:
@@ -571,7 +593,7 @@ class Engine:
             staged = self.promoter.staging_ami(described)
         except NotEligible as exc:
             return Outcome(ami_id, "ignored", str(exc))
-        life = observe_ami(described, self.results, self.policy.required)
+        life = observe_ami(described, self.results, self.policy.testcases, self.waivers)
         actions = plan_ami(life, self.policy, self.now(), scope=scope)
         if not actions:
             return Outcome(ami_id, "ignored", f"state is {staged.state}")
@@ -599,6 +621,40 @@ class Engine:
             return Outcome(ami_id, "retest", f"{action.reason}; test requested again")
         log.info("%s: %s", staged.label, action.reason)
         return Outcome(ami_id, "wait", action.reason, transient=not life.results.known)
+
+    def retest(self, ami_id: str, scenario: str | None, who: str) -> Outcome:
+        """``fedimg retest``: a rejected (or testing) AMI back to testing, a new run requested.
+
+        Decided by ``plan_retest`` under the AMI's lock, from what AWS says now.
+        """
+        with self.guard.hold(f"ami-{ami_id}") as got:
+            if not got:
+                return Outcome(ami_id, "busy", "another worker holds the AMI; try again")
+            described = describe_staging_ami(self.promoter.ec2, ami_id)
+            facts = AmiFacts.from_aws(described) if described is not None else None
+            action = plan_retest(facts, ami_id, scenario)
+            if isinstance(action, Refuse):
+                log.error("%s: retest refused: %s", ami_id, action.reason)
+                return Outcome(ami_id, "refused", action.reason)
+            assert described is not None
+            try:
+                staged = self.promoter.staging_ami(described)
+            except NotEligible as exc:
+                return Outcome(ami_id, "refused", str(exc))
+            self.promoter.retest(staged, action, who)
+            return Outcome(ami_id, "retest", action.reason)
+
+    def explain(self, ami_id: str) -> tuple[AmiFacts, Decision] | str:
+        """``fedimg policy explain``: the AMI's facts and the gate's decision now, or why not."""
+        described = describe_staging_ami(self.promoter.ec2, ami_id)
+        if described is None:
+            return f"no AMI {ami_id} of ours in {self.cfg.staging_region}"
+        facts = AmiFacts.from_aws(described)
+        found = ami_results(self.results, ami_id, self.policy.testcases, self.waivers)
+        if not found.known:
+            return f"cannot decide now: {found.unavailable}"
+        life = AmiLife(facts, facts.tags.get(COMPOSE_ID_TAG, "?"), found)
+        return facts, gate_decision(life, self.policy, self.now())
 
     # -- everything ------------------------------------------------------------------
     def reconcile(self, *, stage: bool = True) -> Report:
@@ -710,8 +766,7 @@ def cli_stage(
 
 def cli_promote(cfg: FedimgConfig, emitter: Emitter, ami_id: str) -> int:
     """``fedimg promote AMI_ID``: 0 only if the AMI ends up released."""
-    if not AMI_ID_RE.match(ami_id):
-        log.error("%r is not an AMI id", ami_id)
+    if not _is_ami_id(ami_id):
         return 2
     engine = Engine.from_config(cfg, emitter)
     try:
@@ -721,7 +776,8 @@ def cli_promote(cfg: FedimgConfig, emitter: Emitter, ami_id: str) -> int:
 
 
 def promote_by_hand(engine: Engine, ami_id: str) -> int:
-    """The gate by hand: evaluate a testing AMI, resume a promoting one."""
+    """The gate by hand: evaluate a testing AMI, resume a promoting one, release a
+    rejected one only if waivers now cover what rejected it (``fedimg retest`` for a new run)."""
     try:
         staged = engine.promoter.lookup(ami_id)
     except NotEligible as exc:
@@ -730,10 +786,7 @@ def promote_by_hand(engine: Engine, ami_id: str) -> int:
     if staged.state is State.RELEASED:
         log.info("%s: already released", staged.label)
         return 0
-    if staged.state is State.REJECTED:
-        log.error("%s: rejected by the gate; refusing to release it", staged.label)
-        return 1
-    if staged.state not in (State.TESTING, State.PROMOTING):
+    if staged.state not in (State.TESTING, State.PROMOTING, State.REJECTED):
         log.error("%s: unknown state %r; refusing to act", staged.label, staged.state)
         return 1
     outcome = engine.converge_ami(ami_id, Scope.BY_HAND)
@@ -757,3 +810,140 @@ def cli_reconcile(cfg: FedimgConfig, emitter: Emitter, print_line: Callable[[str
     for outcome in outcomes:
         print_line(f"{outcome.resource}\t{outcome.text}")
     return 1 if any(o.failed for o in outcomes) else 0
+
+
+def cli_retest(
+    cfg: FedimgConfig,
+    emitter: Emitter,
+    ami_id: str,
+    scenario: str | None,
+    *,
+    who: str,
+    engine: Engine | None = None,
+) -> int:
+    """``fedimg retest AMI [--scenario S]``: 0 once the new test run is requested."""
+    if not _is_ami_id(ami_id):
+        return 2
+    with _cli_engine(cfg, emitter, engine) as used:
+        outcome = used.retest(ami_id, scenario, who)
+    if outcome.action != "retest":
+        log.error("%s: not retested: %s", ami_id, outcome.text)
+        return 1
+    log.info("%s: %s", ami_id, outcome.text)
+    return 0
+
+
+def _is_ami_id(ami_id: str) -> bool:
+    if AMI_ID_RE.match(ami_id):
+        return True
+    log.error("%r is not an AMI id", ami_id)
+    return False
+
+
+@contextlib.contextmanager
+def _cli_engine(cfg: FedimgConfig, emitter: Emitter, engine: Engine | None) -> Iterator[Engine]:
+    """The engine a command was given (tests), else one built for it and closed after."""
+    if engine is not None:
+        yield engine
+        return
+    built = Engine.from_config(cfg, emitter)
+    try:
+        yield built
+    finally:
+        built.close()
+
+
+def explain_lines(facts: AmiFacts, decision: Decision, policy: Policy) -> list[str]:
+    """What ``fedimg policy explain`` prints: the rules that apply and what each still needs."""
+    lines = [
+        f"{facts.ami_id}: state {facts.state.value if facts.state else '?'};"
+        f" {facts.subject.describe()}",
+        f"policy: {policy.gate_policy.source}",
+        f"verdict now: {decision.verdict}: {decision.reason}",
+    ]
+    if not decision.rules:
+        lines.append("no rule applies: the gate rejects it")
+    for name in decision.rules:
+        needs = [u for u in decision.unsatisfied if u.rule == name]
+        lines.append(f"rule {name}: " + ("satisfied" if not needs else f"{len(needs)} unsatisfied"))
+        lines += [f"  needs {u.label}: {u.state} ({u.detail})" for u in needs]
+    lines += [
+        f"waived {w.label} {w.waived_outcome}: waiver {w.waiver_id} by {w.username}: {w.comment}"
+        for w in decision.waived
+    ]
+    lines += [f"not applicable {name}: {why}" for name, why in decision.inapplicable]
+    return lines
+
+
+def cli_explain(
+    cfg: FedimgConfig,
+    ami_id: str,
+    print_line: Callable[[str], None],
+    engine: Engine | None = None,
+) -> int:
+    """``fedimg policy explain AMI``: 0 if the gate could be evaluated."""
+    if not _is_ami_id(ami_id):
+        return 2
+    with _cli_engine(cfg, Emitter(lambda *_: None), engine) as used:
+        found = used.explain(ami_id)
+        policy = used.policy
+    if isinstance(found, str):
+        log.error("%s: %s", ami_id, found)
+        return 1
+    for line in explain_lines(*found, policy):
+        print_line(line)
+    return 0
+
+
+def cli_waive(
+    cfg: FedimgConfig,
+    ami_id: str,
+    testcase: str,
+    *,
+    scenario: str | None,
+    comment: str,
+    user: str | None,
+    aws: Any = None,
+    token: str | None = None,
+) -> int:
+    """``fedimg waive AMI TESTCASE [--scenario S] --comment TEXT``: 0 once WaiverDB stored it.
+
+    WaiverDB then announces it (``waiverdb.waiver.new``) and fedimg gates the AMI
+    again; the reconcile pass would anyway. Authentication: a bearer token
+    (``$FEDIMG_WAIVERDB_TOKEN``, OIDC deployments) or ``--user`` (HTTP basic,
+    WaiverDB's ``dummy`` authentication of development set-ups).
+    """
+    if not cfg.waiverdb_url:
+        log.error("fedimg.waiverdb_url is not set: there is no WaiverDB to write to")
+        return 2
+    ec2 = (aws or AwsClients(max_attempts=cfg.aws_max_attempts)).ec2(cfg.staging_region)
+    try:
+        described = describe_staging_ami(ec2, ami_id) if AMI_ID_RE.match(ami_id) else None
+        if described is None:
+            raise WaiverRefused(f"no AMI {ami_id[:80]!r} of ours in {cfg.staging_region}")
+        values = tags.as_dict(described.get("Tags"))
+        if tags.STATE not in values:
+            raise WaiverRefused(f"{ami_id} is not a fedimg staging AMI")
+        if values[tags.STATE] in (tags.State.PROMOTING, tags.State.RELEASED):
+            raise WaiverRefused(f"{ami_id} is already {values[tags.STATE]}: nothing to waive")
+        body = new_waiver_body(ami_id, testcase, scenario, comment, values.get(tags.RELEASE, ""))
+        if testcase not in cfg.gate_policy.testcases:
+            log.warning(
+                "%s: no gate rule requires %s; the waiver changes nothing", ami_id, testcase
+            )
+        auth: Any = BearerAuth(token) if token else (user, "") if user else None
+        source = waiver_source(cfg)
+        assert isinstance(source, WaiverDBSource)
+        waiver = source.create(body, auth=auth)
+    except (WaiverRefused, WaiversUnavailable) as exc:
+        log.error("%s: no waiver: %s", ami_id, exc)
+        return 1
+    log.info(
+        "%s %s: waiver %d for %s stored by %s",
+        values.get(tags.COMPOSE_ID, "?"),
+        ami_id,
+        waiver.waiver_id,
+        testcase + (f" [{scenario}]" if scenario else ""),
+        waiver.username,
+    )
+    return 0

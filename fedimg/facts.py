@@ -23,6 +23,7 @@ from typing import Any, Final
 
 from fedimg import tags
 from fedimg.compose import CloudImage
+from fedimg.policy import Subject, compose_type
 from fedimg.tags import State
 
 BROKEN_STATES: Final = frozenset({"failed", "error", "invalid"})
@@ -117,6 +118,31 @@ class AmiFacts:
     def staged_at(self) -> datetime | None:
         return parse_when(self.tags.get(tags.STAGED_AT)) or self.created
 
+    @property
+    def retested_at(self) -> datetime | None:
+        """When ``fedimg retest`` last moved it (back) to testing; None if never."""
+        return parse_when(self.tags.get(tags.TESTING_SINCE))
+
+    @property
+    def testing_since(self) -> datetime | None:
+        """When its current test run began: the deadline counts from here."""
+        return self.retested_at or self.staged_at
+
+    @property
+    def retested(self) -> frozenset[str]:
+        """The scenarios of the last retest (``*``: every one); empty if never retested."""
+        return frozenset(self.tags.get(tags.RETESTED, "").split(",")) - {""}
+
+    @property
+    def subject(self) -> Subject:
+        """What the gate policy's rules match on."""
+        return Subject(
+            release=self.tags.get(tags.RELEASE, ""),
+            subvariant=self.tags.get(tags.SUBVARIANT, ""),
+            arch=self.tags.get(tags.ARCH, ""),
+            compose_type=compose_type(self.tags.get(tags.COMPOSE_ID, "")),
+        )
+
     @classmethod
     def from_aws(cls, described: Mapping[str, Any]) -> AmiFacts:
         return cls(
@@ -170,10 +196,13 @@ class ImageFacts:
 
 @dataclass(frozen=True)
 class Results:
-    """The latest result per required testcase for one AMI, or why they are unknown."""
+    """The latest result per required testcase and scenario and the waivers of one AMI,
+    or why they are unknown."""
 
-    latest: Mapping[str, Any] = field(default_factory=dict)  # testcase -> gate.ResultLike
-    unavailable: str = ""  # non-empty: ResultsDB could not be asked; never decide on it
+    # (testcase, scenario) -> fedimg.results.Result; scenario "" for results without one
+    latest: Mapping[tuple[str, str], Any] = field(default_factory=dict)
+    waivers: tuple[Any, ...] = ()  # fedimg.waivers.Waiver
+    unavailable: str = ""  # non-empty: ResultsDB or WaiverDB could not be asked; never decide
 
     @property
     def known(self) -> bool:

@@ -22,7 +22,7 @@ import json
 import logging
 import re
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
@@ -179,6 +179,25 @@ TASKOTRON_RESULT_NEW = MessageType(
     "ResultsDB 2017 notification (sent only on outcome changes)",
 )
 
+_WAIVER = _obj(
+    ["id", "subject_type", "subject_identifier", "testcase", "waived"],
+    id={"type": "integer"},
+    subject_type=_ID,
+    subject_identifier=_ID,
+    testcase=_ID,
+    scenario={"type": ["string", "null"], "maxLength": 255},
+    waived={"type": "boolean"},
+    username=_ID,
+    comment={"type": ["string", "null"]},
+    product_version={"type": ["string", "null"]},
+)
+WAIVER_NEW = MessageType(
+    "waiverdb",
+    "waiver.new",
+    _WAIVER,
+    "WaiverDB stored a waiver (the API v1.0 waiver, as WaiverDB publishes it)",
+)
+
 HUB_PING = _published("fedimg", "hub.ping", schemas.HUB_PING)
 HUB_PONG = _published("fedimg", "hub.pong", schemas.HUB_PONG)
 
@@ -197,6 +216,7 @@ ALL_TYPES: Final = (
     AMI_FAILED,
     RESULT_NEW,
     TASKOTRON_RESULT_NEW,
+    WAIVER_NEW,
 )
 
 
@@ -571,9 +591,16 @@ def publish_event(image: StagedImage, region: str, ami_id: str) -> dict[str, Any
 
 
 def release_event(
-    image: StagedImage, regions: Mapping[str, str], failed: Mapping[str, str] | None = None
+    image: StagedImage,
+    regions: Mapping[str, str],
+    failed: Mapping[str, str] | None = None,
+    waivers: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
-    """Body of ``fedimg.image.release`` (the successor's one-per-image shape)."""
+    """Body of ``fedimg.image.release`` (the successor's one-per-image shape).
+
+    ``waivers``: every waiver the gate used to release it (``id``, ``testcase``,
+    ``scenario``, ``username``, ``comment``), in the optional field ``waivers``.
+    """
     release: int | str = int(image.release) if image.release.isdigit() else image.release
     body: dict[str, Any] = {
         "compose_id": image.compose_id,
@@ -585,6 +612,17 @@ def release_event(
     }
     if failed:
         body["failed_regions"] = {k: v[:2000] for k, v in sorted(failed.items())}
+    if waivers:
+        body["waivers"] = [
+            {
+                "id": int(w["id"]),
+                "testcase": str(w["testcase"]),
+                "scenario": str(w.get("scenario") or "") or None,
+                "username": str(w["username"])[:255],
+                "comment": str(w["comment"])[:2000],
+            }
+            for w in waivers
+        ]
     return body
 
 
@@ -740,8 +778,10 @@ def _first(value: Any, what: str) -> str:
 
 
 def parse_result_notice(mtype: MessageType, body: Any) -> ResultNotice:
-    """Read a ``resultsdb.result.new`` (v2.0) or ``taskotron.result.new`` (2017) body."""
-    mtype.validate(body)
+    """Read a ``resultsdb.result.new`` (v2.0), ``taskotron.result.new`` (2017) or
+    ``waiverdb.waiver.new`` body: each says "look at this item's gate again"."""
+    if mtype is not WAIVER_NEW:
+        mtype.validate(body)
     if mtype is RESULT_NEW:
         data = body["data"]
         if "item" not in data or "type" not in data:
@@ -760,6 +800,19 @@ def parse_result_notice(mtype: MessageType, body: Any) -> ResultNotice:
             testcase=body["task"]["name"],
             outcome=body["result"]["outcome"],
             result_id=body["result"].get("id"),
+        )
+    if mtype is WAIVER_NEW:
+        # waiverdb-messages' schema wraps the waiver in {"id", "topic", "headers", "body"};
+        # WaiverDB itself publishes the waiver as the body. Both are read.
+        if isinstance(body, dict) and isinstance(body.get("body"), dict) and "topic" in body:
+            body = body["body"]
+        mtype.validate(body)
+        return ResultNotice(
+            item=body["subject_identifier"],
+            item_type=body["subject_type"],
+            testcase=body["testcase"],
+            outcome="WAIVED" if body["waived"] else "UNWAIVED",
+            result_id=body["id"],
         )
     raise InvalidMessage(f"{mtype} is not a result message")
 

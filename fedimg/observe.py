@@ -1,8 +1,8 @@
-"""Observe: read AWS (staging region) and ResultsDB into ``fedimg.facts``; decide nothing.
+"""Observe: read AWS (staging region), ResultsDB and WaiverDB into ``fedimg.facts``.
 
-Every function here only describes. A ResultsDB outage becomes
-``Results(unavailable=...)`` (the plan waits); AWS errors propagate (the
-engine logs them and the next pass looks again).
+Every function here only describes, and decides nothing. A ResultsDB or
+WaiverDB outage becomes ``Results(unavailable=...)`` (the plan waits); AWS
+errors propagate (the engine logs them and the next pass looks again).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from fedimg.facts import AmiFacts, AmiLife, ImageFacts, Results, SnapshotFacts
 from fedimg.messages import ARCHES, RESULTSDB_ITEM_TYPE, SHA256_RE, InvalidMessage, check_http_url
 from fedimg.results import ResultsSource, ResultsUnavailable
 from fedimg.tags import State
+from fedimg.waivers import NoWaivers, WaiverSource, WaiversUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -73,23 +74,42 @@ def describe_staging_ami(ec2: Any, ami_id: str) -> dict[str, Any] | None:
     return dict(images[0]) if images else None
 
 
-def ami_results(results: ResultsSource, ami_id: str, required: Sequence[str]) -> Results:
+def ami_results(
+    results: ResultsSource, ami_id: str, required: Sequence[str], waivers: WaiverSource
+) -> Results:
+    """The AMI's newest results per testcase and scenario, and its waivers.
+
+    Either source down makes the whole answer unavailable: the gate never
+    decides on half of what it needs (a waiver unseen could be the one that
+    releases; a result unseen the one that rejects).
+    """
     try:
-        latest = results.latest(ami_id, item_type=RESULTSDB_ITEM_TYPE, testcases=list(required))
+        latest = results.latest_by_scenario(
+            ami_id, item_type=RESULTSDB_ITEM_TYPE, testcases=list(required)
+        )
     except ResultsUnavailable as exc:
         return Results(unavailable=str(exc) or type(exc).__name__)
-    return Results(latest=latest)
+    try:
+        found = tuple(waivers.waivers(ami_id))
+    except WaiversUnavailable as exc:
+        return Results(unavailable=f"WaiverDB: {exc or type(exc).__name__}")
+    return Results(latest=latest, waivers=found)
 
 
 def observe_ami(
-    described: Mapping[str, Any], results: ResultsSource, required: Sequence[str]
+    described: Mapping[str, Any],
+    results: ResultsSource,
+    required: Sequence[str],
+    waivers: WaiverSource | None = None,
 ) -> AmiLife:
-    """An AMI's facts, with its results when its state needs them (``testing``)."""
+    """An AMI's facts, with its results and waivers when its state needs them
+    (``testing``; ``rejected``, which a waiver may release)."""
     facts = AmiFacts.from_aws(described)
     compose_id = facts.tags.get(tags.COMPOSE_ID, "?")
-    if facts.state is not State.TESTING or facts.broken:
+    if facts.state not in (State.TESTING, State.REJECTED) or facts.broken:
         return AmiLife(facts, compose_id)
-    return AmiLife(facts, compose_id, ami_results(results, facts.ami_id, required))
+    found = ami_results(results, facts.ami_id, required, waivers or NoWaivers())
+    return AmiLife(facts, compose_id, found)
 
 
 def staged_amis(ec2: Any, states: Iterable[State] | None = None) -> list[dict[str, Any]]:

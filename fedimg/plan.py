@@ -27,11 +27,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import Enum
+from typing import Any
 
-from fedimg.facts import RESUMED_MAX, RETESTS_MAX, AmiLife, ImageFacts, aware
-from fedimg.gate import Decision, decide
+from fedimg.facts import RESUMED_MAX, RETESTS_MAX, AmiFacts, AmiLife, ImageFacts, aware
+from fedimg.gate import Decision, evaluate
 from fedimg.messages import FAILED, NEEDS_INSPECTION, SUMMARY_TESTCASE
-from fedimg.tags import State
+from fedimg.policy import GatePolicy, default_policy
+from fedimg.tags import ALL_SCENARIOS, State
 
 
 class Scope(Enum):
@@ -52,6 +54,16 @@ class Policy:
     grace: timedelta = timedelta(hours=2)
     max_attempts: int = 3
     max_read_attempts: int = 5
+    gate: GatePolicy | None = None  # from fedimg.gate.policy_file; None: ``required`` for all
+
+    @property
+    def gate_policy(self) -> GatePolicy:
+        return self.gate if self.gate is not None else default_policy(self.required)
+
+    @property
+    def testcases(self) -> tuple[str, ...]:
+        """Every testcase the gate may need (what to ask ResultsDB about)."""
+        return self.gate_policy.testcases
 
 
 # -- actions ---------------------------------------------------------------------------
@@ -146,6 +158,24 @@ class Reject:
     """Announce the failure, mark rejected; nothing is copied or made public."""
 
     decision: Decision
+
+
+@dataclass(frozen=True)
+class Retest:
+    """Move the AMI (back) to testing, its deadline from now, and request a new test run.
+
+    Results of ``scenarios`` (``*``: all) older than this moment no longer count.
+    """
+
+    scenarios: tuple[str, ...]
+    reason: str
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """A request by hand that must not be carried out; the reason says why."""
+
+    reason: str
 
 
 ImageAction = Wait | Deregister | DeleteSnapshot | Adopt | Announce | MarkResumed | Stage | GiveUp
@@ -332,26 +362,22 @@ def retest_due(
 def plan_ami(
     life: AmiLife, policy: Policy, now: datetime, *, scope: Scope
 ) -> tuple[AmiAction, ...]:
-    """The gate for a ``testing`` AMI, the promotion for a ``promoting`` one, else nothing."""
+    """The gate for a ``testing`` AMI, the promotion for a ``promoting`` one, waivers for a
+    ``rejected`` one, else nothing."""
     ami = life.ami
     if ami.broken:
         return (Wait(f"AMI is {ami.aws_state}; stage replaces it"),)
     if ami.state is State.PROMOTING:
         # A result message says nothing new about a decided AMI: the pass resumes it.
         return () if scope is Scope.MESSAGE else (Promote("promotion unfinished"),)
+    if ami.state is State.REJECTED:
+        return _reconsider(life, policy, now)
     if ami.state is not State.TESTING:
         return ()
     if not life.results.known:
         return (Wait(f"ResultsDB unavailable: {life.results.unavailable}"[:300]),)
-    staged_at = ami.staged_at or now
-    decision = decide(
-        life.results.latest,
-        policy.required,
-        policy.reject_outcomes,
-        staged_at=staged_at,
-        now=now,
-        deadline=policy.deadline,
-    )
+    staged_at = ami.testing_since or now
+    decision = gate_decision(life, policy, now)
     if decision.release:
         return (Release(decision),)
     if decision.reject:
@@ -365,6 +391,81 @@ def plan_ami(
     ):
         return (RequestTest(ami.test_requests + 1, decision.reason),)
     return (Wait(decision.reason),)
+
+
+def _reconsider(life: AmiLife, policy: Policy, now: datetime) -> tuple[AmiAction, ...]:
+    """A rejected AMI is released only when waivers now cover what rejected it.
+
+    A late PASSED alone never undoes a rejection (``fedimg retest`` asks for a
+    new run); WaiverDB or ResultsDB unreachable is a reason to look again later.
+    """
+    if not life.results.known:
+        return (Wait(f"rejected; cannot look for waivers: {life.results.unavailable}"[:300]),)
+    decision = gate_decision(life, policy, now)
+    if decision.release and decision.waived:
+        return (Release(decision),)
+    return ()
+
+
+def current_results(
+    latest: Mapping[tuple[str, str], Any], ami: AmiFacts
+) -> tuple[dict[tuple[str, str], Any], tuple[tuple[str, str], ...]]:
+    """The results of the current test run, and the (testcase, scenario) pairs set aside.
+
+    After a retest, older results of the retested scenarios (all with ``*``)
+    are history, not evidence: the gate awaits their new results.
+    """
+    since = ami.retested_at
+    retested = ami.retested
+    if since is None or not retested:
+        return dict(latest), ()
+    kept: dict[tuple[str, str], Any] = {}
+    dropped: list[tuple[str, str]] = []
+    for (testcase, scenario), result in latest.items():
+        again = ALL_SCENARIOS in retested or scenario in retested
+        if again and aware(result.submitted) < aware(since):
+            dropped.append((testcase, scenario))
+        else:
+            kept[(testcase, scenario)] = result
+    return kept, tuple(dropped)
+
+
+def gate_decision(life: AmiLife, policy: Policy, now: datetime) -> Decision:
+    """The gate's decision for a testing AMI whose results and waivers are known."""
+    ami = life.ami
+    latest, retracted = current_results(life.results.latest, ami)
+    return evaluate(
+        policy.gate_policy,
+        ami.subject,
+        ami.ami_id,
+        latest,
+        life.results.waivers,
+        reject_outcomes=policy.reject_outcomes,
+        staged_at=ami.testing_since or now,
+        now=now,
+        deadline=policy.deadline,
+        retracted=retracted,
+    )
+
+
+def plan_retest(ami: AmiFacts | None, ami_id: str, scenario: str | None) -> Retest | Refuse:
+    """``fedimg retest AMI [--scenario S]``: what may be done about it.
+
+    A rejected or testing AMI goes (back) to testing with a new run requested;
+    a promoting or released one was already decided for (its copies may be
+    public), an unknown or broken one cannot be tested.
+    """
+    if ami is None:
+        return Refuse(f"no AMI {ami_id} of ours in the staging region (deregistered?)")
+    if ami.broken:
+        return Refuse(f"{ami_id} is {ami.aws_state}; it cannot be tested")
+    if ami.state in (State.PROMOTING, State.RELEASED):
+        return Refuse(f"{ami_id} is already {ami.state.value}; a retest cannot change that")
+    if ami.state not in (State.TESTING, State.REJECTED):
+        return Refuse(f"{ami_id} is not a fedimg staging AMI in a known state")
+    scenarios = (scenario,) if scenario else (ALL_SCENARIOS,)
+    what = f"scenario {scenario}" if scenario else "every scenario"
+    return Retest(scenarios, f"retest of {what} requested while {ami.state.value}")
 
 
 # -- a compose -------------------------------------------------------------------------

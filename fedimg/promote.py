@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import logging
 import queue
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -44,6 +45,7 @@ from fedimg.messages import (
     release_event,
 )
 from fedimg.observe import describe_staging_ami
+from fedimg.plan import Retest
 from fedimg.regions import target_regions
 from fedimg.tags import State
 
@@ -95,6 +97,26 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def waivers_of(decision: Decision) -> list[dict[str, Any]]:
+    """The waivers a decision used, as ``fedimg.image.release`` names them."""
+    return [
+        {
+            "id": w.waiver_id,
+            "testcase": w.testcase,
+            "scenario": w.scenario or None,
+            "username": w.username,
+            "comment": w.comment,
+        }
+        for w in decision.waived
+    ]
+
+
+def waivers_by(decision: Decision) -> str:
+    """Who moved an AMI on: the gate, and the authors of the waivers it used."""
+    authors = sorted({w.username for w in decision.waived})
+    return "gate" + (f"+waivers:{','.join(authors)}" if authors else "")
+
+
 class Promoter:
     """Release, promote, reject and re-test staging AMIs (``fedimg.engine`` decides when)."""
 
@@ -120,6 +142,10 @@ class Promoter:
             clock or Clock(),
         )
         self.slots = Slots(cfg.copy_concurrency)
+        # The history tag last written per AMI: a promotion writes several states in a
+        # row from one description of the AMI.
+        self._history: dict[str, str] = {}
+        self._history_lock = threading.Lock()
 
     @classmethod
     def from_config(
@@ -158,10 +184,28 @@ class Promoter:
 
     # -- acting on it -------------------------------------------------------------
     def release(self, staged: StagingAmi, decision: Decision) -> Promotion:
-        """Mark promoting, announce the pass, then copy and publish everywhere."""
-        self._set_state(staged, State.PROMOTING)
+        """Mark promoting, announce the pass, then copy and publish everywhere.
+
+        The release message names every waiver the decision used.
+        """
+        self._set_state(staged, State.PROMOTING, waivers_by(decision))
         self.emitter.emit(IMAGE_TEST, image_event(staged.image, "completed", decision.reason))
-        return self.promote(staged)
+        return self.promote(staged, waivers_of(decision))
+
+    def retest(self, staged: StagingAmi, action: Retest, who: str) -> None:
+        """Back to testing: the deadline counts from now, older results of the retested
+        scenarios stop counting (tags first, so a crash cannot lose it), then the request."""
+        since = self.now().astimezone(UTC).isoformat()
+        extra = {
+            tags.TESTING_SINCE: since,
+            tags.RETESTED: ",".join(action.scenarios)[:256],
+            tags.TEST_REQUESTED: "0",
+        }
+        self._set_state(staged, State.TESTING, f"retest by {who}", extra)
+        request = image_event(staged.image, "started")
+        request["extra"].update(retest_since=since, scenarios=list(action.scenarios))
+        self.emitter.emit(IMAGE_TEST, request)
+        log.warning("%s: %s by %s; test requested", staged.label, action.reason, who)
 
     def request_test(self, staged: StagingAmi, count: int, reason: str) -> None:
         """Ask for the test again: ``fedimg:test-requested`` first, so a crash cannot make two."""
@@ -190,7 +234,7 @@ class Promoter:
         if self.cfg.delete_rejected:
             self._delete(staged)
 
-    def promote(self, staged: StagingAmi) -> Promotion:
+    def promote(self, staged: StagingAmi, waivers: Sequence[Mapping[str, Any]] = ()) -> Promotion:
         try:
             regions = target_regions(self.cfg, self.ec2)
         except (ClientError, BotoCoreError) as exc:
@@ -211,7 +255,7 @@ class Promoter:
         done = {r.region: r.ami_id for r in results if r.ok and r.ami_id}
         failed = {r.region: r.error or "unknown error" for r in results if not r.ok}
         if done:
-            self.emitter.emit(IMAGE_RELEASE, release_event(staged.image, done, failed))
+            self.emitter.emit(IMAGE_RELEASE, release_event(staged.image, done, failed, waivers))
             announce_aws_published(
                 self.emitter,
                 staged.image,
@@ -305,11 +349,25 @@ class Promoter:
             tagged = trusted
         return list(dict.fromkeys([*found, *sorted(s["SnapshotId"] for s in tagged)]))
 
-    def _set_state(self, staged: StagingAmi, state: State) -> None:
-        """Record ``state`` on the staging AMI (authoritative) and, best effort, its snapshots."""
+    def _set_state(
+        self,
+        staged: StagingAmi,
+        state: State,
+        who: str = "gate",
+        extra: Mapping[str, str] | None = None,
+    ) -> None:
+        """Record ``state`` on the staging AMI (authoritative, with its history entry and
+        ``extra`` tags) and, best effort, its snapshots."""
         what = f"{staged.label}: state {state.value}"
-        self.copier.tag(self.cfg.staging_region, [staged.ami_id], {tags.STATE: state.value}, what)
-        log.info("%s: fedimg:state=%s", staged.label, state.value)
+        with self._history_lock:
+            old = self._history.get(staged.ami_id)
+            if old is None:
+                old = tags.as_dict(staged.described.get("Tags")).get(tags.HISTORY, "")
+            history = tags.add_history(old, state.value, self.now(), who)
+            values = {tags.STATE: state.value, tags.HISTORY: history, **(extra or {})}
+            self.copier.tag(self.cfg.staging_region, [staged.ami_id], values, what)
+            self._history[staged.ami_id] = history
+        log.info("%s: fedimg:state=%s (%s)", staged.label, state.value, who)
         try:
             snapshots = self._staging_snapshots(staged)
             self.copier.tag(self.cfg.staging_region, snapshots, {tags.STATE: state.value}, what)

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import requests
 import resultsdb_api
 
-from fedimg.messages import OUTCOMES, RESULTSDB_ITEM_TYPE
+from fedimg.messages import OUTCOMES, RESULTSDB_ITEM_TYPE, SCENARIO_KEY
 
 if TYPE_CHECKING:
     from fedimg.config import FedimgConfig
@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_ITEM_TYPE = RESULTSDB_ITEM_TYPE
+HISTORY_MAX = 1000  # results of one AMI read to find the newest per testcase and scenario
+HISTORY_PAGE = 100
 _REASON_CHARS = 300
 
 
@@ -74,6 +76,12 @@ class ResultsSource(Protocol):
         self, item: str, item_type: str = DEFAULT_ITEM_TYPE, testcases: Sequence[str] | None = None
     ) -> dict[str, Result]:
         """testcase -> the newest result for ``item``; raises ResultsUnavailable."""
+        ...
+
+    def latest_by_scenario(
+        self, item: str, item_type: str = DEFAULT_ITEM_TYPE, testcases: Sequence[str] | None = None
+    ) -> dict[tuple[str, str], Result]:
+        """(testcase, scenario) -> the newest result; scenario ``""`` for results without one."""
         ...
 
 
@@ -174,6 +182,23 @@ def newest_per_testcase(results: Iterable[Result]) -> dict[str, Result]:
     return newest
 
 
+def scenario_of(result: Result) -> str:
+    """The scenario a result ran in (data ``scenario``); ``""`` for results posted without one."""
+    values = result.data.get(SCENARIO_KEY, ())
+    return values[0] if values else ""
+
+
+def newest_per_scenario(results: Iterable[Result]) -> dict[tuple[str, str], Result]:
+    """(testcase, scenario) -> its newest result (submit time, then id)."""
+    newest: dict[tuple[str, str], Result] = {}
+    for result in results:
+        key = (result.testcase, scenario_of(result))
+        seen = newest.get(key)
+        if seen is None or (result.submitted, result.result_id) > (seen.submitted, seen.result_id):
+            newest[key] = result
+    return newest
+
+
 def _check_query(item: str, item_type: str, testcases: Sequence[str] | None) -> tuple[str, ...]:
     """ResultsDB splits filter values on commas: refuse values that would widen the query."""
     wanted = tuple(testcases or ())
@@ -256,6 +281,30 @@ class ResultsDBSource:
         )
         return latest
 
+    def latest_by_scenario(
+        self, item: str, item_type: str = DEFAULT_ITEM_TYPE, testcases: Sequence[str] | None = None
+    ) -> dict[tuple[str, str], Result]:
+        """(testcase, scenario) -> the newest result, from the item's history (``GET /results``).
+
+        ``/results/latest`` keeps one result per testcase, so one scenario would
+        hide the others; the history, newest first, holds them all. Results
+        older than the ``HISTORY_MAX`` newest are not looked at.
+        """
+        try:
+            found = self.history(
+                item, item_type, testcases, max_results=HISTORY_MAX, page_size=HISTORY_PAGE
+            )
+        except ResultsUnavailable as exc:
+            log.warning("%s: cannot read results from %s: %s", item, self.url, exc)
+            raise
+        latest = newest_per_scenario(found)
+        log.debug(
+            "%s: latest results %s",
+            item,
+            {f"{t} {s}".strip(): (r.outcome, r.result_id) for (t, s), r in sorted(latest.items())},
+        )
+        return latest
+
     def history(
         self,
         item: str,
@@ -319,6 +368,7 @@ class DummyResults:
         item_type: str = DEFAULT_ITEM_TYPE,
         *,
         ref_url: str | None = None,
+        data: Mapping[str, str] | None = None,
     ) -> Result:
         """Record a result (outcomes checked as ResultsDB does) and return it."""
         _check_query(item, item_type, [testcase])
@@ -334,7 +384,13 @@ class DummyResults:
                 submit_time=self._clock.isoformat(),
                 note=note,
                 ref_url=ref_url,
-                data=MappingProxyType({"item": (item,), "type": (item_type,)}),
+                data=MappingProxyType(
+                    {
+                        **{k: (v,) for k, v in (data or {}).items()},
+                        "item": (item,),
+                        "type": (item_type,),
+                    }
+                ),
             )
             self._results.append((item, item_type, result))
         return result
@@ -344,17 +400,24 @@ class DummyResults:
         with self._lock:
             self._down = down
 
-    def latest(
-        self, item: str, item_type: str = DEFAULT_ITEM_TYPE, testcases: Sequence[str] | None = None
-    ) -> dict[str, Result]:
+    def _matching(self, item: str, item_type: str, testcases: Sequence[str] | None) -> list[Result]:
         wanted = _check_query(item, item_type, testcases)
         with self._lock:
             self.queries.append((item, item_type, wanted))
             if self._down:
                 raise ResultsUnavailable("DummyResults is down")
-            matching = [
+            return [
                 r
                 for i, t, r in self._results
                 if i == item and t == item_type and (not wanted or r.testcase in wanted)
             ]
-        return newest_per_testcase(matching)
+
+    def latest(
+        self, item: str, item_type: str = DEFAULT_ITEM_TYPE, testcases: Sequence[str] | None = None
+    ) -> dict[str, Result]:
+        return newest_per_testcase(self._matching(item, item_type, testcases))
+
+    def latest_by_scenario(
+        self, item: str, item_type: str = DEFAULT_ITEM_TYPE, testcases: Sequence[str] | None = None
+    ) -> dict[tuple[str, str], Result]:
+        return newest_per_scenario(self._matching(item, item_type, testcases))

@@ -1,8 +1,11 @@
 """``fedimg status``: every staged AMI, its state, its test outcomes and its copies.
 
 Read-only. AWS (the staging region's fedimg tags, and the copies in every
-target region found by their ``fedimg:source-ami`` tag) and ResultsDB are
-the only sources; a ResultsDB outage shows as ``?`` instead of failing.
+target region found by their ``fedimg:source-ami`` tag), ResultsDB and
+WaiverDB are the only sources; a ResultsDB or WaiverDB outage shows as ``?``
+instead of failing. Outcomes are shown per scenario (``testcase[scenario]``
+for results that name one); below the table, every AMI's waivers and its
+state history (``fedimg:history``: who or what moved it, when).
 """
 
 from __future__ import annotations
@@ -25,6 +28,13 @@ from fedimg.observe import staged_amis
 from fedimg.plan import compose_progress
 from fedimg.regions import target_regions
 from fedimg.results import ResultsSource, ResultsUnavailable
+from fedimg.waivers import (
+    NoWaivers,
+    WaiverSource,
+    WaiversUnavailable,
+    waived_testcases,
+    waiver_source,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +62,8 @@ class Row:
     tests: str
     copies: tuple[Copy, ...]
     targets: int
+    waivers: tuple[str, ...] | None = ()  # None: WaiverDB could not be asked
+    history: tuple[tuple[str, str, str], ...] = ()  # (state, when, who)
 
 
 def tests_cell(outcomes: Mapping[str, str] | None) -> str:
@@ -78,6 +90,13 @@ def render(rows: Sequence[Row]) -> str:
         "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in cells
     ]
     for row in rows:
+        if row.waivers is None:
+            lines += ["", f"{row.ami_id} waivers: ? (WaiverDB unavailable)"]
+        elif row.waivers:
+            lines += ["", f"{row.ami_id} waivers:"] + [f"  {w}" for w in row.waivers]
+        if row.history:
+            lines += ["", f"{row.ami_id} history:"]
+            lines += [f"  {when}  {state:<10} {who}" for state, when, who in row.history]
         if row.copies:
             lines.append("")
             lines.append(f"{row.ami_id} copies:")
@@ -88,7 +107,13 @@ def render(rows: Sequence[Row]) -> str:
 
 
 def collect(
-    cfg: FedimgConfig, aws: Ec2Factory, results: ResultsSource, compose_id: str | None = None
+    cfg: FedimgConfig,
+    aws: Ec2Factory,
+    results: ResultsSource,
+    compose_id: str | None = None,
+    *,
+    waivers: WaiverSource | None = None,
+    ami_id: str | None = None,
 ) -> list[Row]:
     """The rows of ``fedimg status`` (AWS errors propagate; ResultsDB errors show as ``?``)."""
     ec2 = aws.ec2(cfg.staging_region)
@@ -97,6 +122,8 @@ def collect(
         images = [
             i for i in images if tags.as_dict(i.get("Tags")).get(tags.COMPOSE_ID) == compose_id
         ]
+    if ami_id:
+        images = [i for i in images if i["ImageId"] == ami_id]
     ids = [i["ImageId"] for i in images]
     regions = target_regions(cfg, ec2)
     copies_by_source: dict[str, list[Copy]] = {ami: [] for ami in ids}
@@ -104,27 +131,43 @@ def collect(
         copies_by_source.setdefault(source, []).append(copy)
     rows = []
     for image in images:
-        ami_id = image["ImageId"]
+        ami = image["ImageId"]
         t = tags.as_dict(image.get("Tags"))
-        try:
-            latest = results.latest(ami_id, item_type=RESULTSDB_ITEM_TYPE)
-            outcomes: dict[str, str] | None = {tc: r.outcome for tc, r in latest.items()}
-        except ResultsUnavailable as exc:
-            log.warning("%s %s: ResultsDB unavailable: %s", t.get(tags.COMPOSE_ID), ami_id, exc)
-            outcomes = None
         rows.append(
             Row(
-                ami_id=ami_id,
+                ami_id=ami,
                 name=str(image.get("Name", "")),
                 compose_id=t.get(tags.COMPOSE_ID, "?"),
                 arch=t.get(tags.ARCH, "?"),
                 state=t.get(tags.STATE, "?"),
-                tests=tests_cell(outcomes),
-                copies=tuple(sorted(copies_by_source.get(ami_id, []), key=lambda c: c.region)),
+                tests=tests_cell(_outcomes(results, ami, t)),
+                copies=tuple(sorted(copies_by_source.get(ami, []), key=lambda c: c.region)),
                 targets=len(regions),
+                waivers=_waivers(waivers or NoWaivers(), ami, t),
+                history=tuple(tags.history_of(t.get(tags.HISTORY, ""))),
             )
         )
     return rows
+
+
+def _outcomes(results: ResultsSource, ami: str, t: Mapping[str, str]) -> dict[str, str] | None:
+    """``testcase`` or ``testcase[scenario]`` -> the newest outcome; None if ResultsDB is down."""
+    try:
+        latest = results.latest_by_scenario(ami, item_type=RESULTSDB_ITEM_TYPE)
+    except ResultsUnavailable as exc:
+        log.warning("%s %s: ResultsDB unavailable: %s", t.get(tags.COMPOSE_ID), ami, exc)
+        return None
+    return {
+        (f"{tc}[{scenario}]" if scenario else tc): r.outcome for (tc, scenario), r in latest.items()
+    }
+
+
+def _waivers(source: WaiverSource, ami: str, t: Mapping[str, str]) -> tuple[str, ...] | None:
+    try:
+        return tuple(waived_testcases(source.waivers(ami)))
+    except WaiversUnavailable as exc:
+        log.warning("%s %s: WaiverDB unavailable: %s", t.get(tags.COMPOSE_ID), ami, exc)
+        return None
 
 
 def _copies(
@@ -163,8 +206,10 @@ def cli_status(
     out: TextIO | None = None,
     aws: Ec2Factory | None = None,
     results: ResultsSource | None = None,
+    waivers: WaiverSource | None = None,
+    ami_id: str | None = None,
 ) -> int:
-    """``fedimg status [--compose ID]``: print the table; 1 if AWS could not be read."""
+    """``fedimg status [--compose ID] [AMI]``: print the table; 1 if AWS could not be read."""
     import sys
 
     if aws is None:
@@ -175,8 +220,10 @@ def cli_status(
         results = ResultsDBSource(
             cfg.resultsdb_url, max_retries=cfg.http_retries, timeout=cfg.http_timeout
         )
+    if waivers is None:
+        waivers = waiver_source(cfg)
     try:
-        rows = collect(cfg, aws, results, compose_id)
+        rows = collect(cfg, aws, results, compose_id, waivers=waivers, ami_id=ami_id)
     except (ClientError, BotoCoreError) as exc:
         log.error("cannot read AMIs from AWS: %s", describe_error(exc))
         return 1

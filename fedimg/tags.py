@@ -10,6 +10,7 @@ Tags are written within AWS's limits through ``fedimg.aws.tag_list`` (here
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
@@ -30,6 +31,11 @@ SOURCE_AMI = "fedimg:source-ami"  # on copies: the staging AMI they came from
 UPLOADED = "fedimg:uploaded"  # on snapshots: every block written and completed (a UTC time)
 TEST_REQUESTED = "fedimg:test-requested"  # on AMIs: times reconcile asked for the test again
 RESUMED = "fedimg:resumed"  # on snapshots: times reconcile restaged the image from it
+TESTING_SINCE = "fedimg:testing-since"  # on AMIs: when a retest moved it back to testing
+RETESTED = "fedimg:retested"  # on AMIs: the scenarios of that retest ("*": every one)
+HISTORY = "fedimg:history"  # on AMIs: "<state>@<UTC minute>@<who>" per transition, newest last
+HISTORY_CHARS = 256  # AWS's tag value limit: the oldest entries go first
+ALL_SCENARIOS = "*"
 
 
 class State(StrEnum):
@@ -82,6 +88,30 @@ def staged_image(ami: Mapping[str, Any], region: str) -> StagedImage | None:
         release=tags.get(RELEASE, ""),
         sha256=tags.get(SHA256, ""),
     )
+
+
+def add_history(old: str, state: str, when: datetime, who: str) -> str:
+    """``old`` with one transition appended, the oldest entries dropped to fit one tag value.
+
+    An entry is ``<state>@<YYYY-MM-DDTHH:MMZ>@<who>``; ``who`` is cut to 60
+    characters and its spaces and ``@`` replaced, so entries stay parseable.
+    """
+    stamp = when.astimezone(UTC).strftime("%Y-%m-%dT%H:%MZ")
+    actor = "".join("_" if c.isspace() or c == "@" else c for c in who)[:60] or "?"
+    entries = [*old.split(), f"{state}@{stamp}@{actor}"]
+    while len(" ".join(entries)) > HISTORY_CHARS and len(entries) > 1:
+        entries.pop(0)
+    return " ".join(entries)[-HISTORY_CHARS:]
+
+
+def history_of(value: str) -> list[tuple[str, str, str]]:
+    """``(state, when, who)`` per entry of a ``fedimg:history`` value; unreadable ones skipped."""
+    found = []
+    for entry in value.split():
+        parts = entry.split("@", 2)
+        if len(parts) == 3:
+            found.append((parts[0], parts[1], parts[2]))
+    return found
 
 
 def state_of(ami: Mapping[str, Any]) -> State | None:

@@ -14,7 +14,8 @@ config = {
     # Stage: on pungi.compose.status.change FINISHED, upload the compose's cloud
     # raw.xz images as AMIs in the staging region and ask for tests.
     "fedimg.stage.enabled": True,
-    # Promote: on ResultsDB's result.new, gate the AMI on its required tests,
+    # Promote: on ResultsDB's result.new (and WaiverDB's waiverdb.waiver.new: a
+    # waiver may release a failed AMI), gate the AMI on its required tests,
     # then copy it to every region and make it public (or reject it).
     "fedimg.promote.enabled": True,
     # Health: answer fedimg.hub.ping with fedimg.hub.pong (monitoring, tests).
@@ -22,6 +23,11 @@ config = {
     # -- ResultsDB -------------------------------------------------------------
     # The API v2.0 base URL the gate reads test results from (required).
     "fedimg.resultsdb_url": "http://127.0.0.1:5001/api/v2.0",
+    # -- WaiverDB ----------------------------------------------------------------
+    # The API v1.0 base URL the gate reads waivers from (a waived FAILED counts as
+    # passed; `fedimg waive` creates one). Empty: no waivers. While WaiverDB cannot
+    # be read the gate waits (never releases on missing information).
+    "fedimg.waiverdb_url": "",
     # -- AWS -------------------------------------------------------------------
     # The one region where new AMIs are registered and tested before release.
     "fedimg.aws.staging_region": "us-east-1",
@@ -73,6 +79,14 @@ config = {
     # -- the gate ----------------------------------------------------------------
     # ResultsDB testcases that must all be PASSED (latest result) for release.
     "fedimg.gate.required_testcases": ["autocloud.ami.all"],
+    # The gate policy as data: a YAML file of rules (by release, subvariant, arch
+    # and compose type) saying which testcases must pass in which scenarios
+    # (fedimg/policy.py documents the format; `fedimg policy check FILE`
+    # validates one). Read and checked once at start-up: an unknown key, a wrong
+    # type, a rule that can never match or two contradicting rules stop fedimg
+    # naming the file, rule and key. Empty: required_testcases must pass in every
+    # scenario results exist for, for every image (the behaviour before policies).
+    "fedimg.gate.policy_file": "",
     # Outcomes of a required testcase that reject the AMI.
     "fedimg.gate.reject_outcomes": ["FAILED", "NEEDS_INSPECTION"],
     # Seconds after staging without a verdict before the AMI is rejected.

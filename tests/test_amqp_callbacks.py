@@ -342,6 +342,31 @@ def test_the_taskotron_topic_reaches_the_engine_too(tmp_path: Path) -> None:
     assert [(n.item, n.testcase) for n in engine.results] == [(AMI, "autocloud.ami.all")]
 
 
+def test_a_waiver_reaches_the_engine_and_a_transient_wait_is_retried(tmp_path: Path) -> None:
+    engine = FakeEngine(outcome=Outcome(AMI, "wait", "WaiverDB down", transient=True))
+    consumer, sleeps = fedimg_consumer(tmp_path, engine)
+    waiver = {
+        "id": 9,
+        "subject_type": "ami",
+        "subject_identifier": AMI,
+        "testcase": "autocloud.ami.all",
+        "scenario": None,
+        "waived": True,
+        "username": "alice",
+        "comment": "known",
+        "product_version": "fedora-41",
+        "timestamp": "2026-11-27T18:00:00",
+        "proxied_by": None,
+    }
+    with pytest.raises(Nack):
+        consumer(msg("waiverdb.waiver.new", waiver))
+    assert [(n.item, n.item_type, n.outcome) for n in engine.results] == [(AMI, "ami", "WAIVED")]
+    assert sleeps.delays  # held before the Nack, never a tight loop
+    engine.outcome = Outcome(AMI, "release", "waived")
+    consumer(msg("waiverdb.waiver.new", waiver))  # acked
+    assert len(engine.results) == 2
+
+
 def test_a_decided_release_is_acked_while_its_promotion_goes_on(tmp_path: Path) -> None:
     block = threading.Event()
     decided = Outcome(AMI, "release", "every required test passed")

@@ -321,7 +321,7 @@ def test_results_about_amis_never_staged_cost_nothing(hub: Hub) -> None:
         foreign,  # ours to AWS, not fedimg's: no fedimg tags
     ]
     calls_before = len(hub.moto.recorded_calls())
-    gets_before = hub.rdb.request_count("GET", "/results/latest")
+    gets_before = hub.rdb.request_count("GET", "/results")
     for item in bogus:
         hub.result(item, "PASSED")
         hub.bus.publish(
@@ -342,7 +342,7 @@ def test_results_about_amis_never_staged_cost_nothing(hub: Hub) -> None:
     assert set(writes) <= {"CreateTags"}, writes  # the sentinel's rejection, nothing else
     assert all(c.service == "ec2" for c in window)
     # Only the sentinel made fedimg ask ResultsDB: the others were dropped before that.
-    assert hub.rdb.request_count("GET", "/results/latest") == gets_before + 1
+    assert hub.rdb.request_count("GET", "/results") == gets_before + 1
     assert tags.as_dict(client.describe_images(ImageIds=[foreign])["Images"][0].get("Tags")) == {}
     for region in TARGETS:
         assert copies(hub.moto, region, foreign) == []
@@ -355,11 +355,11 @@ def test_resultsdb_down_while_the_hub_gates_waits_then_releases(hub: Hub) -> Non
         body = hub.result(ami, "PASSED")
 
     hub.rdb.set_down(True)
-    asked = hub.rdb.request_count("GET", "/results/latest")
+    asked = hub.rdb.request_count("GET", "/results")
     hub.bus.publish("resultsdb", "result.new", body)
     # The hub asked ResultsDB (and retried once) and got 503s: no decision.
     wait_until(
-        lambda: hub.rdb.request_count("GET", "/results/latest") >= asked + 2,
+        lambda: hub.rdb.request_count("GET", "/results") >= asked + 2,
         30,
         "the hub to ask ResultsDB",
     )

@@ -52,6 +52,7 @@ FEDIMG = {"fedimg.resultsdb_url": "http://127.0.0.1:5001/api/v2.0"}
                 "pungi.compose.status.change",
                 "resultsdb.result.new",
                 "taskotron.result.new",
+                "waiverdb.waiver.new",
                 "fedimg.hub.ping",
             ],
         ),

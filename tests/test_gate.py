@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedimg.gate import Decision, decide
+from fedimg.gate import Decision, decide, evaluate
+from fedimg.policy import Subject, default_policy, parse_policy
 
 REJECT_OUTCOMES = ("FAILED", "NEEDS_INSPECTION")
 STAGED = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
@@ -220,3 +221,315 @@ def test_results_of_other_testcases_never_change_the_verdict(
     plain = gate(results, required, after=after, reject=rejects)
     noisy = gate({**results, **extra}, required, after=after, reject=rejects)
     assert plain == noisy
+
+
+# -- policy x results x waivers (table tests of ``evaluate``) ----------------------------
+
+SUMMARY = "autocloud.ami.all"
+AMI = "ami-0123456789abcdef0"
+X86 = Subject("41", "Cloud_Base", "x86_64", "production")
+ARM = Subject("41", "Cloud_Base", "aarch64", "nightly")
+NITRO, XEN, GRAVITON = "x86_64:t3.small", "x86_64:t2.small", "aarch64:t4g.small"
+MATRIX = parse_policy(
+    {
+        "rules": [
+            {
+                "name": "cloud",
+                "match": {"subvariant": ["Cloud_Base"]},
+                "testcases": [SUMMARY],
+                "scenarios": {"x86_64": ["t3.small", "t2.small"], "aarch64": ["t4g.small"]},
+            },
+            {
+                "name": "selinux-production",
+                "match": {"compose_type": ["production"]},
+                "testcases": ["autocloud.ami.selinux"],
+                "if_skipped": "reject",
+            },
+        ]
+    },
+    "matrix.yaml",
+)
+
+
+@dataclass(frozen=True)
+class SR:
+    """A result with data (scenario, skipped)."""
+
+    outcome: str
+    note: str = ""
+    data: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class W:
+    testcase: str
+    scenario: str | None = None
+    waiver_id: int = 1
+    subject_type: str = "ami"
+    subject_identifier: str = AMI
+    username: str = "alice"
+    comment: str = "known flake, see #1"
+    waived: bool = True
+
+
+def res(outcome: str, scenario: str = "", skipped: str = "") -> SR:
+    data: dict[str, tuple[str, ...]] = {}
+    if scenario:
+        data["scenario"] = (scenario,)
+    if skipped:
+        data["skipped"] = (skipped,)
+    return SR(outcome, "a note" if outcome == "FAILED" else "", data)
+
+
+PASS_ALL = {
+    (SUMMARY, NITRO): res("PASSED", NITRO),
+    (SUMMARY, XEN): res("PASSED", XEN),
+    ("autocloud.ami.selinux", ""): res("PASSED"),
+}
+
+
+def judge(latest, waivers=(), *, policy=MATRIX, subject=X86, after=timedelta(hours=1)) -> Decision:
+    return evaluate(
+        policy,
+        subject,
+        AMI,
+        latest,
+        list(waivers),
+        reject_outcomes=REJECT_OUTCOMES,
+        staged_at=STAGED,
+        now=STAGED + after,
+        deadline=DEADLINE,
+    )
+
+
+TABLE = [
+    # (case, latest, waivers, subject, verdict, failed labels, missing labels, waived labels)
+    ("all scenarios pass", PASS_ALL, (), X86, "release", [], [], []),
+    (
+        "one scenario failed",
+        {**PASS_ALL, (SUMMARY, XEN): res("FAILED", XEN)},
+        (),
+        X86,
+        "reject",
+        [f"{SUMMARY} [{XEN}]"],
+        [],
+        [],
+    ),
+    (
+        "a failed scenario waived for that scenario",
+        {**PASS_ALL, (SUMMARY, XEN): res("FAILED", XEN)},
+        (W(SUMMARY, XEN),),
+        X86,
+        "release",
+        [],
+        [],
+        [f"{SUMMARY} [{XEN}]"],
+    ),
+    (
+        "a waiver without a scenario covers every scenario",
+        {**PASS_ALL, (SUMMARY, XEN): res("FAILED", XEN), (SUMMARY, NITRO): res("FAILED", NITRO)},
+        (W(SUMMARY),),
+        X86,
+        "release",
+        [],
+        [],
+        [f"{SUMMARY} [{XEN}]", f"{SUMMARY} [{NITRO}]"],  # sorted by scenario name
+    ),
+    (
+        "a waiver for another scenario does not count",
+        {**PASS_ALL, (SUMMARY, XEN): res("FAILED", XEN)},
+        (W(SUMMARY, NITRO),),
+        X86,
+        "reject",
+        [f"{SUMMARY} [{XEN}]"],
+        [],
+        [],
+    ),
+    (
+        "a waiver for another AMI does not count",
+        {**PASS_ALL, (SUMMARY, XEN): res("FAILED", XEN)},
+        (W(SUMMARY, XEN, subject_identifier="ami-0000000000000000f"),),
+        X86,
+        "reject",
+        [f"{SUMMARY} [{XEN}]"],
+        [],
+        [],
+    ),
+    (
+        "a waiver for another item type does not count",
+        {**PASS_ALL, (SUMMARY, XEN): res("FAILED", XEN)},
+        (W(SUMMARY, XEN, subject_type="koji_build"),),
+        X86,
+        "reject",
+        [f"{SUMMARY} [{XEN}]"],
+        [],
+        [],
+    ),
+    (
+        "a waiver without a comment does not count",
+        {**PASS_ALL, (SUMMARY, XEN): res("FAILED", XEN)},
+        (W(SUMMARY, XEN, comment="  "),),
+        X86,
+        "reject",
+        [f"{SUMMARY} [{XEN}]"],
+        [],
+        [],
+    ),
+    (
+        "a newer revocation undoes the waiver",
+        {**PASS_ALL, (SUMMARY, XEN): res("FAILED", XEN)},
+        (W(SUMMARY, XEN, waiver_id=1), W(SUMMARY, XEN, waiver_id=2, waived=False)),
+        X86,
+        "reject",
+        [f"{SUMMARY} [{XEN}]"],
+        [],
+        [],
+    ),
+    (
+        "a required scenario without results waits",
+        {k: v for k, v in PASS_ALL.items() if k != (SUMMARY, XEN)},
+        (),
+        X86,
+        "wait",
+        [],
+        [f"{SUMMARY} [{XEN}]"],
+        [],
+    ),
+    (
+        "a missing result can be waived",
+        {k: v for k, v in PASS_ALL.items() if k != (SUMMARY, XEN)},
+        (W(SUMMARY, XEN),),
+        X86,
+        "release",
+        [],
+        [],
+        [f"{SUMMARY} [{XEN}]"],
+    ),
+    (
+        "results of a scenario the rule does not name never count",
+        {**PASS_ALL, (SUMMARY, "x86_64:m5.large"): res("FAILED", "x86_64:m5.large")},
+        (),
+        X86,
+        "release",
+        [],
+        [],
+        [],
+    ),
+    (
+        "aarch64 needs only its own scenario; the production-only rule does not apply",
+        {(SUMMARY, GRAVITON): res("PASSED", GRAVITON)},
+        (),
+        ARM,
+        "release",
+        [],
+        [],
+        [],
+    ),
+    (
+        "a skipped test under if_skipped: reject rejects at once",
+        {**PASS_ALL, ("autocloud.ami.selinux", ""): res("INFO", skipped="Atomic only")},
+        (),
+        X86,
+        "reject",
+        ["autocloud.ami.selinux"],
+        [],
+        [],
+    ),
+    (
+        "INFO without 'skipped' is not final: it waits",
+        {**PASS_ALL, ("autocloud.ami.selinux", ""): res("INFO")},
+        (),
+        X86,
+        "wait",
+        [],
+        ["autocloud.ami.selinux"],
+        [],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("latest", "waivers", "subject", "verdict", "failed", "missing", "waived"),
+    [case[1:] for case in TABLE],
+    ids=[case[0] for case in TABLE],
+)
+def test_policy_results_waivers_table(latest, waivers, subject, verdict, failed, missing, waived):
+    decision = judge(latest, waivers, subject=subject)
+    assert decision.verdict == verdict, decision.reason
+    assert [f[0] for f in decision.failed] == failed
+    assert list(decision.missing) == missing
+    assert [w.label for w in decision.waived] == waived
+    assert {u.label for u in decision.unsatisfied} == set(failed) | set(missing)
+
+
+def test_a_used_waiver_is_named_with_author_and_comment() -> None:
+    decision = judge({**PASS_ALL, (SUMMARY, XEN): res("FAILED", XEN)}, [W(SUMMARY, XEN, 7)])
+    (use,) = decision.waived
+    assert (use.waiver_id, use.username, use.comment, use.waived_outcome) == (
+        7,
+        "alice",
+        "known flake, see #1",
+        "FAILED",
+    )
+    assert decision.reason.startswith("passed: ") and "waiver 7 by alice" in decision.reason
+
+
+def test_a_skipped_test_under_if_skipped_pass_is_satisfied_never_a_wait() -> None:
+    policy = parse_policy(
+        {"rules": [{"name": "r", "testcases": [SUMMARY, "autocloud.ami.atomic"]}]}, "p.yaml"
+    )
+    latest = {
+        (SUMMARY, NITRO): res("PASSED", NITRO),
+        ("autocloud.ami.atomic", NITRO): res("INFO", NITRO, skipped="AtomicHost only"),
+    }
+    decision = judge(latest, policy=policy)
+    assert decision.verdict == "release"
+    assert decision.inapplicable == ((f"autocloud.ami.atomic [{NITRO}]", "AtomicHost only"),)
+
+
+def test_no_rule_applies_rejects_and_says_so() -> None:
+    decision = judge(PASS_ALL, subject=Subject("41", "AtomicHost", "x86_64", "nightly"))
+    assert decision.verdict == "reject"
+    assert decision.rules == ()
+    assert "matrix.yaml" in decision.reason and "AtomicHost" in decision.reason
+
+
+def test_the_deadline_rejects_a_missing_scenario_unless_waived() -> None:
+    latest = {k: v for k, v in PASS_ALL.items() if k != (SUMMARY, XEN)}
+    assert judge(latest, after=DEADLINE).verdict == "reject"
+    assert judge(latest, [W(SUMMARY, XEN)], after=DEADLINE).verdict == "release"
+
+
+def test_default_policy_gates_every_present_scenario() -> None:
+    """The default (no policy file): the summary must pass in each scenario that has results."""
+    policy = default_policy([SUMMARY])
+    both = {(SUMMARY, NITRO): res("PASSED", NITRO), (SUMMARY, XEN): res("FAILED", XEN)}
+    assert judge(both, policy=policy).verdict == "reject"
+    assert judge({(SUMMARY, NITRO): res("PASSED", NITRO)}, policy=policy).verdict == "release"
+    # Results posted without a scenario (today's autocloud_ami) gate as always.
+    assert judge({(SUMMARY, ""): res("PASSED")}, policy=policy).verdict == "release"
+    assert judge({}, policy=policy).missing == (SUMMARY,)
+
+
+def test_the_rules_that_apply_are_named() -> None:
+    assert judge(PASS_ALL).rules == ("cloud", "selinux-production")
+    assert judge({}, subject=ARM).rules == ("cloud",)
+
+
+def test_a_retracted_scenario_stays_required_in_the_default_policy() -> None:
+    """After a retest of one scenario its old result is set aside: the gate waits for it."""
+    policy = default_policy([SUMMARY])
+    kept = {(SUMMARY, NITRO): res("PASSED", NITRO)}
+    decision = evaluate(
+        policy,
+        X86,
+        AMI,
+        kept,
+        [],
+        reject_outcomes=REJECT_OUTCOMES,
+        staged_at=STAGED,
+        now=STAGED + timedelta(hours=1),
+        deadline=DEADLINE,
+        retracted=[(SUMMARY, XEN)],
+    )
+    assert decision.verdict == "wait" and decision.missing == (f"{SUMMARY} [{XEN}]",)

@@ -167,7 +167,8 @@ def result(outcome: str, note: str = "") -> Result:
 
 
 def life(found: AmiFacts, latest: Mapping[str, Any] | None = None, down: str = "") -> AmiLife:
-    return AmiLife(found, COMPOSE, Results(dict(latest or {}), down))
+    keyed = {(testcase, ""): r for testcase, r in (latest or {}).items()}
+    return AmiLife(found, COMPOSE, Results(keyed, unavailable=down))
 
 
 # -- comparing plans --------------------------------------------------------------------

@@ -760,7 +760,7 @@ def test_a_result_arriving_during_a_waiting_evaluation_is_not_lost(
 ) -> None:
     ami = stage_ami()
     seen: list[Any] = []
-    original = results.latest
+    original = results.latest_by_scenario
 
     def latest(item: str, item_type: str = "ami", testcases: Any = None) -> Any:
         answer = original(item, item_type, testcases)
@@ -772,7 +772,7 @@ def test_a_result_arriving_during_a_waiting_evaluation_is_not_lost(
             worker.join(timeout=30)
         return answer
 
-    results.latest = latest  # type: ignore[method-assign]
+    results.latest_by_scenario = latest  # type: ignore[method-assign]
     decision = promoter.on_result(notice(ami))
     assert [o.action for o in seen] == ["busy"]  # the second delivery was busy...
     assert decision is not None and decision.action == "release"  # ...but not lost

@@ -240,6 +240,7 @@ SAMPLE_TOPICS = {
             "pungi.compose.status.change",
             "resultsdb.result.new",
             "taskotron.result.new",
+            "waiverdb.waiver.new",
             "fedimg.hub.ping",
         ],
         ["fedimg.image.upload", "fedimg.image.test", "autocloud.ami.success"],

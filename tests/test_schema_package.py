@@ -99,6 +99,7 @@ def test_every_published_topic_has_one_class_with_the_same_schema_object() -> No
         "pungi.compose.status.change",
         "resultsdb.result.new",
         "taskotron.result.new",
+        "waiverdb.waiver.new",
     }
 
 

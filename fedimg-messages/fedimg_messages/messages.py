@@ -211,6 +211,12 @@ class ImageReleaseV1(_FedimgMessage):
         lines += [f"\t{region}: {ami}" for region, ami in sorted(self.regions.items())]
         failed = self._get("failed_regions") or {}
         lines += [f"\tFAILED {region}: {why}" for region, why in sorted(failed.items())]
+        for waiver in self._get("waivers") or []:
+            where = f" [{waiver['scenario']}]" if waiver.get("scenario") else ""
+            lines.append(
+                f"\tWAIVED {waiver.get('testcase')}{where} by {waiver.get('username')}:"
+                f" {waiver.get('comment')}"
+            )
         return "\n".join(lines) + "\n"
 
 

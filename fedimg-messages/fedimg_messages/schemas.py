@@ -44,6 +44,10 @@ EXTRA: Final[dict[str, Any]] = {
         "virt_type": {"const": VIRT_TYPE},
         "vol_type": {"type": "string", "maxLength": 16},
         "source_image_id": AMI,
+        # On a test request made by `fedimg retest` (optional, added compatibly): results
+        # of these scenarios ("*": all) submitted before this UTC time no longer count.
+        "retest_since": NAME,
+        "scenarios": {"type": "array", "items": NAME, "maxItems": 64},
     },
 }
 
@@ -126,6 +130,19 @@ IMAGE_RELEASE: Final = body_schema(
         release={"type": ["integer", "string"]},
         regions={"type": "object", "additionalProperties": AMI},
         failed_regions={"type": "object", "additionalProperties": TEXT},
+        # Optional (added compatibly): every WaiverDB waiver the gate used to release it.
+        waivers={
+            "type": "array",
+            "maxItems": 64,
+            "items": obj(
+                ["id", "testcase", "username", "comment"],
+                id={"type": "integer"},
+                testcase=NAME,
+                scenario={"type": ["string", "null"], "maxLength": 255},
+                username=NAME,
+                comment=TEXT,
+            ),
+        },
     ),
 )
 
