@@ -782,8 +782,9 @@ def test_cli_table_lists_every_test_and_the_summary(world: World) -> None:
     out = io.StringIO()
     print_table(result, out)
     lines = out.getvalue().splitlines()
-    assert lines[0].split() == ["TEST", "GATING", "OUTCOME", "NOTE"]
-    assert lines[1].split()[:3] == ["selinux", "yes", "FAILED"]
-    assert lines[2].split()[:3] == ["bash_version", "no", "PASSED"]
+    assert lines[0] == f"scenario x86_64:t3.small (job {result.job_id})"
+    assert lines[1].split() == ["TEST", "GATING", "OUTCOME", "NOTE"]
+    assert lines[2].split()[:3] == ["selinux", "yes", "FAILED"]
+    assert lines[3].split()[:3] == ["bash_version", "no", "PASSED"]
     assert any(line.startswith("autocloud.ami.all: FAILED") for line in lines)
     assert any(result.job_id in line for line in lines)
