@@ -272,8 +272,8 @@ class JobResult:
 
     @property
     def results(self) -> tuple[Result, ...]:
-        """Every posted result, scenario by scenario, each scenario's summary last."""
-        return tuple(r for s in self.scenarios for r in s.results)
+        """Every result in the order posted (``posting_order``)."""
+        return posting_order(self.scenarios)
 
     @property
     def report(self) -> SuiteReport:
@@ -305,6 +305,18 @@ class JobResult:
     def verdict(self) -> Result:
         """The summary that decides: the first that did not pass, else the last."""
         return next((s.results[-1] for s in self.scenarios if not s.passed), self.results[-1])
+
+
+def posting_order(scenarios: Sequence[ScenarioResult]) -> tuple[Result, ...]:
+    """Every scenario's tests, then the summaries: the PASSED ones first.
+
+    Each summary stays last of its scenario. A gate that reads only the newest
+    ``autocloud.ami.all`` of an AMI then ends on a non-PASSED one whenever a
+    scenario did not pass, and sees no summary before every test is posted.
+    """
+    tests = [r for s in scenarios for r in s.results[:-1]]
+    summaries = sorted((s.results[-1] for s in scenarios), key=lambda r: r.outcome != PASSED)
+    return (*tests, *summaries)
 
 
 def log_finished(image: StagedImage, result: JobResult) -> None:
@@ -364,6 +376,7 @@ class _Scenario:
         self.timings: dict[str, float] = {}
         self.cleanup_errors: tuple[str, ...] = ()
         self.t0 = t0
+        self.run_scenarios: tuple[str, ...] = (self.scenario,)
 
     def mark(self, what: str) -> None:
         self.timings[what] = round(time.monotonic() - self.t0, 3)
@@ -496,6 +509,7 @@ class _Scenario:
             job_id=self.job_id,
             family=str(report.family),
             scenario=self.scenario,
+            run_scenarios=self.run_scenarios,
             ref_urls=ref_urls,
             summary_url=index_url,
         )
@@ -568,6 +582,9 @@ class _Job:
             )
             for t in types
         ]
+        names = tuple(run.scenario for run in runs)
+        for run in runs:
+            run.run_scenarios = names
         if len(runs) == 1:
             return (runs[0].run(),)
         with ThreadPoolExecutor(len(runs), thread_name_prefix="autocloud-scenario") as pool:
@@ -631,7 +648,7 @@ def test_ami(request: StagedImage, deps: Deps, *, job_id: str | None = None) -> 
     finally:
         deps.slots.release()
     index_url = job.keep_index(scenarios)
-    delivery = job.deliver([r for s in scenarios for r in s.results])
+    delivery = job.deliver(posting_order(scenarios))
     job.mark("reported")
     outcome = JobResult(
         job_id=job.job_id,

@@ -7,7 +7,9 @@ Conventions (fixed: fedimg's gate depends on them)
     data       ``region``, ``productmd.compose.id``, ``image_name``, ``arch``,
                ``subvariant``, ``source`` = ``autocloud``, ``gating``
                (``true``/``false``), ``job_id``, ``family``, ``scenario``
-               (``x86_64:t3.small``: architecture and instance type), and what
+               (``x86_64:t3.small``: architecture and instance type), on the
+               summaries ``scenarios`` (every scenario of the run, comma
+               separated: what a gate must have a summary of), and what
                resultsdb_conventions' ``ProductmdImageResult`` adds for a
                compose image: ``productmd.compose.name|short|version|date|
                type|respin``, ``productmd.image.arch|subvariant|type|format|
@@ -80,6 +82,7 @@ log = logging.getLogger(__name__)
 ITEM_TYPE = RESULTSDB_ITEM_TYPE
 SOURCE = RESULTSDB_SOURCE
 SKIPPED = "SKIPPED"
+RUN_SCENARIOS_KEY = "scenarios"  # on each summary: every scenario of its run
 IMAGE_TYPE = "raw-xz"  # the productmd type of the raw.xz disk images fedimg stages
 RAW_XZ = "raw.xz"
 REJECTED_STATUSES = frozenset({400, 413, 422})
@@ -301,13 +304,16 @@ def build_results(
     job_id: str,
     family: str,
     scenario: str,
+    run_scenarios: Sequence[str] = (),
     ref_urls: Mapping[str, str] | None = None,
     summary_url: str | None = None,
 ) -> list[Result]:
     """Every posted result for one scenario's run, its summary last.
 
     A test that does not apply (SKIPPED) is posted as INFO with the reason
-    in data ``skipped``, so a rule requiring it sees it is inapplicable.
+    in data ``skipped``, so a rule requiring it sees it is inapplicable. The
+    summary lists every scenario of the run in data ``scenarios`` (comma
+    separated): what a gate must have a summary of before it decides.
     """
     ref_urls = ref_urls or {}
     data, groups = conventions(image, base_data(image, job_id, family, scenario))
@@ -334,7 +340,11 @@ def build_results(
             testcase=SUMMARY_TESTCASE,
             outcome=outcome,
             note=one_line(f"{scenario}: {note}"),
-            data={**data, "gating": "true"},
+            data={
+                **data,
+                "gating": "true",
+                RUN_SCENARIOS_KEY: ",".join(run_scenarios or [scenario]),
+            },
             groups=groups,
             ref_url=summary_url,
         )

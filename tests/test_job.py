@@ -32,14 +32,17 @@ from autocloud_ami.job import (
     InvalidRequest,
     JobResult,
     QueueTimeout,
+    ScenarioResult,
     SshTarget,
     check_request,
     paramiko_session,
+    posting_order,
 )
 from autocloud_ami.job import test_ami as run_job
-from autocloud_ami.report import OutputStore, ResultsReporter, Spool, make_api
+from autocloud_ami.report import OutputStore, ResultsReporter, Spool, build_results, make_api
+from autocloud_ami.runner import SuiteReport, TestOutcome
 from autocloud_ami.ssh import CommandResult, SshTimeout
-from autocloud_ami.suite import SUITE, Check, Expect
+from autocloud_ami.suite import SUITE, Check, Expect, Family
 from devel.bus import wait_until
 from devel.instancehost import AwsDirectory, InstanceHost
 from devel.resultsdb import ResultsDBServer
@@ -848,6 +851,12 @@ def test_every_scenario_runs_on_its_own_instance_and_reports_on_its_own(world: W
     # ResultsDB: every result names its scenario; each scenario's summary is its last.
     found = world.posted(image.ami_id or "")
     assert [r["testcase"]["name"] for r in found] == [r.testcase for r in result.results]
+    names = [r["testcase"]["name"] for r in found]
+    # Every test first, then the summaries, those that did not pass last.
+    assert names[-3:] == ["autocloud.ami.all"] * 3 and "autocloud.ami.all" not in names[:-3]
+    assert [r["outcome"] for r in found[-3:]] == ["PASSED", "PASSED", "NEEDS_INSPECTION"]
+    run = "x86_64:t3.small,x86_64:t2.small,x86_64:hpc7a.12xlarge"
+    assert all(r["data"]["scenarios"] == [run] for r in found[-3:])
     for scenario in by_name:
         mine = [r for r in found if r["data"]["scenario"] == [scenario]]
         assert mine[-1]["testcase"]["name"] == "autocloud.ami.all"
@@ -903,3 +912,40 @@ def test_an_atomic_image_is_launched_without_requiring_imds_tokens(world: World)
     for subvariant in ("AtomicHost", "Cloud_Base"):
         run_job(world.image(subvariant), world.deps(world.cfg(), session_factory=NoSsh()))
     assert [p["MetadataOptions"]["HttpTokens"] for p in sent] == ["optional", "required"]
+
+
+def _scenario(name: str, outcome: str) -> ScenarioResult:
+    image = StagedImage(
+        compose_id="Fedora-41-20261124.0",
+        image_name="Fedora-Cloud-Base-41.x86_64",
+        image_url=f"{COMPOSE_URL}/Cloud/x86_64/images/Fedora-Cloud-Base-41.x86_64.raw.xz",
+        architecture="x86_64",
+        region=REGION,
+        ami_id="ami-0123456789abcdef0",
+        subvariant="Cloud_Base",
+    )
+    report = SuiteReport(Family.BASE, (TestOutcome("selinux", outcome, True, "", "", 0.0),))
+    results = build_results(image, report.outcomes, job_id="j", family="Base", scenario=name)
+    return ScenarioResult(name, name.split(":")[1], "j", report, tuple(results))
+
+
+@pytest.mark.parametrize(
+    ("outcomes", "last"),
+    [
+        (("PASSED", "PASSED"), "PASSED"),
+        (("FAILED", "PASSED"), "FAILED"),
+        (("PASSED", "FAILED"), "FAILED"),
+        (("NEEDS_INSPECTION", "PASSED", "PASSED"), "NEEDS_INSPECTION"),
+    ],
+)
+def test_summaries_come_after_every_test_and_a_failing_one_comes_last(
+    outcomes: tuple[str, ...], last: str
+) -> None:
+    scenarios = [_scenario(f"x86_64:t{n}.small", o) for n, o in enumerate(outcomes)]
+    posted = posting_order(scenarios)
+    kinds = [r.testcase == "autocloud.ami.all" for r in posted]
+    assert kinds == [False] * len(outcomes) + [True] * len(outcomes)
+    assert posted[-1].outcome == last
+    assert sorted(r.data["scenario"] for r in posted if r.testcase == "autocloud.ami.all") == [
+        s.scenario for s in scenarios
+    ]
