@@ -1,17 +1,26 @@
 """One AMI test run, end to end: ``test_ami(request, deps) -> JobResult``.
 
-    queued -> (a free slot) -> running -> instance -> SSH -> suite -> cleanup
-           -> every result to ResultsDB (summary last) -> success | failed
+    queued -> (a free slot) -> running -> per scenario, all at once:
+              instance type -> instance -> SSH -> suite -> cleanup
+           -> every result to ResultsDB (tests, then the summaries) -> success | failed
+
+A scenario is one instance type of ``autocloud_ami.scenarios`` for the AMI's
+architecture (``x86_64:t3.small``); each runs on its own instance, key pair
+and security group, named after its own job id (the run's, plus the type when
+there are several). An instance type the region does not offer, of another
+architecture, unknown, or refused by ``run_instances`` (Unsupported,
+InvalidParameterValue, no capacity) is not the image's fault: that scenario's
+results are NEEDS_INSPECTION with the reason.
 
 ``Deps`` bundles the seams (AWS clients, the ResultsDB reporter, the message
 emitter, the SSH session factory, the output store), so tests swap any of
 them. The consumer and ``autocloud-ami test`` call exactly this function.
 
-Whatever goes wrong once the request is accepted - the AMI missing or not
-available, run_instances refused, the instance never running, SSH never
-answering, a wrong host key, a bug - every applicable test is reported
-FAILED with a note saying why, the summary is FAILED, the instance is
-cleaned up and ``autocloud.ami.failed`` is emitted. Only a malformed request
+Whatever else goes wrong once the request is accepted - the AMI missing or
+not available, run_instances refused (a quota), the instance never running,
+SSH never answering, a wrong host key, a bug - every applicable test of that
+scenario is reported FAILED with a note saying why, its summary is FAILED,
+the instance is cleaned up and ``autocloud.ami.failed`` is emitted. Only a malformed request
 (``InvalidRequest``: no AMI id, a bad id, a region or architecture this
 runner does not test) is refused before any AWS call, with no result and no
 message.
