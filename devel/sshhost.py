@@ -7,7 +7,11 @@ Autocloud suite's commands (``autocloud_ami.suite``): a tiny shell (``&&``,
 ``||``, ``;``, ``|``, ``>``, ``>>``, ``<``, ``sudo``, ``cd``) over an in-memory
 file system, systemd units whose enabled state survives reboots, a journal,
 dnf/rpm, bzip2/cpio/cmp that really compress and archive, docker and atomic
-on Atomic. Unknown commands exit 127 with ``command not found``.
+on Atomic, and the EC2 side: ``curl`` to the instance metadata service
+(IMDSv2 tokens, 401 without one when the launch required them) answering from
+``InstanceMetadata``, ``findmnt`` (the root on NVMe or Xen's xvda),
+``cloud-init status``, ``hostname`` and an ``authorized_keys`` holding the
+metadata's key. Unknown commands exit 127 with ``command not found``.
 
 ``sudo reboot`` drops every connection and the host refuses SSH for
 ``reboot_delay`` seconds, then comes back with a new boot id. Misbehaviours
