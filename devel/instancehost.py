@@ -10,8 +10,9 @@ launched with it (``describe_instances``), and what that instance booted
 tags), and what its instance metadata says (``devel.sshhost.InstanceMetadata``:
 the instance's id, type and private DNS name, the key pair's public key,
 whether the launch required IMDSv2 tokens, whether ``describe_instance_types``
-says the type's EBS volumes are NVMe). Only a key registered there gets in; the key's signature is checked
-by paramiko, so it is real key authentication, never accept-any.
+says the type's EBS volumes are NVMe). Only a key registered there gets in;
+the key's signature is checked by paramiko, so it is real key
+authentication, never accept-any.
 
 The connection then talks to that instance's own emulated Fedora
 (``devel.sshhost.SshTestHost``, not listening: this host accepts the
