@@ -55,7 +55,9 @@ config = {
     "autocloud_ami.regions": ["us-east-1"],
     # At most this many AMIs are tested at once (the hub's
     # moksha.workers_per_consumer should be at least as large); a request
-    # waits up to autocloud_ami.queue_timeout for a free slot.
+    # waits up to autocloud_ami.queue_timeout for a free slot. An AMI runs
+    # one instance per scenario at once: up to max_concurrent times the
+    # longest list of autocloud_ami.scenarios instances (mind the vCPU quota).
     "autocloud_ami.max_concurrent": 4,
     "autocloud_ami.queue_timeout": 14400.0,
     # Hard lifetime of a test instance: tagged autocloud:deadline, powered
