@@ -19,6 +19,8 @@ setup(
         "botocore>=1.34,<2",
         "requests>=2.31,<3",
         "resultsdb_api>=2.1,<3",
+        # Fedora's result conventions (the productmd.* data keys and groups); GPLv3+.
+        "resultsdb_conventions>=3.0,<4",
         "productmd>=1.38,<2",
         "paramiko>=3.4,<6",
         "cryptography>=42",  # throwaway test-instance keys (autocloud_ami.instance)

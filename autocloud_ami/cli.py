@@ -88,23 +88,25 @@ def describe_ami(ec2: Any, ami_id: str, region: str) -> dict[str, Any]:
 
 
 def print_table(result: Any, out: TextIO) -> None:
-    """One line per test, then the summary (``result``: a job.JobResult)."""
+    """Per scenario one line per test, then its summary (``result``: a job.JobResult)."""
     from autocloud_ami.report import outcome_name
 
-    rows = [
-        (o.test_id, "yes" if o.gating else "no", outcome_name(o.outcome), o.note)
-        for o in result.report.outcomes
-    ]
-    width = max([len("TEST"), *(len(r[0]) for r in rows)])
-    out.write(f"{'TEST':{width}}  GATING  OUTCOME  NOTE\n")
-    for test_id, gating, outcome, note in rows:
-        out.write(f"{test_id:{width}}  {gating:6}  {outcome:7}  {note}\n")
-    summary = result.results[-1]
-    passed, failed = result.counts()
-    out.write(
-        f"\n{summary.testcase}: {summary.outcome} ({passed} passed, {failed} failed) - "
-        f"{summary.note}\n"
-    )
+    for scenario in result.scenarios:
+        rows = [
+            (o.test_id, "yes" if o.gating else "no", outcome_name(o.outcome), o.note)
+            for o in scenario.report.outcomes
+        ]
+        width = max([len("TEST"), *(len(r[0]) for r in rows)])
+        out.write(f"scenario {scenario.scenario} (job {scenario.job_id})\n")
+        out.write(f"{'TEST':{width}}  GATING  OUTCOME  NOTE\n")
+        for test_id, gating, outcome, note in rows:
+            out.write(f"{test_id:{width}}  {gating:6}  {outcome:7}  {note}\n")
+        summary = scenario.results[-1]
+        passed, failed = scenario.report.counts()
+        out.write(
+            f"{summary.testcase}: {summary.outcome} ({passed} passed, {failed} failed) - "
+            f"{summary.note}\n\n"
+        )
     out.write(f"AMI {result.image.ami_id} in {result.image.region}, job {result.job_id}\n")
     if result.results_url:
         out.write(f"output: {result.results_url}\n")

@@ -9,6 +9,7 @@ or unsafe (an SSH CIDR wider than one host unless explicitly widened).
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,10 @@ from fedimg.messages import ARCHES, REGION_RE
 from fedimg.settings import ConfigError, load, load_consumer_config, setting
 
 NAMESPACE = "autocloud_ami"
+# Today's default matrix: one scenario per architecture.
+DEFAULT_SCENARIOS: dict[str, list[str]] = {"x86_64": ["t3.small"], "aarch64": ["t4g.small"]}
+MAX_TYPES_PER_ARCH = 8
+INSTANCE_TYPE_RE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9]+$")
 
 
 def parse_host_port(value: str) -> tuple[str, int]:
@@ -59,6 +64,48 @@ def _http_url(key: str, value: str) -> None:
         raise ValueError(f"{key}: not an http(s) URL: {value!r}")
 
 
+def _check_matrix(key: str, matrix: Mapping[str, list[str]]) -> None:
+    if not matrix:
+        raise ValueError(f"{key}: at least one architecture is needed")
+    for arch, types in matrix.items():
+        if arch not in ARCHES:
+            raise ValueError(f"{key}: unknown architecture {arch!r} (known: {sorted(ARCHES)})")
+        if not types:
+            raise ValueError(f"{key}: no instance type for {arch}")
+        if len(types) > MAX_TYPES_PER_ARCH:
+            raise ValueError(f"{key}: more than {MAX_TYPES_PER_ARCH} instance types for {arch}")
+        for itype in types:
+            if not INSTANCE_TYPE_RE.match(itype):
+                raise ValueError(f"{key}: bad type {itype!r} for {arch}")
+        if len(set(types)) != len(types):
+            raise ValueError(f"{key}: an instance type is listed twice for {arch}: {types}")
+
+
+def scenario_matrix(
+    instance_types: Mapping[str, str] | None, scenarios: Mapping[str, list[str]] | None
+) -> dict[str, list[str]]:
+    """The matrix in use: ``scenarios``, else one scenario per ``instance_types`` entry.
+
+    Both set must say the same (``instance_types`` is one scenario per
+    architecture), else ValueError naming both keys.
+    """
+    old = None
+    if instance_types is not None:
+        old = {arch: [itype] for arch, itype in instance_types.items()}
+        _check_matrix("autocloud_ami.instance_types", old)
+    if scenarios is None:
+        return old if old is not None else {a: list(t) for a, t in DEFAULT_SCENARIOS.items()}
+    new = {arch: list(types) for arch, types in scenarios.items()}
+    _check_matrix("autocloud_ami.scenarios", new)
+    if old is not None and old != new:
+        raise ValueError(
+            f"autocloud_ami.instance_types {dict(instance_types or {})} and "
+            f"autocloud_ami.scenarios {new} disagree: set only autocloud_ami.scenarios "
+            "(instance_types means one scenario per architecture)"
+        )
+    return new
+
+
 _POSITIVE = (
     "deadline",
     "boot_timeout",
@@ -83,9 +130,11 @@ class AutocloudConfig:
     resultsdb_retries: int = setting("autocloud_ami.resultsdb_retries", 3)
     resultsdb_backoff: float = setting("autocloud_ami.resultsdb_backoff", 1.0)
     resultsdb_timeout: float = setting("autocloud_ami.resultsdb_timeout", 30.0)
-    instance_types: dict[str, str] = setting(
-        "autocloud_ami.instance_types", {"x86_64": "t3.small", "aarch64": "t4g.small"}
-    )
+    # The older form of ``scenarios`` (one instance type per architecture); None: not set.
+    instance_types: dict[str, str] | None = setting("autocloud_ami.instance_types", None)
+    # Architecture -> instance types; None: from instance_types, else DEFAULT_SCENARIOS.
+    # After validation it always holds the matrix in use (see ``matrix``).
+    scenarios: dict[str, list[str]] | None = setting("autocloud_ami.scenarios", None)
     ssh_user: str = setting("autocloud_ami.ssh_user", "fedora")
     ssh_cidr_allow_wide: bool = setting("autocloud_ami.ssh_cidr_allow_wide", False)
     subnet_id: str | None = setting("autocloud_ami.subnet_id", None)
@@ -128,13 +177,7 @@ class AutocloudConfig:
         for region in self.regions:
             if not REGION_RE.match(region):
                 raise ValueError(f"autocloud_ami.regions: not an AWS region name: {region!r}")
-        if not self.instance_types:
-            raise ValueError("autocloud_ami.instance_types: at least one architecture is needed")
-        for arch, itype in self.instance_types.items():
-            if arch not in ARCHES:
-                raise ValueError(f"autocloud_ami.instance_types: unknown architecture {arch!r}")
-            if not itype or "." not in itype:
-                raise ValueError(f"autocloud_ami.instance_types: bad type {itype!r} for {arch}")
+        object.__setattr__(self, "scenarios", scenario_matrix(self.instance_types, self.scenarios))
 
     def _check_numbers(self) -> None:
         if self.max_concurrent < 1 or self.aws_max_attempts < 1:
@@ -149,6 +192,12 @@ class AutocloudConfig:
                 raise ValueError(f"autocloud_ami.{name} must not be negative")
         if self.deadline < self.boot_timeout:
             raise ValueError("autocloud_ami.deadline is shorter than autocloud_ami.boot_timeout")
+
+    @property
+    def matrix(self) -> dict[str, tuple[str, ...]]:
+        """Architecture -> the instance types (scenarios) an AMI of it is tested on."""
+        assert self.scenarios is not None  # set by __post_init__
+        return {arch: tuple(types) for arch, types in self.scenarios.items()}
 
     @property
     def ssh_override_address(self) -> tuple[str, int] | None:

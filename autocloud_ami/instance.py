@@ -43,6 +43,7 @@ from botocore.exceptions import ClientError, WaiterError
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from autocloud_ami.suite import NITRO
 from fedimg.aws import error_code, tag_specs
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,20 @@ NOT_FOUND_CODES = frozenset(
     }
 )
 LIVE_STATES = ("pending", "running", "stopping", "stopped", "shutting-down")
+# run_instances errors that mean "this instance type cannot run here" (not the image's
+# fault): the type is unknown or not supported in the zone, or capacity stayed short
+# past launch_retry_timeout.
+# (Account quotas - InstanceLimitExceeded, VcpuLimitExceeded - stay plain LaunchRefused.)
+UNAVAILABLE_CODES = frozenset(
+    {
+        "Unsupported",
+        "InvalidParameterValue",
+        "InsufficientInstanceCapacity",
+        "InsufficientHostCapacity",
+        "InsufficientCapacity",
+    }
+)
+AWS_ARCH = {"x86_64": "x86_64", "aarch64": "arm64"}
 
 
 # -- errors ------------------------------------------------------------------
@@ -93,6 +108,14 @@ class LaunchRefused(InstanceError):
     def __init__(self, message: str, code: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class TypeUnavailable(InstanceError):
+    """The scenario's instance type cannot run in the region (not the image's fault)."""
+
+
+class TypeRefused(LaunchRefused, TypeUnavailable):
+    """``run_instances`` refused the instance type itself, or capacity stayed short."""
 
 
 class InstanceFailed(InstanceError):
@@ -133,6 +156,8 @@ class LaunchSpec:
     deadline: datetime
     subnet_id: str | None = None
     self_destruct: bool = True
+    # IMDSv2 only (HttpTokens "required"); False for images whose cloud-init predates it.
+    imds_tokens_required: bool = True
 
     @property
     def name(self) -> str:
@@ -177,6 +202,7 @@ def launch_spec(
     now: datetime | None = None,
     subnet_id: str | None = None,
     self_destruct: bool = True,
+    imds_tokens_required: bool = True,
 ) -> LaunchSpec:
     """A LaunchSpec whose deadline is ``lifetime`` seconds from ``now``."""
     start = now or datetime.now(UTC)
@@ -189,7 +215,60 @@ def launch_spec(
         deadline=start + timedelta(seconds=lifetime),
         subnet_id=subnet_id,
         self_destruct=self_destruct,
+        imds_tokens_required=imds_tokens_required,
     )
+
+
+@dataclass(frozen=True)
+class TypeFacts:
+    """What EC2 says about a scenario's instance type (DescribeInstanceTypes)."""
+
+    instance_type: str
+    hypervisor: str  # "nitro", "xen" or "" (bare metal)
+    nvme_ebs: bool  # EbsInfo.NvmeSupport "required": EBS volumes, the root too, are NVMe
+
+    @property
+    def traits(self) -> frozenset[str]:
+        """The suite's scenario traits (``autocloud_ami.suite.NITRO``) of this type."""
+        return frozenset({NITRO}) if self.nvme_ebs else frozenset()
+
+
+def type_facts(
+    described: Mapping[str, Any], offered: bool, instance_type: str, region: str, arch: str
+) -> TypeFacts:
+    """The facts of ``instance_type`` from its DescribeInstanceTypes entry, or TypeUnavailable.
+
+    ``offered``: DescribeInstanceTypeOfferings lists it in ``region``.
+    """
+    if not offered:
+        raise TypeUnavailable(f"{region} does not offer instance type {instance_type}")
+    supported = described.get("ProcessorInfo", {}).get("SupportedArchitectures", [])
+    if AWS_ARCH.get(arch, arch) not in supported:
+        raise TypeUnavailable(
+            f"instance type {instance_type} runs {', '.join(supported) or 'nothing'}, not {arch}"
+        )
+    return TypeFacts(
+        instance_type=instance_type,
+        hypervisor=str(described.get("Hypervisor", "")),
+        nvme_ebs=described.get("EbsInfo", {}).get("NvmeSupport") == "required",
+    )
+
+
+def describe_type(ec2: Any, instance_type: str, region: str, arch: str) -> TypeFacts:
+    """Ask EC2 about ``instance_type`` in ``region``; TypeUnavailable when it cannot run there."""
+    try:
+        found = ec2.describe_instance_types(InstanceTypes=[instance_type])["InstanceTypes"]
+    except ClientError as exc:
+        if error_code(exc) != "InvalidInstanceType":
+            raise
+        raise TypeUnavailable(
+            f"{instance_type} is not an EC2 instance type (InvalidInstanceType)"
+        ) from exc
+    offerings = ec2.describe_instance_type_offerings(
+        LocationType="region", Filters=[{"Name": "instance-type", "Values": [instance_type]}]
+    )["InstanceTypeOfferings"]
+    offered = any(o.get("InstanceType") == instance_type for o in offerings)
+    return type_facts(found[0] if found else {}, offered, instance_type, region, arch)
 
 
 def self_destruct_user_data(deadline: datetime) -> str:
@@ -224,6 +303,10 @@ def run_instances_params(spec: LaunchSpec, key_name: str, group_id: str) -> dict
         "InstanceInitiatedShutdownBehavior": "terminate",
         "ClientToken": spec.job_id,
         "TagSpecifications": tag_specs(("instance", "volume"), spec.tags()),
+        "MetadataOptions": {
+            "HttpEndpoint": "enabled",
+            "HttpTokens": "required" if spec.imds_tokens_required else "optional",
+        },
     }
     if spec.subnet_id:
         params["SubnetId"] = spec.subnet_id
@@ -504,7 +587,8 @@ class TestInstance:
                     self._sleep(delay)
                     delay = min(delay * 2, 60.0)
                     continue
-                raise LaunchRefused(
+                refused = TypeRefused if code in UNAVAILABLE_CODES else LaunchRefused
+                raise refused(
                     f"run_instances refused for {self.spec.instance_type} in "
                     f"{self.spec.region}: {code or type(exc).__name__}",
                     code,

@@ -2,24 +2,32 @@
 
 Conventions (fixed: fedimg's gate depends on them)
     testcase   ``autocloud.ami.<test_id>`` per test, ``autocloud.ami.all`` for
-               the summary, which is always posted LAST
+               the summary of one scenario, always posted LAST of its scenario
     item/type  the AMI id / ``ami``
     data       ``region``, ``productmd.compose.id``, ``image_name``, ``arch``,
                ``subvariant``, ``source`` = ``autocloud``, ``gating``
-               (``true``/``false``), ``job_id``, ``family``, plus
-               ``productmd.image.arch``/``productmd.image.subvariant``
-    outcome    PASSED / FAILED. A test that could not run is FAILED with a note
-               saying why. SKIPPED tests (not applicable to the image's
-               family) are NOT posted: a result means "this ran"; they are
-               listed in the kept output and counted in the summary's note.
-               The summary is PASSED only if at least one gating test ran and
-               every gating test passed.
-    note       one line; ``ref_url`` the kept output when an output store is
-               configured
-    groups     as resultsdb_conventions does: ``compose.<compose_id>`` (uuid5
-               of the compose id in the uuid5(DNS, "compose") namespace, with
-               the compose URL), ``source.autocloud`` and
-               ``autocloud.<compose_id>``
+               (``true``/``false``), ``job_id``, ``family``, ``scenario``
+               (``x86_64:t3.small``: architecture and instance type), on the
+               summaries ``scenarios`` (every scenario of the run, comma
+               separated: what a gate must have a summary of), and what
+               resultsdb_conventions' ``ProductmdImageResult`` adds for a
+               compose image: ``productmd.compose.name|short|version|date|
+               type|respin``, ``productmd.image.arch|subvariant|type|format|
+               disc_number`` and ``meta.conventions``
+    outcome    PASSED / FAILED; INFO with data ``skipped`` = the reason for a
+               test that does not apply (another family's test, a Nitro-only
+               check on a Xen type, a condition not met); NEEDS_INSPECTION
+               for tests that could not run for a reason that is not the
+               image's (the scenario's instance type is not offered or has no
+               capacity). A test that could not run otherwise is FAILED with a
+               note saying why. The summary is PASSED only if at least one
+               gating test ran and every gating test passed; NEEDS_INSPECTION
+               if the gating tests that did not pass could not run.
+    note       one line (the summary's starts with its scenario); ``ref_url``
+               the kept output when an output store is configured
+    groups     resultsdb_conventions' ``compose.<compose_id>`` (with the
+               compose URL), ``source.autocloud``, ``autocloud.<compose_id>``,
+               ``image.<image id>`` and ``autocloud.<image id>``
 
 Delivery: the real ``resultsdb_api`` client retries connection errors and 5xx
 with backoff. What still fails is written to the spool directory (one JSON file
@@ -49,14 +57,21 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import requests
+from productmd.composeinfo import get_date_type_respin
 from requests.adapters import HTTPAdapter
 from resultsdb_api import ResultsDBapi, ResultsDBapiException
+from resultsdb_conventions.helpers import uuid_namespace
+from resultsdb_conventions.prodmd import ProductmdImageResult
 
 from fedimg.messages import (
     FAILED,
+    INFO,
+    NEEDS_INSPECTION,
     PASSED,
     RESULTSDB_ITEM_TYPE,
     RESULTSDB_SOURCE,
+    SCENARIO_KEY,
+    SKIPPED_KEY,
     SUMMARY_TESTCASE,
     TESTCASE_PREFIX,
     StagedImage,
@@ -67,6 +82,9 @@ log = logging.getLogger(__name__)
 ITEM_TYPE = RESULTSDB_ITEM_TYPE
 SOURCE = RESULTSDB_SOURCE
 SKIPPED = "SKIPPED"
+RUN_SCENARIOS_KEY = "scenarios"  # on each summary: every scenario of its run
+IMAGE_TYPE = "raw-xz"  # the productmd type of the raw.xz disk images fedimg stages
+RAW_XZ = "raw.xz"
 REJECTED_STATUSES = frozenset({400, 413, 422})
 NOTE_MAX = 200
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -158,29 +176,74 @@ def compose_location(image_url: str) -> str | None:
     return image_url[: index + len(marker) - 1] if index > 0 else None
 
 
-def _group(namespace: str, name: str, ref_url: str | None = None) -> dict[str, str]:
-    """resultsdb_conventions' ``add_group``: uuid5(uuid5(DNS, namespace), name)."""
-    ns = uuid.uuid5(uuid.NAMESPACE_DNS, namespace)
-    group = {"uuid": str(uuid.uuid5(ns, name)), "description": f"{namespace}.{name}"}
-    if ref_url:
-        group["ref_url"] = ref_url
-    return group
-
-
 def compose_group_uuid(compose_id: str) -> str:
     """The uuid of a compose's ResultsDB group (shared with openQA's results)."""
-    return _group("compose", compose_id)["uuid"]
+    return str(uuid_namespace(compose_id, uuid_namespace("compose")))
 
 
-def result_groups(image: StagedImage) -> tuple[dict[str, str], ...]:
-    return (
-        _group("compose", image.compose_id, compose_location(image.image_url)),
-        _group("source", SOURCE),
-        _group(SOURCE, image.compose_id),
+def composeinfo_of(image: StagedImage) -> dict[str, Any]:
+    """The part of a productmd composeinfo the conventions read, from the compose id.
+
+    ``Fedora-41-20261124.n.0``: release ``Fedora`` ``41`` (the image's
+    ``release`` when the request has one), date, type (production, nightly,
+    ...) and respin as productmd parses them. What cannot be parsed is empty.
+    """
+    cid = image.compose_id
+    try:
+        date, ctype, respin = get_date_type_respin(cid)
+    except ValueError:  # an unknown compose type suffix
+        date, ctype, respin = None, None, None
+    prefix = cid[: cid.find(date)].rstrip("-") if date else ""
+    short, _, version = prefix.rpartition("-")
+    return {
+        "header": {"version": "1.2"},
+        "payload": {
+            "compose": {"id": cid, "date": date or "", "type": ctype or "", "respin": respin},
+            "release": {"name": short, "short": short, "version": image.release or version},
+        },
+    }
+
+
+def imgdict_of(image: StagedImage) -> dict[str, Any]:
+    """The productmd image entry of the staged image (fedimg stages raw.xz disk images)."""
+    location = compose_location(image.image_url)
+    path = image.image_url[len(location) + 1 :] if location else image.image_url
+    return {
+        "path": path,
+        "arch": image.architecture,
+        "subvariant": image.subvariant,
+        "type": IMAGE_TYPE,
+        "format": RAW_XZ if image.image_url.endswith("." + RAW_XZ) else "",
+        "disc_number": 1,
+    }
+
+
+def conventions(
+    image: StagedImage, base: Mapping[str, str]
+) -> tuple[dict[str, str], tuple[dict[str, str], ...]]:
+    """The data and groups of every result about ``image``, by resultsdb_conventions.
+
+    Its ``ProductmdImageResult`` gives the ``productmd.compose.*`` and
+    ``productmd.image.*`` keys, ``meta.conventions`` and the groups (the
+    compose, with the compose URL; the source; the image); ``base`` (item =
+    the AMI id, type = ``ami``, ...) wins over its item and type, which name a
+    compose file. Keys it could not fill are left out.
+    """
+    result = ProductmdImageResult(
+        imgdict_of(image), composeinfo_of(image), PASSED, SUMMARY_TESTCASE, source=SOURCE
     )
+    location = compose_location(image.image_url)
+    if location:
+        result.add_group("compose", image.compose_id, ref_url=location)
+    result.extradata.update(base)
+    result.default_extradata()
+    result.default_groups()
+    data = {str(k): str(v) for k, v in result.extradata.items() if v is not None and v != ""}
+    groups = tuple({str(k): str(v) for k, v in g.items()} for g in result.groups)
+    return data, groups
 
 
-def base_data(image: StagedImage, job_id: str, family: str) -> dict[str, str]:
+def base_data(image: StagedImage, job_id: str, family: str, scenario: str) -> dict[str, str]:
     if not image.ami_id:
         raise ValueError(f"{image.compose_id}: no AMI id to report on")
     return {
@@ -196,23 +259,42 @@ def base_data(image: StagedImage, job_id: str, family: str) -> dict[str, str]:
         "source": SOURCE,
         "job_id": job_id,
         "family": family,
+        SCENARIO_KEY: scenario,
     }
 
 
 def summary_of(outcomes: Sequence[Outcome]) -> tuple[str, str]:
-    """The summary's outcome and one-line note."""
+    """The summary's outcome and one-line note.
+
+    PASSED: at least one gating test ran and every gating test passed.
+    NEEDS_INSPECTION: the gating tests that did not pass could not run for a
+    reason that is not the image's (the scenario's instance type unavailable).
+    FAILED otherwise.
+    """
     gating = [o for o in outcomes if o.gating and outcome_name(o.outcome) != SKIPPED]
-    failed_gating = [o.test_id for o in gating if outcome_name(o.outcome) != PASSED]
-    counts = {name: 0 for name in (PASSED, FAILED, SKIPPED)}
+    bad = [o for o in gating if outcome_name(o.outcome) != PASSED]
+    counts = {name: 0 for name in (PASSED, FAILED, SKIPPED, NEEDS_INSPECTION)}
     for o in outcomes:
         name = outcome_name(o.outcome)
         counts[name] = counts.get(name, 0) + 1
     tally = f"{counts[PASSED]} passed, {counts[FAILED]} failed, {counts[SKIPPED]} skipped"
+    if counts[NEEDS_INSPECTION]:
+        tally += f", {counts[NEEDS_INSPECTION]} not run"
     if not gating:
         return FAILED, one_line(f"no gating test ran ({tally})")
-    if failed_gating:
-        return FAILED, one_line(f"gating failed: {', '.join(failed_gating)} ({tally})")
+    if bad and all(outcome_name(o.outcome) == NEEDS_INSPECTION for o in bad):
+        return NEEDS_INSPECTION, one_line(f"{one_line(bad[0].note, 140)} ({tally})")
+    if bad:
+        names = ", ".join(o.test_id for o in bad)
+        return FAILED, one_line(f"gating failed: {names} ({tally})")
     return PASSED, one_line(f"all {len(gating)} gating tests passed ({tally})")
+
+
+def posted_outcome(name: str) -> str:
+    """The ResultsDB outcome of a runner outcome: SKIPPED is INFO (with the reason)."""
+    if name == SKIPPED:
+        return INFO
+    return name if name in (PASSED, NEEDS_INSPECTION) else FAILED
 
 
 def build_results(
@@ -221,24 +303,33 @@ def build_results(
     *,
     job_id: str,
     family: str,
+    scenario: str,
+    run_scenarios: Sequence[str] = (),
     ref_urls: Mapping[str, str] | None = None,
     summary_url: str | None = None,
 ) -> list[Result]:
-    """Every posted result for one run, summary last (SKIPPED ones left out)."""
+    """Every posted result for one scenario's run, its summary last.
+
+    A test that does not apply (SKIPPED) is posted as INFO with the reason
+    in data ``skipped``, so a rule requiring it sees it is inapplicable. The
+    summary lists every scenario of the run in data ``scenarios`` (comma
+    separated): what a gate must have a summary of before it decides.
+    """
     ref_urls = ref_urls or {}
-    data = base_data(image, job_id, family)
-    groups = result_groups(image)
+    data, groups = conventions(image, base_data(image, job_id, family, scenario))
     results = []
     for o in outcomes:
         name = outcome_name(o.outcome)
+        extra = {"gating": "true" if o.gating else "false"}
+        note = one_line(o.note) or name.lower()
         if name == SKIPPED:
-            continue
+            extra[SKIPPED_KEY] = note
         results.append(
             Result(
                 testcase=testcase_name(o.test_id),
-                outcome=PASSED if name == PASSED else FAILED,
-                note=one_line(o.note) or name.lower(),
-                data={**data, "gating": "true" if o.gating else "false"},
+                outcome=posted_outcome(name),
+                note=note,
+                data={**data, **extra},
                 groups=groups,
                 ref_url=ref_urls.get(o.test_id),
             )
@@ -248,8 +339,12 @@ def build_results(
         Result(
             testcase=SUMMARY_TESTCASE,
             outcome=outcome,
-            note=note,
-            data={**data, "gating": "true"},
+            note=one_line(f"{scenario}: {note}"),
+            data={
+                **data,
+                "gating": "true",
+                RUN_SCENARIOS_KEY: ",".join(run_scenarios or [scenario]),
+            },
             groups=groups,
             ref_url=summary_url,
         )

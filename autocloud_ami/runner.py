@@ -50,7 +50,7 @@ class TestOutcome:
     __test__ = False  # not a pytest class
 
     test_id: str
-    outcome: str  # PASSED | FAILED | SKIPPED
+    outcome: str  # PASSED | FAILED | SKIPPED | NEEDS_INSPECTION (could not run, not the image)
     gating: bool
     note: str  # one line: why
     output: str  # every command run for this test: command, exit code, stdout, stderr
@@ -160,19 +160,38 @@ def _skip_note(check: Check, family: Family) -> str:
     return f"only for {others} images; this one is {family}"
 
 
-def not_run(checks: Sequence[Check], reason: str, *, family: Family | None = None) -> SuiteReport:
-    """A report in which every check FAILED with ``reason`` (the instance never came up).
+def _skip_reason(check: Check, family: Family, traits: frozenset[str]) -> str | None:
+    """Why ``check`` does not apply here (the image's family, the scenario's traits), or None."""
+    if family not in check.families:
+        return _skip_note(check, family)
+    if check.needs is not None and check.needs not in traits:
+        return f"only on {check.needs} instance types; this scenario's is not"
+    return None
 
-    With ``family``, checks for the other family are SKIPPED as ``run_suite`` would.
+
+def not_run(
+    checks: Sequence[Check],
+    reason: str,
+    *,
+    family: Family | None = None,
+    traits: frozenset[str] = frozenset(),
+    outcome: str = FAILED,
+) -> SuiteReport:
+    """A report in which every check got ``outcome`` with ``reason`` (the instance never came up).
+
+    With ``family``, checks for the other family are SKIPPED as ``run_suite``
+    would, and so are checks needing a trait the scenario lacks.
     """
     fam = family or _infer_family(checks)
-    outcomes = tuple(
-        TestOutcome(c.id, SKIPPED, c.gating, _skip_note(c, fam), "", 0.0)
-        if family is not None and family not in c.families
-        else TestOutcome(c.id, FAILED, c.gating, f"not run: {_one_line(reason)}", "", 0.0)
-        for c in checks
-    )
-    return SuiteReport(fam, outcomes)
+    outcomes = []
+    for c in checks:
+        skip = _skip_reason(c, fam, traits) if family is not None else None
+        if skip is not None:
+            outcomes.append(TestOutcome(c.id, SKIPPED, c.gating, skip, "", 0.0))
+        else:
+            note = f"not run: {_one_line(reason)}"
+            outcomes.append(TestOutcome(c.id, outcome, c.gating, note, "", 0.0))
+    return SuiteReport(fam, tuple(outcomes))
 
 
 class _Run:
@@ -330,11 +349,13 @@ def run_suite(
     reboot_poll: float = 5.0,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
+    traits: frozenset[str] = frozenset(),
 ) -> SuiteReport:
     """Run every check on a connected session; every check gets an outcome.
 
     ``family`` None: probed on the instance. Checks not for the family are
-    SKIPPED, so the whole ``SUITE`` can be passed as well as ``select()``'s.
+    SKIPPED, so the whole ``SUITE`` can be passed as well as ``select()``'s;
+    so are checks that need a scenario trait (``Check.needs``) not in ``traits``.
     """
     ctx = log_context or "suite"
     if family is None:
@@ -356,10 +377,9 @@ def run_suite(
     lost: str | None = None
     log.info("%s: running %d checks on a %s image", ctx, len(checks), family)
     for check in checks:
-        if family not in check.families:
-            outcomes.append(
-                TestOutcome(check.id, SKIPPED, check.gating, _skip_note(check, family), "", 0.0)
-            )
+        skip = _skip_reason(check, family, traits)
+        if skip is not None:
+            outcomes.append(TestOutcome(check.id, SKIPPED, check.gating, skip, "", 0.0))
             continue
         if lost is not None:
             outcomes.append(TestOutcome(check.id, FAILED, check.gating, lost, "", 0.0))

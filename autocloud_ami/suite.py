@@ -76,6 +76,12 @@ class Expect:
             re.compile(self.value)
 
 
+# Scenario traits: facts about the instance type a check may need (``Check.needs``).
+# NITRO: the type runs on the Nitro system, its EBS volumes are NVMe devices
+# (DescribeInstanceTypes: EbsInfo.NvmeSupport "required").
+NITRO = "nitro"
+TRAITS: frozenset[str] = frozenset({NITRO})
+
 ALL_FAMILIES: frozenset[Family] = frozenset({Family.BASE, Family.ATOMIC})
 BASE_ONLY: frozenset[Family] = frozenset({Family.BASE})
 ATOMIC_ONLY: frozenset[Family] = frozenset({Family.ATOMIC})
@@ -92,6 +98,7 @@ class Check:
     timeout: float = 600.0  # per command
     only_if: str | None = None  # remote condition; exit != 0 -> SKIPPED
     description: str = ""
+    needs: str | None = None  # a scenario trait (NITRO); a scenario without it -> SKIPPED
 
     def __post_init__(self) -> None:
         if not CHECK_ID_RE.match(self.id):
@@ -113,6 +120,8 @@ class Check:
             raise ValueError(f"check {self.id}: timeout must be positive")
         if self.only_if is not None and not self.only_if.strip():
             raise ValueError(f"check {self.id}: empty only_if")
+        if self.needs is not None and self.needs not in TRAITS:
+            raise ValueError(f"check {self.id}: unknown scenario trait {self.needs!r}")
 
     @property
     def testcase(self) -> str:
@@ -244,6 +253,26 @@ def evaluate_all(expects: Sequence[Expect], result: CommandResult) -> tuple[bool
 EXIT0 = Expect("exit0")
 FAILS = Expect("exit_nonzero")
 
+# EC2 checks: the instance metadata service with IMDSv2 (a PUT for a session token,
+# then GETs carrying it; the launch requires tokens, see autocloud_ami.instance).
+# Each check fetches its own token (a check never depends on another one's files);
+# files go to the home directory, which a broken /tmp does not break.
+IMDS = "http://169.254.169.254/latest"
+IMDS_TOKEN = (
+    "curl -sS -f -m 10 -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 300'"
+    f" -o .ac-imds-token {IMDS}/api/token"
+)
+IMDS_HEADER = (
+    "echo -n 'X-aws-ec2-metadata-token: ' > .ac-imds-header"
+    " && cat .ac-imds-token >> .ac-imds-header"
+)
+
+
+def imds_get(path: str) -> str:
+    """A GET of ``meta-data/<path>`` with the token header IMDS_HEADER wrote."""
+    return f"curl -sS -f -m 10 -H @.ac-imds-header {IMDS}/meta-data/{path}"
+
+
 SUITE: tuple[Check, ...] = (
     # Gating, every image.
     Check(
@@ -295,6 +324,62 @@ SUITE: tuple[Check, ...] = (
         EXIT0,
         only_if="grep -qw net.ifnames=0 /proc/cmdline",
         description="with net.ifnames=0 the first interface is eth0",
+    ),
+    # Gating, EC2 specific: what Fedora must get right on EC2 (see the EC2 checks below).
+    Check(
+        "imds_v2",
+        (
+            IMDS_TOKEN,
+            IMDS_HEADER,
+            imds_get("instance-id"),
+            f"curl -sS -m 10 -o /dev/null -w '%{{http_code}}' {IMDS}/meta-data/instance-id",
+        ),
+        (EXIT0, EXIT0, Expect("regex", r"^i-[0-9a-f]{8,17}$"), Expect("equals", "401")),
+        families=BASE_ONLY,  # Atomic Host's cloud-init 17.1 predates IMDSv2
+        description="instance metadata answers with an IMDSv2 token and refuses a GET without one",
+    ),
+    Check(
+        "root_nvme",
+        "findmnt -n -v -o SOURCE /",
+        (EXIT0, Expect("regex", r"^/dev/nvme\d+n\d+(?:p\d+)?$")),
+        needs=NITRO,
+        families=BASE_ONLY,  # Atomic Host's root is an LV (/dev/mapper/atomicos-root)
+        description="on a Nitro instance type the root file system is on an NVMe device",
+    ),
+    Check(
+        "cloud_init",
+        "cloud-init status --wait --format json",
+        (
+            EXIT0,
+            Expect("regex", r'"status":\s*"done"'),
+            Expect("regex", r'"errors":\s*\[\s*\]'),
+        ),
+        families=BASE_ONLY,  # `cloud-init status` came with cloud-init 18.2
+        description="cloud-init finished without errors",
+    ),
+    Check(
+        "hostname_metadata",
+        (
+            IMDS_TOKEN,
+            IMDS_HEADER,
+            imds_get("local-hostname") + " | cut -d . -f 1 > .ac-md-hostname",
+            "hostname -s > .ac-os-hostname && cmp .ac-md-hostname .ac-os-hostname",
+        ),
+        EXIT0,
+        description="the hostname is the metadata's local-hostname",
+    ),
+    Check(
+        "ssh_key_metadata",
+        (
+            IMDS_TOKEN,
+            IMDS_HEADER,
+            imds_get("public-keys/0/openssh-key") + " > .ac-md-key",
+            "cut -d ' ' -f 1,2 .ac-md-key > .ac-md-keys"
+            " && cut -d ' ' -f 1,2 .ssh/authorized_keys > .ac-os-keys"
+            " && cmp .ac-md-keys .ac-os-keys",
+        ),
+        EXIT0,
+        description="the only authorized SSH key is the instance's key pair, from metadata",
     ),
     Check(
         "service_stop_disable",

@@ -6,13 +6,16 @@ private RabbitMQ with two ``fedora-messaging consume`` processes per app,
 replayed by ``devel.replay``), prints every message on the bus
 as it passes (time, topic, what it says), waits until every image reached
 its end state, then prints per image the staging AMI, its tests (from
-ResultsDB), its state and its AMI in every region, and checks the outcome:
+ResultsDB: over its scenarios, then per scenario), its state and its AMI in
+every region, and checks the outcome:
 
 - each image the instance host lets pass is ``released``: public in the
   staging region and copied, available and public in every target region,
   announced by ``fedimg.image.release``;
 - the image it breaks (SELinux off on the aarch64 Cloud Base) is
   ``rejected``: copied nowhere, public nowhere, ``fedimg.image.test failed``;
+- every AMI was tested in every scenario of its architecture (two x86_64
+  instance types, one aarch64);
 - no test instance, key pair or security group is left.
 
 Exit 0 when all of that holds, 1 with the reasons when not, 2 when the stack
@@ -57,11 +60,27 @@ class RegionAmi:
     public: bool
 
 
+# How bad an outcome is, when one testcase has results in several scenarios.
+_RANK: Final = {"INFO": 0, "PASSED": 1, "NEEDS_INSPECTION": 2, "FAILED": 3}
+
+
+def worst(outcomes: Iterable[str]) -> str:
+    """The outcome that decides over several scenarios (an unknown one counts as FAILED)."""
+    return max(outcomes, key=lambda o: _RANK.get(o, 3), default="")
+
+
 @dataclass(frozen=True)
 class Outcomes:
-    """The latest ResultsDB result per testcase of one AMI."""
+    """The latest ResultsDB result per testcase of one AMI, over its scenarios and per scenario."""
 
-    outcomes: Mapping[str, str]  # testcase -> outcome
+    outcomes: Mapping[str, str]  # testcase -> its worst latest outcome over every scenario
+    scenarios: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, scenarios: Mapping[str, Mapping[str, str]]) -> Outcomes:
+        names = {tc for per in scenarios.values() for tc in per}
+        merged = {tc: worst(per[tc] for per in scenarios.values() if tc in per) for tc in names}
+        return cls(merged, scenarios)
 
     @property
     def summary(self) -> str | None:
@@ -69,21 +88,39 @@ class Outcomes:
 
     @property
     def failed(self) -> list[str]:
-        return sorted(
-            tc for tc, o in self.outcomes.items() if o != "PASSED" and tc != SUMMARY_TESTCASE
-        )
+        return failed_of(self.outcomes)
 
     @property
     def passed(self) -> int:
-        return sum(1 for tc, o in self.outcomes.items() if o == "PASSED" and tc != SUMMARY_TESTCASE)
+        return count_of(self.outcomes, "PASSED")
 
     def cell(self) -> str:
         if not self.outcomes:
             return "no results"
-        text = f"{self.summary or 'no summary'}: {self.passed} passed, {len(self.failed)} failed"
-        if self.failed:
-            text += " (" + ", ".join(tc.rsplit(".", 1)[-1] for tc in self.failed) + ")"
-        return text
+        return outcome_cell(self.outcomes)
+
+
+def failed_of(outcomes: Mapping[str, str]) -> list[str]:
+    """The tests (not the summary) that FAILED or could not run."""
+    return sorted(
+        tc
+        for tc, o in outcomes.items()
+        if o in ("FAILED", "NEEDS_INSPECTION") and tc != SUMMARY_TESTCASE
+    )
+
+
+def count_of(outcomes: Mapping[str, str], outcome: str) -> int:
+    return sum(1 for tc, o in outcomes.items() if o == outcome and tc != SUMMARY_TESTCASE)
+
+
+def outcome_cell(outcomes: Mapping[str, str]) -> str:
+    failed = failed_of(outcomes)
+    summary = outcomes.get(SUMMARY_TESTCASE) or "no summary"
+    text = f"{summary}: {count_of(outcomes, 'PASSED')} passed, {len(failed)} failed"
+    if failed:
+        text += " (" + ", ".join(tc.rsplit(".", 1)[-1] for tc in failed) + ")"
+    skipped = count_of(outcomes, "INFO")
+    return text + (f", {skipped} not applicable" if skipped else "")
 
 
 @dataclass(frozen=True)
@@ -98,6 +135,7 @@ class ImageRow:
     state: str | None = None
     copies: Mapping[str, RegionAmi] = field(default_factory=dict)
     tests: Outcomes | None = None
+    scenarios: tuple[str, ...] = ()  # the scenarios its AMI must be tested in
 
     @property
     def label(self) -> str:
@@ -168,15 +206,22 @@ def copies_of(ec2: Any, region: str, source: str) -> list[RegionAmi]:
     ]
 
 
-def latest_outcomes(results: Iterable[Mapping[str, Any]]) -> dict[str, str]:
-    """testcase -> outcome of its newest result (by submit_time, then id)."""
-    newest: dict[str, tuple[str, int, str]] = {}
+def latest_outcomes(results: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, str]]:
+    """scenario -> testcase -> outcome of its newest result (by submit_time, then id).
+
+    A result without data ``scenario`` (an older autocloud_ami) is under "".
+    """
+    newest: dict[tuple[str, str], tuple[str, int, str]] = {}
     for r in results:
-        name = r["testcase"]["name"]
+        scenario = (r.get("data", {}).get("scenario") or [""])[0]
+        name = (scenario, r["testcase"]["name"])
         key = (str(r.get("submit_time", "")), int(r.get("id", 0)), str(r["outcome"]))
         if name not in newest or key > newest[name]:
             newest[name] = key
-    return {name: value[2] for name, value in newest.items()}
+    found: dict[str, dict[str, str]] = {}
+    for (scenario, testcase), value in sorted(newest.items()):
+        found.setdefault(scenario, {})[testcase] = value[2]
+    return found
 
 
 def read_tests(resultsdb_url: str, ami_id: str) -> Outcomes:
@@ -189,7 +234,7 @@ def read_tests(resultsdb_url: str, ami_id: str) -> Outcomes:
         got = api.get_results(item=ami_id, type="ami", limit=100, page=page)
         results.extend(got.get("data", []))
         if not got.get("next"):
-            return Outcomes(latest_outcomes(results))
+            return Outcomes.of(latest_outcomes(results))
         page += 1
 
 
@@ -229,7 +274,8 @@ def read_state(
     expected = stack.expected(tree)
     rows = []
     for name, arch, subvariant in stack.raw_images(tree):
-        row = ImageRow(name, arch, subvariant, expected[name])
+        scenarios = tuple(stack.scenarios_of(arch))
+        row = ImageRow(name, arch, subvariant, expected[name], scenarios=scenarios)
         image = by_name.get(name)
         if image is not None:
             ami_id = image["ImageId"]
@@ -248,7 +294,9 @@ def read_state(
                     if found:
                         copies[region] = found[0]
                 tests = read_tests(stack.resultsdb_url, ami_id)
-            row = ImageRow(name, arch, subvariant, expected[name], staging, state, copies, tests)
+            row = ImageRow(
+                name, arch, subvariant, expected[name], staging, state, copies, tests, scenarios
+            )
         rows.append(row)
     return PipelineState(
         opts.staging_region,
@@ -287,6 +335,9 @@ def _row_problems(row: ImageRow, state: PipelineState, messages: Sequence[Seen])
     want_summary = "PASSED" if row.expected == "released" else "FAILED"
     if summary != want_summary:
         out.append(f"{name} {ami}: ResultsDB {SUMMARY_TESTCASE} is {summary}, not {want_summary}")
+    tested = sorted(row.tests.scenarios) if row.tests else []
+    if row.scenarios and tested != sorted(row.scenarios):
+        out.append(f"{name} {ami}: tested in {tested or 'no scenario'}, not {list(row.scenarios)}")
     if row.expected == "released":
         out.extend(_released_problems(row, row.staging, state, messages))
     else:
@@ -406,7 +457,7 @@ def region_cell(row: ImageRow, region: str, staging_region: str) -> str:
 
 
 def render(state: PipelineState) -> str:
-    """The end-of-demo table: per image, then per region."""
+    """The end-of-demo tables: per image, per image and scenario, then per region."""
     lines = _table(
         ("IMAGE", "ARCH", "STAGING AMI", "TESTS (ResultsDB)", "STATE", "EXPECTED"),
         [
@@ -419,6 +470,16 @@ def render(state: PipelineState) -> str:
                 r.expected,
             )
             for r in state.rows
+        ],
+    )
+    lines.append("")
+    lines += _table(
+        ("IMAGE", "SCENARIO", "TESTS (ResultsDB, per scenario)"),
+        [
+            (r.image_name, scenario or "(none)", outcome_cell(per))
+            for r in state.rows
+            if r.tests is not None
+            for scenario, per in sorted(r.tests.scenarios.items())
         ],
     )
     regions = [state.staging_region, *state.regions]

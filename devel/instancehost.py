@@ -7,8 +7,12 @@ which key pair holds the offered key (``describe_key_pairs(IncludePublicKey=True
 only key pairs tagged ``autocloud:ami-test``), which live instance was
 launched with it (``describe_instances``), and what that instance booted
 (``describe_images``: the ``fedimg:image-name`` and ``fedimg:subvariant``
-tags). Only a key registered there gets in; the key's signature is checked
-by paramiko, so it is real key authentication, never accept-any.
+tags), and what its instance metadata says (``devel.sshhost.InstanceMetadata``:
+the instance's id, type and private DNS name, the key pair's public key,
+whether the launch required IMDSv2 tokens, whether ``describe_instance_types``
+says the type's EBS volumes are NVMe). Only a key registered there gets in;
+the key's signature is checked by paramiko, so it is real key
+authentication, never accept-any.
 
 The connection then talks to that instance's own emulated Fedora
 (``devel.sshhost.SshTestHost``, not listening: this host accepts the
@@ -42,7 +46,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -55,7 +59,7 @@ from paramiko.common import (
     OPEN_SUCCEEDED,
 )
 
-from devel.sshhost import FAULTS, USER, SshTestHost, fault_options
+from devel.sshhost import FAULTS, USER, InstanceMetadata, SshTestHost, fault_options
 from fedimg import tags
 
 log = logging.getLogger(__name__)
@@ -115,6 +119,7 @@ class Registration:
     instance_id: str
     launched: datetime | None
     profile: Profile
+    metadata: InstanceMetadata = field(default_factory=InstanceMetadata)
 
     @property
     def ident(self) -> tuple[str, str]:
@@ -133,6 +138,21 @@ def profile_for(
     image_name = image_tags.get(tags.IMAGE_NAME) or name or ami_id
     faults = tuple(dict.fromkeys(r.fault for r in rules if r.matches(image_name)))
     return Profile(ami_id, image_name, family_of(image_tags.get(tags.SUBVARIANT, "")), faults)
+
+
+def metadata_for(inst: Mapping[str, Any], pair: Mapping[str, Any], nvme: bool) -> InstanceMetadata:
+    """What IMDS tells the instance: from its DescribeInstances entry and its key pair."""
+    options = inst.get("MetadataOptions") or {}
+    key_line = str(pair.get("PublicKey", "")).strip()
+    return InstanceMetadata(
+        instance_id=str(inst["InstanceId"]),
+        instance_type=str(inst.get("InstanceType", "")),
+        local_hostname=str(inst.get("PrivateDnsName") or f"{inst['InstanceId']}.ec2.internal"),
+        public_keys=(key_line,) if key_line else (),
+        key_name=str(pair.get("KeyName", "")),
+        tokens_required=options.get("HttpTokens") == "required",
+        nvme=nvme,
+    )
 
 
 def same_key(openssh_public: str, key: paramiko.PKey) -> bool:
@@ -182,6 +202,7 @@ class AwsDirectory:
         self.regions = tuple(regions)
         self.rules = tuple(rules)
         self._profiles: dict[tuple[str, str], Profile] = {}
+        self._nvme: dict[tuple[str, str], bool] = {}
         self._lock = threading.Lock()
 
     def find(self, key: paramiko.PKey) -> Registration | None:
@@ -226,13 +247,27 @@ class AwsDirectory:
                 ami_id,
             )
         launched = inst.get("LaunchTime")
+        nvme = self._nvme_ebs(ec2, region, str(inst.get("InstanceType", "")))
         return Registration(
             region=region,
             key_name=key_name,
             instance_id=str(inst["InstanceId"]),
             launched=launched if isinstance(launched, datetime) else None,
             profile=self._profile(ec2, region, ami_id),
+            metadata=metadata_for(inst, pair, nvme),
         )
+
+    def _nvme_ebs(self, ec2: Any, region: str, instance_type: str) -> bool:
+        """Whether EC2 says the type's EBS volumes are NVMe devices (a Nitro type)."""
+        with self._lock:
+            cached = self._nvme.get((region, instance_type))
+        if cached is not None:
+            return cached
+        described = ec2.describe_instance_types(InstanceTypes=[instance_type])["InstanceTypes"]
+        nvme = bool(described) and described[0].get("EbsInfo", {}).get("NvmeSupport") == "required"
+        with self._lock:
+            self._nvme[(region, instance_type)] = nvme
+        return nvme
 
     def _profile(self, ec2: Any, region: str, ami_id: str) -> Profile:
         with self._lock:
@@ -461,10 +496,11 @@ class InstanceHost:
         profile = found.profile
         ready = boot_ready_at(found.launched, self.boot_delay, self._clock())
         log.info(
-            "%s %s (%s, key pair %s): %s instance of %s%s",
+            "%s %s (%s, %s, key pair %s): %s instance of %s%s",
             found.region,
             found.instance_id,
             profile.ami_id,
+            found.metadata.instance_type,
             found.key_name,
             profile.family,
             profile.image_name,
@@ -479,6 +515,7 @@ class InstanceHost:
             authorized=lambda key: False,  # logins are decided by InstanceHost
             reboot_delay=self.reboot_delay,
             host_key=self.host_key,
+            metadata=found.metadata,
             **fault_options(profile.faults),
         )
 

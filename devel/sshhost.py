@@ -7,7 +7,11 @@ Autocloud suite's commands (``autocloud_ami.suite``): a tiny shell (``&&``,
 ``||``, ``;``, ``|``, ``>``, ``>>``, ``<``, ``sudo``, ``cd``) over an in-memory
 file system, systemd units whose enabled state survives reboots, a journal,
 dnf/rpm, bzip2/cpio/cmp that really compress and archive, docker and atomic
-on Atomic. Unknown commands exit 127 with ``command not found``.
+on Atomic, and the EC2 side: ``curl`` to the instance metadata service
+(IMDSv2 tokens, 401 without one when the launch required them) answering from
+``InstanceMetadata``, ``findmnt`` (the root on NVMe or Xen's xvda),
+``cloud-init status``, ``hostname`` and an ``authorized_keys`` holding the
+metadata's key. Unknown commands exit 127 with ``command not found``.
 
 ``sudo reboot`` drops every connection and the host refuses SSH for
 ``reboot_delay`` seconds, then comes back with a new boot id. Misbehaviours
@@ -46,6 +50,8 @@ from __future__ import annotations
 import argparse
 import base64
 import bz2
+import dataclasses
+import json
 import logging
 import math
 import posixpath
@@ -88,7 +94,31 @@ FAULTS: dict[str, tuple[str, Any, str]] = {
     "services-reset": ("services_reset", True, "enable/disable is forgotten at reboot"),
     "journal": ("empty_journal", True, "the journal is empty"),
     "docker": ("docker_down", True, "the docker daemon does not start (Atomic)"),
+    "imds-v1": ("imds_v1", True, "instance metadata answers GETs without an IMDSv2 token"),
+    "xen-root": ("xen_root", True, "the root file system is on /dev/xvda even on Nitro"),
+    "cloud-init": ("cloud_init_errors", True, "cloud-init finished with an error"),
+    "hostname": ("wrong_hostname", True, "the hostname is not the metadata's"),
+    "baked-key": ("baked_key", True, "the image ships an SSH key of its own"),
 }
+
+IMDS_HOST = "169.254.169.254"
+BAKED_KEY = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAAAgQC7bakedKEYfromTHEimageBUILDER imagefactory"
+
+
+@dataclass(frozen=True)
+class InstanceMetadata:
+    """What the instance metadata service (IMDS) tells this emulated instance."""
+
+    instance_id: str = "i-0123456789abcdef0"
+    instance_type: str = "t3.small"
+    local_hostname: str = HOSTNAME
+    # OpenSSH public key lines of the launch key pair; cloud-init writes them to
+    # ~/.ssh/authorized_keys. Empty: the key that first logs in (SshTestHost's
+    # authorizer checked it) is taken as the key pair's.
+    public_keys: tuple[str, ...] = ()
+    key_name: str = "autocloud-key"
+    tokens_required: bool = True  # the launch's MetadataOptions.HttpTokens == "required"
+    nvme: bool = True  # a Nitro type: EBS volumes, the root too, are NVMe devices
 
 
 def fault_options(names: Iterable[str]) -> dict[str, Any]:
@@ -425,10 +455,23 @@ class FakeFedora:
         empty_journal: bool = False,
         docker_down: bool = False,
         net_ifnames: bool = True,
+        metadata: InstanceMetadata | None = None,
+        imds_v1: bool = False,
+        xen_root: bool = False,
+        cloud_init_errors: bool = False,
+        wrong_hostname: bool = False,
+        baked_key: bool = False,
     ) -> None:
         if family not in ("Base", "Atomic"):
             raise ValueError(f"family must be Base or Atomic, not {family!r}")
         self.family = family
+        self.metadata = metadata or InstanceMetadata()
+        self.imds_v1 = imds_v1
+        self.xen_root = xen_root
+        self.cloud_init_errors = cloud_init_errors
+        self.wrong_hostname = wrong_hostname
+        self.baked_key = baked_key
+        self._tokens: set[str] = set()
         self.user = user
         self.home = f"/home/{user}"
         self.selinux_permissive = selinux_permissive
@@ -449,6 +492,7 @@ class FakeFedora:
         self._pid = 1000
         self.nodes: dict[str, _Node] = {}
         self._init_fs(tmp_mode)
+        self._write_authorized_keys()
         self.units = self._init_units()
         self._programs = self._program_table()
         for name in self._programs:
@@ -548,6 +592,26 @@ class FakeFedora:
                 "sshd.service",
                 f"Accepted publickey for {user} from {address} ssh2: {fingerprint}",
             )
+
+    # -- what cloud-init did with the metadata ------------------------------
+    def _write_authorized_keys(self) -> None:
+        keys = list(self.metadata.public_keys) + ([BAKED_KEY] if self.baked_key else [])
+        ssh_dir = f"{self.home}/.ssh"
+        self.nodes[ssh_dir] = _Node("dir", 0o700, self.user)
+        text = "".join(k.strip() + "\n" for k in keys)
+        self.nodes[f"{ssh_dir}/authorized_keys"] = _Node("file", 0o600, self.user, text.encode())
+
+    def take_login_key(self, public_line: str) -> None:
+        """No key pair in the metadata: the first key let in is the key pair's."""
+        with self._lock:
+            if self.metadata.public_keys:
+                return
+            self.metadata = dataclasses.replace(self.metadata, public_keys=(public_line,))
+            self._write_authorized_keys()
+
+    @property
+    def hostname(self) -> str:
+        return "localhost.localdomain" if self.wrong_hostname else self.metadata.local_hostname
 
     def _log(self, ident: str, unit: str, message: str) -> None:
         if not self.empty_journal:
@@ -784,7 +848,13 @@ class FakeFedora:
                 else _ok(f"uid={0 if c.user == 'root' else 1000}({c.user})\n")
             ),
             "whoami": lambda c, a: _ok(c.user + "\n"),
-            "hostname": lambda c, a: _ok(HOSTNAME + "\n"),
+            "hostname": lambda c, a: _ok(
+                (self.hostname.split(".")[0] if "-s" in a else self.hostname) + "\n"
+            ),
+            "curl": self._curl,
+            "cut": self._cut,
+            "findmnt": self._findmnt,
+            "cloud-init": self._cloud_init,
             "uname": self._uname,
             "bash": self._bash,
             "getenforce": lambda c, a: _ok(
@@ -1214,12 +1284,174 @@ class FakeFedora:
             time.sleep(min(0.02, max(0.0, deadline - time.monotonic())))
         return Exec(0)
 
+    def _cut(self, c: _Ctx, args: list[str]) -> Exec:
+        delimiter, fields, files = "\t", "", []
+        i = 0
+        while i < len(args):
+            if args[i] in ("-d", "-f") and i + 1 < len(args):
+                if args[i] == "-d":
+                    delimiter = args[i + 1]
+                else:
+                    fields = args[i + 1]
+                i += 2
+                continue
+            files.append(args[i])
+            i += 1
+        if len(delimiter) != 1 or not re.fullmatch(r"\d+(?:,\d+)*", fields):
+            return _fail(1, "cut: you must specify a list of fields (and a one-character -d)")
+        wanted = [int(n) for n in fields.split(",")]
+        data = c.stdin
+        if files:
+            try:
+                data = self._read(c.sh, files[0], c.user)
+            except _FsError as exc:
+                return _fail(1, f"cut: {files[0]}: {exc}")
+        out = []
+        for line in data.decode(errors="replace").splitlines():
+            parts = line.split(delimiter)
+            if len(parts) == 1:
+                out.append(line)  # no delimiter: the whole line, as GNU cut without -s
+                continue
+            out.append(delimiter.join(parts[n - 1] for n in sorted(set(wanted)) if n <= len(parts)))
+        return _ok("".join(line + "\n" for line in out))
+
+    def _findmnt(self, c: _Ctx, args: list[str]) -> Exec:
+        if args[-1:] != ["/"] or "SOURCE" not in args:
+            return _fail(1, "findmnt: only `findmnt -n -v -o SOURCE /` is emulated (stand-in)")
+        if self.family == "Atomic":
+            return _ok("/dev/mapper/atomicos-root\n")
+        nvme = self.metadata.nvme and not self.xen_root
+        return _ok("/dev/nvme0n1p4\n" if nvme else "/dev/xvda4\n")
+
+    def _cloud_init(self, c: _Ctx, args: list[str]) -> Exec:
+        if self.family == "Atomic" or args[:1] != ["status"]:
+            return _fail(2, "usage: cloud-init [-h] {init,modules,single,query,clean,status} ...")
+        status = "error" if self.cloud_init_errors else "done"
+        errors = (
+            ["('scripts_user', RuntimeError('Runparts: 1 failures (part-001) in 1 attempted'))"]
+            if self.cloud_init_errors
+            else []
+        )
+        code = 1 if self.cloud_init_errors else 0
+        if "json" in args:
+            report = {
+                "boot_status_code": "enabled-by-generator",
+                "datasource": "ec2",
+                "detail": "DataSourceEc2Local",
+                "errors": errors,
+                "extended_status": status,
+                "recoverable_errors": {},
+                "status": status,
+            }
+            return Exec(code, (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
+        text = f"status: {status}\n"
+        if "--long" in args:
+            text += f"extended_status: {status}\ndetail: DataSourceEc2Local\nerrors: {errors}\n"
+        return Exec(code, text.encode())
+
+    def _curl(self, c: _Ctx, args: list[str]) -> Exec:
+        """curl against the instance metadata service only (no other network here)."""
+        method, headers, out_file, write_out = "GET", [], None, ""
+        fail = silent = show_errors = False
+        url = ""
+        i = 0
+        while i < len(args):
+            arg = args[i]
+            value = args[i + 1] if i + 1 < len(args) else None
+            if arg in ("-X", "-H", "-o", "-w", "-m") and value is None:
+                return _fail(2, f"curl: option {arg}: requires parameter")
+            if arg == "-X":
+                method = str(value)
+            elif arg == "-H":
+                if str(value).startswith("@"):
+                    try:
+                        raw = self._read(c.sh, str(value)[1:], c.user)
+                    except _FsError as exc:
+                        return _fail(26, f"curl: (26) Failed to open/read local data: {exc}")
+                    headers += raw.decode(errors="replace").splitlines()
+                else:
+                    headers.append(str(value))
+            elif arg == "-o":
+                out_file = str(value)
+            elif arg == "-w":
+                write_out = str(value)
+            elif arg == "-m":
+                pass  # the emulated service answers at once
+            elif arg.startswith("-") and not arg.startswith("--"):
+                flags = arg[1:]
+                fail = fail or "f" in flags
+                silent = silent or "s" in flags
+                show_errors = show_errors or "S" in flags
+                i += 1
+                continue
+            else:
+                url = arg
+                i += 1
+                continue
+            i += 2
+        status, body = self._imds(method, url, headers)
+        if status == 0:
+            return _fail(7, f"curl: (7) Failed to connect to {url[:60]}: Connection refused")
+        stdout = b""
+        if fail and status >= 400:
+            shown = show_errors or not silent
+            err = f"curl: (22) The requested URL returned error: {status}" if shown else ""
+            return Exec(22, write_out.replace("%{http_code}", str(status)).encode(), err.encode())
+        if out_file is not None:
+            try:
+                self._write(c.sh, out_file, body, c.user)
+            except _FsError as exc:
+                return _fail(23, f"curl: (23) Failure writing output to destination: {exc}")
+        else:
+            stdout = body
+        return Exec(0, stdout + write_out.replace("%{http_code}", str(status)).encode())
+
+    def _imds(self, method: str, url: str, headers: Sequence[str]) -> tuple[int, bytes]:
+        """(HTTP status, body) of the emulated IMDS; status 0: nothing listens there."""
+        prefix = f"http://{IMDS_HOST}/latest/"
+        if not url.startswith(prefix):
+            return 0, b""
+        path = url[len(prefix) :]
+        given = {
+            name.strip().lower(): value.strip()
+            for name, sep, value in (h.partition(":") for h in headers)
+            if sep
+        }
+        if path == "api/token":
+            if method != "PUT":
+                return 405, b""
+            ttl = given.get("x-aws-ec2-metadata-token-ttl-seconds", "")
+            if not ttl.isdigit() or not 1 <= int(ttl) <= 21600:
+                return 400, b""
+            issued = secrets.token_urlsafe(32)
+            self._tokens.add(issued)
+            return 200, issued.encode()
+        if method != "GET":
+            return 405, b""
+        token = given.get("x-aws-ec2-metadata-token")
+        if token is not None and token not in self._tokens:
+            return 401, b""
+        if token is None and self.metadata.tokens_required and not self.imds_v1:
+            return 401, b""
+        md = self.metadata
+        answers = {
+            "meta-data/instance-id": md.instance_id,
+            "meta-data/instance-type": md.instance_type,
+            "meta-data/local-hostname": md.local_hostname,
+            "meta-data/hostname": md.local_hostname,
+            "meta-data/public-keys/": f"0={md.key_name}",
+        }
+        if md.public_keys:
+            answers["meta-data/public-keys/0/openssh-key"] = md.public_keys[0]
+        answer = answers.get(path)
+        return (404, b"") if answer is None else (200, answer.encode())
+
     def _uname(self, c: _Ctx, args: list[str]) -> Exec:
         if "-r" in args:
             return _ok(_KERNEL[self.family] + "\n")
         if "-m" in args:
             return _ok("x86_64\n")
-        return _ok(f"Linux {HOSTNAME} {_KERNEL[self.family]} #1 SMP x86_64 GNU/Linux\n")
+        return _ok(f"Linux {self.hostname} {_KERNEL[self.family]} #1 SMP x86_64 GNU/Linux\n")
 
     def _bash(self, c: _Ctx, args: list[str]) -> Exec:
         if args[:1] == ["--version"]:
@@ -1734,6 +1966,10 @@ class _Server(paramiko.ServerInterface):
             return AUTH_FAILED
         if not self.host.authorized(key):
             return AUTH_FAILED
+        # Counted here, not by watching the transport: a short session may be gone
+        # before a watcher looks.
+        self.host.os.take_login_key(f"{key.get_name()} {key.get_base64()} {self.host.user}-login")
+        self.host.count_login(self.address)
         return AUTH_SUCCESSFUL
 
     def check_channel_request(self, kind: str, chanid: int) -> int:
@@ -1772,6 +2008,12 @@ class SshTestHost:
         empty_journal: bool = False,
         docker_down: bool = False,
         net_ifnames: bool = True,
+        metadata: InstanceMetadata | None = None,
+        imds_v1: bool = False,
+        xen_root: bool = False,
+        cloud_init_errors: bool = False,
+        wrong_hostname: bool = False,
+        baked_key: bool = False,
     ) -> None:
         if never_accept not in (None, "hang", "refuse"):
             raise ValueError(f"never_accept must be 'hang' or 'refuse', not {never_accept!r}")
@@ -1798,6 +2040,12 @@ class SshTestHost:
             empty_journal=empty_journal,
             docker_down=docker_down,
             net_ifnames=net_ifnames,
+            metadata=metadata,
+            imds_v1=imds_v1,
+            xen_root=xen_root,
+            cloud_init_errors=cloud_init_errors,
+            wrong_hostname=wrong_hostname,
+            baked_key=baked_key,
         )
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -1842,6 +2090,11 @@ class SshTestHost:
 
     def _up_locked(self) -> bool:
         return not self._dead and self.never_accept is None and time.monotonic() >= self._down_until
+
+    def count_login(self, peer: str) -> None:
+        with self._lock:
+            self.logins += 1
+        self.os.note_login(self.user, peer, "publickey")
 
     def keys_ready(self) -> bool:
         return time.monotonic() >= self._keys_at
@@ -1960,20 +2213,6 @@ class SshTestHost:
             transport.start_server(server=_Server(self, peer))
         except (paramiko.SSHException, EOFError, OSError):
             transport.close()
-            return
-        # Wait for authentication to record the login (bounded: paramiko's auth timeout).
-        # A quick client may log in, work and leave between two looks: the auth
-        # handler still says it authenticated once the transport is closed.
-        deadline = time.monotonic() + 30
-        while transport.is_active() and not self._stop.is_set() and time.monotonic() < deadline:
-            if transport.is_authenticated():
-                break
-            time.sleep(0.01)
-        handler = transport.auth_handler
-        if handler is not None and handler.is_authenticated():
-            with self._lock:
-                self.logins += 1
-            self.os.note_login(self.user, peer, "publickey")
 
     def on_exec(self, channel: paramiko.Channel, command: str) -> bool:
         with self._lock:
@@ -2113,6 +2352,7 @@ __all__ = [
     "FAULTS",
     "Exec",
     "FakeFedora",
+    "InstanceMetadata",
     "SshTestHost",
     "fault_options",
     "load_authorized_keys",

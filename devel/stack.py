@@ -71,6 +71,7 @@ from devel.datagrepper import Datagrepper
 from devel.instancehost import FailRule, family_of
 from devel.motoserver import MotoServer
 from devel.rabbitmq import RabbitMQ
+from fedimg.messages import scenario_name
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,14 @@ LOOPBACK: Final = "127.0.0.1"
 # once (the relay always runs with one: devel.bus.LocalBus.relay_config).
 HUB_SETTINGS: Final = {"moksha.workers_per_consumer": 6}
 # Faults that only fail a check of one family (the rest fail a gating check of both).
-FAULT_FAMILIES: Final = {"docker": ("Atomic",), "dnf": ("Base",)}
+FAULT_FAMILIES: Final = {
+    "docker": ("Atomic",),
+    "dnf": ("Base",),
+    "imds-v1": ("Base",),
+    "xen-root": ("Base",),
+    "cloud-init": ("Base",),
+}
+SCENARIOS: Final = {"x86_64": ("t3.small", "t2.small"), "aarch64": ("t4g.small",)}
 
 
 @dataclass(frozen=True)
@@ -93,6 +101,9 @@ class StackOptions:
     compose_id: str = "Fedora-40-20240501.0"
     images: tuple[ImageSpec, ...] = DEFAULT_IMAGES
     fail: tuple[str, ...] = ("Fedora-Cloud-Base-*aarch64*=selinux",)
+    # autocloud_ami.scenarios: every AMI is tested on each instance type of its arch.
+    # x86_64: a Nitro type (NVMe root) and a Xen type; aarch64: a Graviton type.
+    scenarios: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(SCENARIOS))
     boot_delay: float = 0.5
     reboot_delay: float = 0.5
     hub_timeout: float = 90.0
@@ -165,6 +176,7 @@ def hub_settings(
         "autocloud_ami.ssh_cidr": f"{LOOPBACK}/32",
         "autocloud_ami.ssh_override": ssh_override,
         "autocloud_ami.regions": [options.staging_region],
+        "autocloud_ami.scenarios": {arch: list(types) for arch, types in options.scenarios.items()},
         "autocloud_ami.max_concurrent": 4,
         "autocloud_ami.queue_timeout": 300.0,
         "autocloud_ami.deadline": 600.0,
@@ -412,6 +424,10 @@ class Stack:
             for i in tree.raw_images()
             if i.spec.format == "raw.xz"
         ]
+
+    def scenarios_of(self, arch: str) -> list[str]:
+        """The scenarios an AMI of ``arch`` is tested in (``x86_64:t3.small``, ...)."""
+        return [scenario_name(arch, t) for t in self.options.scenarios.get(arch, ())]
 
     def expected(self, tree: ComposeTree | None = None) -> dict[str, str]:
         """image name -> the end state it must reach (released / rejected)."""

@@ -28,9 +28,20 @@ config = {
     # unless autocloud_ami.ssh_cidr_allow_wide is True; never 0.0.0.0/0.
     "autocloud_ami.ssh_cidr": "127.0.0.1/32",
     "autocloud_ami.ssh_cidr_allow_wide": False,
-    # Instance type per architecture; an AMI of an architecture not listed
-    # here is refused.
-    "autocloud_ami.instance_types": {"x86_64": "t3.small", "aarch64": "t4g.small"},
+    # The scenarios: architecture -> the instance types every AMI of that
+    # architecture is tested on, each on its own instance at the same time
+    # (results carry data "scenario" = "<arch>:<type>", one autocloud.ami.all
+    # summary per scenario). An AMI of an architecture not listed is refused.
+    # Pick types that differ where images break: a Nitro type (NVMe root, ENA)
+    # and a Xen type for x86_64, a Graviton type for aarch64. A type the
+    # region does not offer (or has no capacity for) gives that scenario a
+    # NEEDS_INSPECTION summary saying so. None: from instance_types below,
+    # else {"x86_64": ["t3.small"], "aarch64": ["t4g.small"]}.
+    "autocloud_ami.scenarios": {"x86_64": ["t3.small", "t2.small"], "aarch64": ["t4g.small"]},
+    # The older form: one instance type per architecture ({"x86_64":
+    # "t3.small", ...}, one scenario each). None: not set. Set with scenarios,
+    # it must say the same, or the consumer does not start.
+    "autocloud_ami.instance_types": None,
     # The images' default user the suite logs in as.
     "autocloud_ami.ssh_user": "fedora",
     # Launch into this subnet (its VPC gets the security group); None: the
@@ -44,7 +55,9 @@ config = {
     "autocloud_ami.regions": ["us-east-1"],
     # At most this many AMIs are tested at once (the hub's
     # moksha.workers_per_consumer should be at least as large); a request
-    # waits up to autocloud_ami.queue_timeout for a free slot.
+    # waits up to autocloud_ami.queue_timeout for a free slot. An AMI runs
+    # one instance per scenario at once: up to max_concurrent times the
+    # longest list of autocloud_ami.scenarios instances (mind the vCPU quota).
     "autocloud_ami.max_concurrent": 4,
     "autocloud_ami.queue_timeout": 14400.0,
     # Hard lifetime of a test instance: tagged autocloud:deadline, powered

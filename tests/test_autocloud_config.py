@@ -26,7 +26,8 @@ def load(**extra: Any) -> AutocloudConfig:
 def test_defaults() -> None:
     cfg = load()
     assert cfg.enabled is False
-    assert cfg.instance_types == {"x86_64": "t3.small", "aarch64": "t4g.small"}
+    assert cfg.instance_types is None  # not set: today's one scenario per architecture
+    assert cfg.matrix == {"x86_64": ("t3.small",), "aarch64": ("t4g.small",)}
     assert cfg.ssh_user == "fedora"
     assert cfg.ssh_override is None and cfg.ssh_override_address is None
     assert cfg.subnet_id is None
@@ -105,6 +106,13 @@ def test_ipv6_single_host_is_fine() -> None:
         ({"instance_types": {"ppc64le": "x.large"}}, "instance_types"),
         ({"instance_types": {"x86_64": "small"}}, "instance_types"),
         ({"instance_types": {}}, "instance_types"),
+        ({"scenarios": {}}, "scenarios"),
+        ({"scenarios": {"x86_64": []}}, "scenarios"),
+        ({"scenarios": {"ppc64le": ["x.large"]}}, "scenarios"),
+        ({"scenarios": {"x86_64": ["t3.small", "t3.small"]}}, "listed twice"),
+        ({"scenarios": {"x86_64": ["t3.small; rm"]}}, "scenarios"),
+        ({"scenarios": {"x86_64": [f"t3.x{i}" for i in range(9)]}}, "more than 8"),
+        ({"scenarios": {"x86_64": "t3.small"}}, "scenarios"),
         ({"ssh_override": "localhost"}, "host:port"),
         ({"ssh_override": "localhost:99999"}, "port"),
         ({"ssh_user": "fe dora"}, "ssh_user"),
@@ -120,6 +128,47 @@ def test_ipv6_single_host_is_fine() -> None:
 def test_invalid_values_are_refused(extra: dict[str, Any], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         load(**extra)
+
+
+@pytest.mark.parametrize(
+    ("extra", "matrix"),
+    [
+        ({}, {"x86_64": ("t3.small",), "aarch64": ("t4g.small",)}),
+        ({"instance_types": {"x86_64": "c5.large"}}, {"x86_64": ("c5.large",)}),
+        (
+            {"scenarios": {"x86_64": ["t3.small", "t2.small"], "aarch64": ["t4g.small"]}},
+            {"x86_64": ("t3.small", "t2.small"), "aarch64": ("t4g.small",)},
+        ),
+        # Both set and saying the same thing: fine.
+        (
+            {"instance_types": {"x86_64": "t3.small"}, "scenarios": {"x86_64": ["t3.small"]}},
+            {"x86_64": ("t3.small",)},
+        ),
+    ],
+)
+def test_the_scenario_matrix(extra: dict[str, Any], matrix: dict[str, tuple[str, ...]]) -> None:
+    assert load(**extra).matrix == matrix
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"instance_types": {"x86_64": "t3.small"}, "scenarios": {"x86_64": ["t2.small"]}},
+        {
+            "instance_types": {"x86_64": "t3.small"},
+            "scenarios": {"x86_64": ["t3.small", "t2.small"]},
+        },
+        {
+            "instance_types": {"x86_64": "t3.small"},
+            "scenarios": {"x86_64": ["t3.small"], "aarch64": ["t4g.small"]},
+        },
+    ],
+)
+def test_instance_types_and_scenarios_that_disagree_stop_the_start(extra: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load(**extra)
+    assert "autocloud_ami.instance_types" in str(caught.value)
+    assert "autocloud_ami.scenarios" in str(caught.value)
 
 
 def test_parse_host_port() -> None:

@@ -314,11 +314,20 @@ def test_no_test_instance_key_pair_or_security_group_left(run: Run) -> None:
         if i["State"]["Name"] != "terminated"
     ]
     assert live == []
-    # The instances existed: one per AMI, each launched from it and terminated.
+    # The instances existed: one per AMI and scenario (instance type of its arch), each
+    # launched from it and terminated; IMDSv2 tokens required except for Atomic Host.
     launched = [
         i for r in ec2.describe_instances(Filters=tagged)["Reservations"] for i in r["Instances"]
     ]
-    assert sorted(i["ImageId"] for i in launched) == sorted(run.amis.values())
+    assert sorted((i["ImageId"], i["InstanceType"]) for i in launched) == sorted(
+        (run.amis[row.image_name], itype)
+        for row in run.state.rows
+        for itype in run.stack.options.scenarios[row.arch]
+    )
+    atomic = run.amis[ATOMIC]
+    assert sorted(
+        (i["ImageId"] == atomic, i["MetadataOptions"]["HttpTokens"]) for i in launched
+    ) == ([(False, "required")] * (len(launched) - 2) + [(True, "optional")] * 2)
     assert ec2.describe_key_pairs(Filters=tagged)["KeyPairs"] == []
     assert ec2.describe_security_groups(Filters=tagged)["SecurityGroups"] == []
 
@@ -328,16 +337,32 @@ def test_results_in_resultsdb_per_test_and_summary(run: Run, name: str, family: 
     api = ResultsDBapi(run.stack.resultsdb_url)
     ami = run.amis[name]
     summary = api.get_results(item=ami, type="ami", testcases="autocloud.ami.all")["data"]
-    assert [r["outcome"] for r in summary] == ["PASSED"]
+    # One summary per scenario: the Nitro and the Xen type of x86_64.
+    scenarios = run.stack.scenarios_of("x86_64")
+    assert sorted(r["data"]["scenario"][0] for r in summary) == sorted(scenarios)
+    assert [r["outcome"] for r in summary] == ["PASSED"] * len(scenarios)
     assert summary[0]["data"]["productmd.compose.id"] == [run.stack.options.compose_id]
+    assert summary[0]["data"]["productmd.image.type"] == ["raw-xz"]
+    assert summary[0]["data"]["productmd.image.format"] == ["raw.xz"]
+    assert summary[0]["data"]["productmd.compose.type"] == ["production"]
     every = api.get_results(item=ami, type="ami", limit=100)["data"]
-    per_test = {r["testcase"]["name"]: r["outcome"] for r in every}
-    assert per_test.pop("autocloud.ami.all") == "PASSED"
-    assert set(per_test.values()) == {"PASSED"}
-    # Every check of the image's family ran (conditional ones may be skipped), none other.
     of_family = {c.testcase for c in SUITE if family in c.families}
-    unconditional = {c.testcase for c in SUITE if family in c.families and c.only_if is None}
-    assert unconditional <= set(per_test) <= of_family
+    for scenario in scenarios:
+        mine = {r["testcase"]["name"]: r for r in every if r["data"]["scenario"] == [scenario]}
+        assert mine.pop("autocloud.ami.all")["outcome"] == "PASSED"
+        # Every check has a result: PASSED, or INFO with the reason it does not apply.
+        assert set(mine) == {c.testcase for c in SUITE}
+        passed = {tc for tc, r in mine.items() if r["outcome"] == "PASSED"}
+        info = [r for r in mine.values() if r["outcome"] == "INFO"]
+        assert len(passed) + len(info) == len(mine)
+        assert all(r["data"]["skipped"][0] for r in info)
+        nitro = scenario == "x86_64:t3.small"
+        applicable = {
+            c.testcase
+            for c in SUITE
+            if family in c.families and c.only_if is None and (c.needs is None or nitro)
+        }
+        assert applicable <= passed <= of_family
     # Every stored result was announced on the bus.
     announced = count(run.messages, "resultsdb.result.new", lambda b: b["data"]["item"] == [ami])
     assert announced == len(every)
@@ -640,9 +665,23 @@ def _good_state() -> tuple[PipelineState, list[Seen]]:
     return PipelineState(STAGING, TARGETS, (released, rejected), Leftovers()), messages
 
 
+SCENARIOS = ("x86_64:t3.small", "x86_64:t2.small")
+
+
 def test_problems_is_empty_for_the_expected_end_state() -> None:
     state, messages = _good_state()
     assert problems(state, messages) == []
+    # Per scenario: every scenario tested, each on its row of the scenario table.
+    per = {"autocloud.ami.all": "PASSED", "autocloud.ami.root_nvme": "PASSED"}
+    xen = {"autocloud.ami.all": "PASSED", "autocloud.ami.root_nvme": "INFO"}
+    tests = Outcomes.of({SCENARIOS[0]: per, SCENARIOS[1]: xen})
+    two = replace(state, rows=(replace(state.rows[0], tests=tests, scenarios=SCENARIOS),))
+    assert problems(two, messages[:1]) == []
+    lines = render(two).splitlines()
+    assert any(SCENARIOS[0] in line and "PASSED: 1 passed, 0 failed" in line for line in lines)
+    assert any(SCENARIOS[1] in line and "0 failed, 1 not applicable" in line for line in lines)
+    failing = Outcomes.of({SCENARIOS[0]: per, SCENARIOS[1]: {**xen, "autocloud.ami.all": "FAILED"}})
+    assert failing.summary == "FAILED"
     text = render(state)
     assert "not copied (rejected)" in text and AMI_D in text
     assert "FAILED: 0 passed, 1 failed (selinux)" in text
@@ -686,6 +725,13 @@ def test_problems_is_empty_for_the_expected_end_state() -> None:
         (
             lambda s, m: (replace(s, rows=(replace(s.rows[0], tests=Outcomes({})), s.rows[1])), m),
             "autocloud.ami.all is None",
+        ),
+        (
+            lambda s, m: (
+                replace(s, rows=(replace(s.rows[0], scenarios=SCENARIOS), s.rows[1])),
+                m,
+            ),
+            "not ['x86_64:t3.small', 'x86_64:t2.small']",
         ),
     ],
 )

@@ -28,12 +28,15 @@ from autocloud_ami.instance import (
     LaunchSpec,
     TestInstance,
     Timeouts,
+    TypeUnavailable,
     generate_key,
     launch_spec,
     parse_deadline,
     parse_host_key_fingerprints,
     self_destruct_user_data,
+    type_facts,
 )
+from autocloud_ami.suite import NITRO
 
 REGION = "us-east-1"
 CIDR = "203.0.113.7/32"
@@ -301,14 +304,48 @@ def test_ami_not_available_is_refused(ec2: Any, ami: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "code", ["InstanceLimitExceeded", "InsufficientInstanceCapacity", "VcpuLimitExceeded"]
+    ("code", "type_unavailable"),
+    [
+        ("InstanceLimitExceeded", False),  # the account's quota: not about the type
+        ("VcpuLimitExceeded", False),
+        ("InsufficientInstanceCapacity", True),  # the type cannot run here (now)
+        ("Unsupported", True),
+        ("InvalidParameterValue", True),
+    ],
 )
-def test_quota_errors_are_refusals_by_code_and_nothing_leaks(ec2: Any, ami: str, code: str) -> None:
+def test_quota_errors_are_refusals_by_code_and_nothing_leaks(
+    ec2: Any, ami: str, code: str, type_unavailable: bool
+) -> None:
     fail_calls(ec2, "RunInstances", code)
     with pytest.raises(LaunchRefused) as info, TestInstance(ec2, make_spec(ami), FAST):
         pytest.fail("the block must not run")
     assert info.value.code == code
+    assert isinstance(info.value, TypeUnavailable) is type_unavailable
     assert leftovers(ec2) == NOTHING_LEFT
+
+
+@pytest.mark.parametrize(
+    ("described", "offered", "arch", "facts"),
+    [
+        ({"Hypervisor": "nitro", "EbsInfo": {"NvmeSupport": "required"}}, True, "x86_64", True),
+        ({"Hypervisor": "xen", "EbsInfo": {"NvmeSupport": "unsupported"}}, True, "x86_64", False),
+        ({"Hypervisor": "nitro", "EbsInfo": {"NvmeSupport": "required"}}, True, "aarch64", None),
+        ({"Hypervisor": "nitro", "EbsInfo": {"NvmeSupport": "required"}}, False, "x86_64", None),
+        ({}, True, "x86_64", None),  # nothing known of it: not for this architecture
+    ],
+)
+def test_type_facts_from_describe_instance_types(
+    described: dict[str, Any], offered: bool, arch: str, facts: bool | None
+) -> None:
+    entry = {**described, "ProcessorInfo": {"SupportedArchitectures": ["x86_64"]}}
+    if not described:
+        entry = {}
+    if facts is None:
+        with pytest.raises(TypeUnavailable):
+            type_facts(entry, offered, "t3.small", REGION, arch)
+        return
+    found = type_facts(entry, offered, "t3.small", REGION, arch)
+    assert found.nvme_ebs is facts and (found.traits == {NITRO}) is facts
 
 
 def test_capacity_errors_are_retried_until_launch_retry_timeout(ec2: Any, ami: str) -> None:

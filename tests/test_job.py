@@ -32,15 +32,19 @@ from autocloud_ami.job import (
     InvalidRequest,
     JobResult,
     QueueTimeout,
+    ScenarioResult,
     SshTarget,
     check_request,
     paramiko_session,
+    posting_order,
 )
 from autocloud_ami.job import test_ami as run_job
-from autocloud_ami.report import OutputStore, ResultsReporter, Spool, make_api
+from autocloud_ami.report import OutputStore, ResultsReporter, Spool, build_results, make_api
+from autocloud_ami.runner import SuiteReport, TestOutcome
 from autocloud_ami.ssh import CommandResult, SshTimeout
-from autocloud_ami.suite import SUITE, Check, Expect
+from autocloud_ami.suite import SUITE, Check, Expect, Family
 from devel.bus import wait_until
+from devel.instancehost import AwsDirectory, InstanceHost
 from devel.resultsdb import ResultsDBServer
 from devel.sshhost import SshTestHost
 from fedimg.aws import AwsClients
@@ -782,8 +786,165 @@ def test_cli_table_lists_every_test_and_the_summary(world: World) -> None:
     out = io.StringIO()
     print_table(result, out)
     lines = out.getvalue().splitlines()
-    assert lines[0].split() == ["TEST", "GATING", "OUTCOME", "NOTE"]
-    assert lines[1].split()[:3] == ["selinux", "yes", "FAILED"]
-    assert lines[2].split()[:3] == ["bash_version", "no", "PASSED"]
+    assert lines[0] == f"scenario x86_64:t3.small (job {result.job_id})"
+    assert lines[1].split() == ["TEST", "GATING", "OUTCOME", "NOTE"]
+    assert lines[2].split()[:3] == ["selinux", "yes", "FAILED"]
+    assert lines[3].split()[:3] == ["bash_version", "no", "PASSED"]
     assert any(line.startswith("autocloud.ami.all: FAILED") for line in lines)
     assert any(result.job_id in line for line in lines)
+
+
+# -- scenarios: a matrix of instance types -----------------------------------------------------
+
+EC2_SUITE = tuple(
+    c
+    for c in QUICK_SUITE
+    if c.id
+    in {"selinux", "imds_v2", "root_nvme", "cloud_init", "hostname_metadata"}
+    | {"ssh_key_metadata", "docker_installed"}
+)
+
+
+def launches(world: World) -> list[dict[str, Any]]:
+    """What the job SENT to run_instances (moto keeps less than AWS would)."""
+    sent: list[dict[str, Any]] = []
+    world.ec2.meta.events.register(
+        "provide-client-params.ec2.RunInstances", lambda params, **_: sent.append(dict(params))
+    )
+    return sent
+
+
+def test_every_scenario_runs_on_its_own_instance_and_reports_on_its_own(world: World) -> None:
+    """t3.small (Nitro) and t2.small (Xen) at once; the region lacks the third type."""
+    image = world.image()
+    sent = launches(world)
+    directory = AwsDirectory(lambda region: world.ec2, [REGION])
+    with InstanceHost(directory, reboot_delay=0.2) as instances:
+        cfg = world.cfg(
+            instances.port,
+            scenarios={"x86_64": ["t3.small", "t2.small", "hpc7a.12xlarge"]},
+            ssh_timeout=20.0,
+        )
+        result = run_job(image, world.deps(cfg, suite=EC2_SUITE))
+        seen = {i.os.metadata.instance_type: i.os.metadata for i in instances.instances()}
+    by_name = {s.scenario: s for s in result.scenarios}
+    assert list(by_name) == ["x86_64:t3.small", "x86_64:t2.small", "x86_64:hpc7a.12xlarge"]
+    assert [s.outcome for s in result.scenarios] == ["PASSED", "PASSED", "NEEDS_INSPECTION"]
+    assert not result.passed  # one scenario could not run: not released on missing results
+    # Each scenario had its own instance, key pair and job id; the Nitro check ran on
+    # the Nitro type only and does not apply on the Xen one.
+    assert sorted(seen) == ["t2.small", "t3.small"]
+    assert seen["t3.small"].nvme and not seen["t2.small"].nvme
+    assert sorted(p["InstanceType"] for p in sent) == ["t2.small", "t3.small"]
+    assert all(p["MetadataOptions"]["HttpTokens"] == "required" for p in sent)
+    assert len({p["KeyName"] for p in sent}) == 2
+    assert [s.job_id for s in result.scenarios] == [
+        f"{result.job_id}-t3.small",
+        f"{result.job_id}-t2.small",
+        f"{result.job_id}-hpc7a.12xlarge",
+    ]
+    nvme = {s.instance_type: dict(outcomes_of(s))["root_nvme"] for s in result.scenarios}
+    assert nvme["t3.small"] == "PASSED" and nvme["t2.small"] == "SKIPPED"
+    unavailable = by_name["x86_64:hpc7a.12xlarge"]
+    assert "us-east-1 does not offer instance type hpc7a.12xlarge" in (unavailable.reason or "")
+    assert "does not offer" in unavailable.results[-1].note
+    # ResultsDB: every result names its scenario; each scenario's summary is its last.
+    found = world.posted(image.ami_id or "")
+    assert [r["testcase"]["name"] for r in found] == [r.testcase for r in result.results]
+    names = [r["testcase"]["name"] for r in found]
+    # Every test first, then the summaries, those that did not pass last.
+    assert names[-3:] == ["autocloud.ami.all"] * 3 and "autocloud.ami.all" not in names[:-3]
+    assert [r["outcome"] for r in found[-3:]] == ["PASSED", "PASSED", "NEEDS_INSPECTION"]
+    run = "x86_64:t3.small,x86_64:t2.small,x86_64:hpc7a.12xlarge"
+    assert all(r["data"]["scenarios"] == [run] for r in found[-3:])
+    for scenario in by_name:
+        mine = [r for r in found if r["data"]["scenario"] == [scenario]]
+        assert mine[-1]["testcase"]["name"] == "autocloud.ami.all"
+        assert sum(r["testcase"]["name"] == "autocloud.ami.all" for r in mine) == 1
+    skipped = [r for r in found if r["outcome"] == "INFO"]
+    assert {r["testcase"]["name"] for r in skipped} == {
+        "autocloud.ami.docker_installed",
+        "autocloud.ami.root_nvme",
+    }
+    assert all(r["data"]["skipped"][0] for r in skipped)
+    assert_messages(world, result, "failed")
+    assert leftovers(world.ec2) == NOTHING_LEFT and result.cleanup_errors == ()
+
+
+def outcomes_of(scenario: Any) -> list[tuple[str, str]]:
+    return [(o.test_id, o.outcome) for o in scenario.report.outcomes]
+
+
+@pytest.mark.parametrize(
+    ("itype", "inject", "why"),
+    [
+        ("x9.nope", None, "not an EC2 instance type (InvalidInstanceType)"),
+        ("hpc7a.12xlarge", None, "us-east-1 does not offer instance type hpc7a.12xlarge"),
+        ("t4g.small", None, "runs arm64, not x86_64"),
+        # Unsupported and InvalidParameterValue alike: test_instance.py
+        ("t3.small", "InsufficientInstanceCapacity", "InsufficientInstanceCapacity"),
+    ],
+)
+def test_an_instance_type_that_cannot_run_needs_inspection(
+    world: World, itype: str, inject: str | None, why: str
+) -> None:
+    image = world.image()
+    sent = launches(world)
+    if inject:
+        fail_calls(world.ec2, "RunInstances", inject)
+    cfg = world.cfg(scenarios={"x86_64": [itype]})
+    result = run_job(image, world.deps(cfg, suite=TINY_SUITE, session_factory=NoSsh()))
+    [scenario] = result.scenarios
+    assert scenario.outcome == "NEEDS_INSPECTION" and why in scenario.results[-1].note
+    assert why in (result.reason or "")
+    assert [r.outcome for r in result.results] == ["NEEDS_INSPECTION"] * 3
+    assert bool(sent) is bool(inject)  # described first: launched only when it can run
+    assert_messages(world, result, "failed")
+    assert_reported(world, result)
+    assert leftovers(world.ec2) == NOTHING_LEFT
+
+
+def test_an_atomic_image_is_launched_without_requiring_imds_tokens(world: World) -> None:
+    """Atomic Host's cloud-init (17.1) predates IMDSv2: tokens only for the Base family."""
+    sent = launches(world)
+    fail_calls(world.ec2, "RunInstances", "Unsupported")
+    for subvariant in ("AtomicHost", "Cloud_Base"):
+        run_job(world.image(subvariant), world.deps(world.cfg(), session_factory=NoSsh()))
+    assert [p["MetadataOptions"]["HttpTokens"] for p in sent] == ["optional", "required"]
+
+
+def _scenario(name: str, outcome: str) -> ScenarioResult:
+    image = StagedImage(
+        compose_id="Fedora-41-20261124.0",
+        image_name="Fedora-Cloud-Base-41.x86_64",
+        image_url=f"{COMPOSE_URL}/Cloud/x86_64/images/Fedora-Cloud-Base-41.x86_64.raw.xz",
+        architecture="x86_64",
+        region=REGION,
+        ami_id="ami-0123456789abcdef0",
+        subvariant="Cloud_Base",
+    )
+    report = SuiteReport(Family.BASE, (TestOutcome("selinux", outcome, True, "", "", 0.0),))
+    results = build_results(image, report.outcomes, job_id="j", family="Base", scenario=name)
+    return ScenarioResult(name, name.split(":")[1], "j", report, tuple(results))
+
+
+@pytest.mark.parametrize(
+    ("outcomes", "last"),
+    [
+        (("PASSED", "PASSED"), "PASSED"),
+        (("FAILED", "PASSED"), "FAILED"),
+        (("PASSED", "FAILED"), "FAILED"),
+        (("NEEDS_INSPECTION", "PASSED", "PASSED"), "NEEDS_INSPECTION"),
+    ],
+)
+def test_summaries_come_after_every_test_and_a_failing_one_comes_last(
+    outcomes: tuple[str, ...], last: str
+) -> None:
+    scenarios = [_scenario(f"x86_64:t{n}.small", o) for n, o in enumerate(outcomes)]
+    posted = posting_order(scenarios)
+    kinds = [r.testcase == "autocloud.ami.all" for r in posted]
+    assert kinds == [False] * len(outcomes) + [True] * len(outcomes)
+    assert posted[-1].outcome == last
+    assert sorted(r.data["scenario"] for r in posted if r.testcase == "autocloud.ami.all") == [
+        s.scenario for s in scenarios
+    ]

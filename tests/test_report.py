@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import uuid
@@ -68,8 +69,11 @@ BROKEN = [
 ]
 
 
+SCENARIO = "x86_64:t3.small"
+
+
 def results_for(outcomes: list[Out], job_id: str = "job1") -> list[Result]:
-    return build_results(IMAGE, outcomes, job_id=job_id, family="Base")
+    return build_results(IMAGE, outcomes, job_id=job_id, family="Base", scenario=SCENARIO)
 
 
 @pytest.fixture
@@ -98,10 +102,19 @@ def test_results_follow_the_conventions_and_the_summary_is_last() -> None:
     assert [r.testcase for r in results] == [
         "autocloud.ami.selinux",
         "autocloud.ami.logging",
-        "autocloud.ami.bash_version",  # SKIPPED ones are not posted
+        "autocloud.ami.docker_installed",
+        "autocloud.ami.bash_version",
         SUMMARY_TESTCASE,
     ]
-    assert [r.outcome for r in results] == ["PASSED", "PASSED", "FAILED", "PASSED"]
+    # A test that does not apply is posted as INFO, the reason in data "skipped".
+    assert [r.outcome for r in results] == ["PASSED", "PASSED", "INFO", "FAILED", "PASSED"]
+    assert [r.data.get("skipped") for r in results] == [
+        None,
+        None,
+        "only for Atomic images",
+        None,
+        None,
+    ]
     for r in results:
         assert r.data["item"] == AMI and r.data["type"] == "ami"
         assert r.data["region"] == "us-east-1"
@@ -109,13 +122,70 @@ def test_results_follow_the_conventions_and_the_summary_is_last() -> None:
         assert r.data["image_name"] == IMAGE.image_name
         assert r.data["arch"] == "x86_64" and r.data["subvariant"] == "Cloud_Base"
         assert r.data["source"] == "autocloud" and r.data["job_id"] == "job1"
+        assert r.data["scenario"] == SCENARIO
+        # resultsdb_conventions' keys for a compose image
+        assert r.data["productmd.image.arch"] == "x86_64"
+        assert r.data["productmd.image.subvariant"] == "Cloud_Base"
+        assert r.data["productmd.image.type"] == "raw-xz"
+        assert r.data["productmd.image.format"] == "raw.xz"
+        assert r.data["productmd.compose.type"] == "production"
+        assert r.data["productmd.compose.version"] == "41"
+        assert r.data["meta.conventions"] == "result productmd.compose productmd.image"
         assert "\n" not in r.note and r.note
         compose_group = r.groups[0]
         assert compose_group["uuid"] == compose_group_uuid(IMAGE.compose_id)
         assert compose_group["description"] == f"compose.{IMAGE.compose_id}"
         assert compose_group["ref_url"].endswith("/Fedora-41-20261124.0/compose")
-    assert [r.data["gating"] for r in results] == ["true", "true", "false", "true"]
-    assert "1 skipped" in results[-1].note
+    assert [r.data["gating"] for r in results] == ["true", "true", "true", "false", "true"]
+    assert "1 skipped" in results[-1].note and results[-1].note.startswith(SCENARIO + ": ")
+    descriptions = [g["description"] for g in results[0].groups]
+    assert descriptions == [
+        f"compose.{IMAGE.compose_id}",
+        "source.autocloud",
+        f"autocloud.{IMAGE.compose_id}",
+        "image.cloud_base.raw-xz.raw.xz.x86_64.1",
+        "autocloud.cloud_base.raw-xz.raw.xz.x86_64.1",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("compose_id", "release", "expected"),
+    [
+        ("Fedora-41-20261124.0", "41", ("Fedora", "41", "20261124", "production", "0")),
+        ("Fedora-41-20261124.n.2", "", ("Fedora", "41", "20261124", "nightly", "2")),
+        ("Fedora-Rawhide-20261124.n.0", "", ("Fedora", "Rawhide", "20261124", "nightly", "0")),
+        ("Fedora-Cloud-41-20261124.0", "41", ("Fedora-Cloud", "41", "20261124", "production", "0")),
+        # Nothing productmd can parse: those keys are left out, the rest is still posted.
+        ("Fedora-41-nodate", "41", ("", "41", None, None, None)),
+    ],
+)
+def test_compose_keys_come_from_the_compose_id(
+    compose_id: str, release: str, expected: tuple[str | None, ...]
+) -> None:
+    image = dataclasses.replace(IMAGE, compose_id=compose_id, release=release)
+    [result] = build_results(image, [], job_id="j", family="Base", scenario=SCENARIO)
+    keys = ("short", "version", "date", "type", "respin")
+    got = tuple(result.data.get(f"productmd.compose.{k}") for k in keys)
+    assert got == tuple(None if v == "" else v for v in expected)
+    assert result.data["productmd.compose.id"] == compose_id
+    assert result.data["item"] == AMI and result.data["type"] == "ami"
+
+
+def test_a_scenario_that_could_not_run_needs_inspection() -> None:
+    not_run = [
+        Out("selinux", "NEEDS_INSPECTION", True, "not run: us-east-1 does not offer t2.small"),
+        Out("docker_installed", "SKIPPED", True, "only for Atomic images"),
+        Out(
+            "bash_version", "NEEDS_INSPECTION", False, "not run: us-east-1 does not offer t2.small"
+        ),
+    ]
+    results = results_for(not_run)
+    expected = ["NEEDS_INSPECTION", "INFO", "NEEDS_INSPECTION", "NEEDS_INSPECTION"]
+    assert [r.outcome for r in results] == expected
+    assert "does not offer t2.small" in results[-1].note
+    # One gating test that really failed makes the summary FAILED.
+    mixed = [*not_run, Out("logging", "FAILED", True, "empty journal")]
+    assert summary_of(mixed)[0] == "FAILED"
 
 
 def test_compose_group_uuid_is_resultsdb_conventions() -> None:
@@ -174,7 +244,7 @@ def test_build_results_needs_an_ami() -> None:
         region="us-east-1",
     )
     with pytest.raises(ValueError, match="no AMI id"):
-        build_results(image, HEALTHY, job_id="j", family="Base")
+        build_results(image, HEALTHY, job_id="j", family="Base", scenario=SCENARIO)
 
 
 # -- through the real client ------------------------------------------------------------------
@@ -184,11 +254,11 @@ def test_every_result_is_queryable_by_item_and_type(
     rdb: ResultsDBServer, reporter: ResultsReporter
 ) -> None:
     delivery = reporter.report(results_for(HEALTHY))
-    assert (delivery.posted, delivery.spooled, delivery.rejected) == (4, 0, 0)
+    assert (delivery.posted, delivery.spooled, delivery.rejected) == (5, 0, 0)
     assert delivery.complete
     found = posted(rdb)
     assert [r["testcase"]["name"] for r in found][-1] == SUMMARY_TESTCASE
-    assert len(found) == 4
+    assert len(found) == 5
     summary = found[-1]
     assert summary["outcome"] == "PASSED"
     for key in (
@@ -214,7 +284,8 @@ def test_every_result_is_queryable_by_item_and_type(
     )
     assert [r["outcome"] for r in latest] == ["PASSED"]
     # Queryable by the data keys too.
-    assert len(posted(rdb, **{"productmd.compose.id": IMAGE.compose_id})) == 4
+    assert len(posted(rdb, **{"productmd.compose.id": IMAGE.compose_id})) == 5
+    assert len(posted(rdb, scenario=SCENARIO)) == 5
 
 
 def test_5xx_is_retried_by_the_client(rdb: ResultsDBServer, reporter: ResultsReporter) -> None:
@@ -230,22 +301,22 @@ def test_down_then_back_nothing_lost_order_kept(
     rdb.set_down(True)
     first = reporter.report(results_for(BROKEN, "job-a"))
     second = reporter.report(results_for(HEALTHY, "job-b"))
-    assert first.spooled == 3 and second.spooled == 4 and second.pending == 7
+    assert first.spooled == 3 and second.spooled == 5 and second.pending == 8
     assert not first.complete
     spooled = [json.loads(p.read_text()) for p in reporter.spool.pending()]
-    assert [s["data"]["job_id"] for s in spooled] == ["job-a"] * 3 + ["job-b"] * 4
+    assert [s["data"]["job_id"] for s in spooled] == ["job-a"] * 3 + ["job-b"] * 5
     assert not list(tmp_path.rglob(".tmp-*"))
 
     # Still down: a flush keeps everything, in place.
-    assert reporter.flush().pending == 7
+    assert reporter.flush().pending == 8
 
     rdb.set_down(False)
     done = reporter.flush()
-    assert (done.posted, done.pending) == (7, 0)
+    assert (done.posted, done.pending) == (8, 0)
     found = posted(rdb)
-    assert [r["data"]["job_id"][0] for r in found] == ["job-a"] * 3 + ["job-b"] * 4
+    assert [r["data"]["job_id"][0] for r in found] == ["job-a"] * 3 + ["job-b"] * 5
     assert [r["testcase"]["name"] for r in found][2] == SUMMARY_TESTCASE
-    assert [r["testcase"]["name"] for r in found][6] == SUMMARY_TESTCASE
+    assert [r["testcase"]["name"] for r in found][7] == SUMMARY_TESTCASE
     assert reporter.spool.pending() == []
 
 
@@ -256,8 +327,8 @@ def test_new_results_queue_behind_spooled_ones(
     reporter.report(results_for(BROKEN, "job-a"))
     rdb.set_down(False)
     delivery = reporter.report(results_for(HEALTHY, "job-b"))
-    assert delivery.posted == 7 and delivery.complete
-    assert [r["data"]["job_id"][0] for r in posted(rdb)] == ["job-a"] * 3 + ["job-b"] * 4
+    assert delivery.posted == 8 and delivery.complete
+    assert [r["data"]["job_id"][0] for r in posted(rdb)] == ["job-a"] * 3 + ["job-b"] * 5
 
 
 def test_connection_refused_spools(tmp_path: Path) -> None:

@@ -22,11 +22,12 @@ import pytest
 
 from autocloud_ami.runner import FAILED, PASSED, SKIPPED, SuiteReport, run_suite
 from autocloud_ami.ssh import ParamikoSession, SshTimeout
-from autocloud_ami.suite import SUITE, Family
+from autocloud_ami.suite import NITRO, SUITE, Family
 from devel.bus import wait_until
 from devel.sshhost import (
     FAULTS,
     FakeFedora,
+    InstanceMetadata,
     SshTestHost,
     fault_options,
     load_authorized_keys,
@@ -202,6 +203,7 @@ def suite_over_ssh(
         "retry_backoff": 0.05,
         "reboot_poll": 0.05,
         "log_context": f"test {host.family}",
+        "traits": frozenset({NITRO}),  # the stand-in's default metadata: a t3.small
     }
     options.update(kwargs)
     with session:
@@ -230,6 +232,15 @@ def test_a_healthy_host_passes_every_test(key: paramiko.PKey, family: str) -> No
             if o.outcome == PASSED:
                 assert o.output.startswith("$ ")
 
+
+# fault -> the one EC2 check it fails
+EC2_FAULTS = {
+    "imds-v1": "imds_v2",
+    "xen-root": "root_nvme",
+    "cloud-init": "cloud_init",
+    "hostname": "hostname_metadata",
+    "baked-key": "ssh_key_metadata",
+}
 
 FAULT_CASES = [
     ("selinux", "Base", {"selinux"}, set()),
@@ -267,6 +278,36 @@ def test_each_misbehaviour_fails_the_right_tests(
     for o in report.outcomes:
         if o.outcome == FAILED:
             assert o.note and "\n" not in o.note and "$ " in o.output
+
+
+EC2_CHECKS = [c for c in SUITE if c.id in EC2_FAULTS.values()]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("fault", [None, *EC2_FAULTS])
+def test_each_ec2_fault_fails_its_own_check(key: paramiko.PKey, fault: str | None) -> None:
+    """The EC2 checks only (no reboots: fast); each fault fails exactly its check."""
+    faults = fault_options([fault] if fault else [])
+    with SshTestHost("Base", authorized=[key], reboot_delay=0.1, **faults) as host:
+        report = suite_over_ssh(host, key, EC2_CHECKS)
+    failed = outcomes(report, FAILED)
+    assert failed == ({EC2_FAULTS[fault]} if fault else set()), report.summary()
+    assert outcomes(report, PASSED) == {c.id for c in EC2_CHECKS} - failed
+
+
+@pytest.mark.integration
+def test_a_xen_instance_skips_the_nvme_check_and_gets_its_key_from_metadata(
+    key: paramiko.PKey,
+) -> None:
+    line = f"{key.get_name()} {key.get_base64()} autocloud-job"
+    metadata = InstanceMetadata(instance_type="t2.small", nvme=False, public_keys=(line,))
+    with SshTestHost("Base", authorized=[key], metadata=metadata) as host:
+        report = suite_over_ssh(host, key, EC2_CHECKS, traits=frozenset())
+        nitro = suite_over_ssh(host, key, EC2_CHECKS)  # told it is Nitro: the root says not
+    assert outcomes(report, SKIPPED) == {"root_nvme"}
+    assert outcomes(report, FAILED) == set()
+    assert outcomes(nitro, FAILED) == {"root_nvme"}
+    assert "/dev/xvda4" in next(o.note for o in nitro.outcomes if o.test_id == "root_nvme")
 
 
 @pytest.mark.integration

@@ -33,6 +33,12 @@ EXPECTED = {
     "cloud_tmp": (True, BOTH),
     "tmp_mount": (True, BOTH),
     "net_name": (True, BOTH),
+    # EC2 checks (issue 11): IMDSv2, the NVMe root on Nitro, cloud-init, metadata use
+    "imds_v2": (True, BASE),
+    "root_nvme": (True, BASE),
+    "cloud_init": (True, BASE),
+    "hostname_metadata": (True, BOTH),
+    "ssh_key_metadata": (True, BOTH),
     "service_stop_disable": (True, BOTH),
     "service_manipulation": (True, BOTH),
     "service_after": (True, BOTH),
@@ -97,6 +103,48 @@ def test_reboots_come_after_the_service_is_disabled_and_before_the_checks_that_n
     assert rebooting == ["service_manipulation", "service_after"]
     assert order.index("service_stop_disable") < order.index("service_manipulation")
     assert order.index("service_manipulation") < order.index("service_after")
+
+
+def test_only_the_nvme_root_check_needs_a_nitro_type() -> None:
+    assert [(c.id, c.needs) for c in SUITE if c.needs] == [("root_nvme", "nitro")]
+
+
+@pytest.mark.parametrize(
+    ("source", "passes"),
+    [
+        ("/dev/nvme0n1p4\n", True),
+        ("/dev/nvme1n1\n", True),
+        ("/dev/xvda4\n", False),
+        ("/dev/sda1\n", False),
+        ("/dev/nvme0n1p4[/root]\n", False),  # without -v: not a device name
+        ("", False),
+    ],
+)
+def test_root_nvme_wants_an_nvme_device(source: str, passes: bool) -> None:
+    check = by_id("root_nvme")
+    assert evaluate_all(check.steps()[0][1], result(source))[0] is passes
+
+
+@pytest.mark.parametrize(
+    ("stdout", "exit_code", "passes"),
+    [
+        ('{\n  "errors": [],\n  "status": "done"\n}\n', 0, True),
+        ('{\n  "errors": [\n    "boom"\n  ],\n  "status": "error"\n}\n', 1, False),
+        ('{\n  "errors": [\n    "boom"\n  ],\n  "status": "done"\n}\n', 0, False),
+        ('{\n  "errors": [],\n  "status": "running"\n}\n', 0, False),
+    ],
+)
+def test_cloud_init_must_be_done_without_errors(stdout: str, exit_code: int, passes: bool) -> None:
+    check = by_id("cloud_init")
+    assert evaluate_all(check.steps()[0][1], result(stdout, exit_code))[0] is passes
+
+
+@pytest.mark.parametrize(
+    ("stdout", "passes"), [("401", True), ("200", False), ("", False), ("4010", False)]
+)
+def test_imds_v2_wants_a_get_without_token_refused(stdout: str, passes: bool) -> None:
+    _, expects = by_id("imds_v2").steps()[-1]
+    assert evaluate_all(expects, result(stdout))[0] is passes
 
 
 def test_net_name_runs_only_with_net_ifnames_0() -> None:

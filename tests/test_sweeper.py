@@ -185,7 +185,9 @@ def test_sweep_producer_sweeps_and_flushes_and_never_raises(
             "autocloud_ami.poll_interval": 0.05,
         }
         image = StagedImage("Fedora-41-1", "Fedora-Cloud-Base-41", "", "x86_64", REGION, ami)
-        for result in build_results(image, [], job_id="j", family="Base"):
+        for result in build_results(
+            image, [], job_id="j", family="Base", scenario="x86_64:t3.small"
+        ):
             Spool(tmp_path).add(result)
         producer = SweepProducer(FakeHub(config))
         assert producer.frequency == 42.0 and producer.now is True
