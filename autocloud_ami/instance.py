@@ -43,7 +43,7 @@ from botocore.exceptions import ClientError, WaiterError
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from fedimg.aws import error_code, tag_specs
+from fedimg.aws import error_code, tag_specs, with_extra
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,7 @@ class LaunchSpec:
     deadline: datetime
     subnet_id: str | None = None
     self_destruct: bool = True
+    extra_tags: Mapping[str, str] = field(default_factory=dict)  # autocloud_ami.extra_tags
 
     @property
     def name(self) -> str:
@@ -140,12 +141,14 @@ class LaunchSpec:
         return f"autocloud-{self.job_id}"
 
     def tags(self) -> dict[str, str]:
-        return {
+        """The tags of every resource of this run: autocloud's own and the extra ones."""
+        own = {
             TAG_TEST: self.ami_id,
             TAG_JOB: self.job_id,
             TAG_DEADLINE: format_deadline(self.deadline),
             TAG_NAME: f"autocloud test of {self.ami_id}",
         }
+        return with_extra(own, self.extra_tags)
 
 
 def format_deadline(when: datetime) -> str:
@@ -177,6 +180,7 @@ def launch_spec(
     now: datetime | None = None,
     subnet_id: str | None = None,
     self_destruct: bool = True,
+    extra_tags: Mapping[str, str] | None = None,
 ) -> LaunchSpec:
     """A LaunchSpec whose deadline is ``lifetime`` seconds from ``now``."""
     start = now or datetime.now(UTC)
@@ -189,6 +193,7 @@ def launch_spec(
         deadline=start + timedelta(seconds=lifetime),
         subnet_id=subnet_id,
         self_destruct=self_destruct,
+        extra_tags=dict(extra_tags or {}),
     )
 
 

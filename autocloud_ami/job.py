@@ -326,6 +326,7 @@ class _Job:
             lifetime=cfg.deadline,
             subnet_id=cfg.subnet_id,
             self_destruct=cfg.self_destruct,
+            extra_tags=cfg.extra_tags,
         )
         timeouts = Timeouts(
             boot=cfg.boot_timeout,

@@ -30,7 +30,7 @@ from typing import Any, Protocol, TypeVar
 from botocore.exceptions import BotoCoreError, ClientError
 
 from fedimg import tags
-from fedimg.aws import error_code, tag_specs
+from fedimg.aws import error_code, tag_specs, with_extra
 from fedimg.messages import StagedImage
 
 log = logging.getLogger(__name__)
@@ -201,6 +201,27 @@ class Copier:
     source_region: str
     timing: Timing = field(default_factory=Timing)
     clock: Clock = field(default_factory=Clock)
+    extra_tags: Mapping[str, str] = field(default_factory=dict)  # fedimg.aws.extra_tags
+    # fedimg.promote.copy_completion_minutes: 0 is a best-effort copy, else time-based
+    completion_minutes: int = 0
+
+    def tags_of(self, image: StagedImage) -> dict[str, str]:
+        """The tags of a copy and its snapshots: ``copy_tags`` and the extra ones."""
+        return with_extra(copy_tags(image), self.extra_tags)
+
+    def copy_params(self, image: StagedImage, name: str, token: str) -> dict[str, Any]:
+        """The ``copy_image`` arguments (called in the destination region)."""
+        params: dict[str, Any] = {
+            "SourceRegion": self.source_region,
+            "SourceImageId": image.ami_id,
+            "Name": name,
+            "Description": copy_description(image, self.source_region),
+            "ClientToken": token,
+            "TagSpecifications": tag_specs(("image", "snapshot"), self.tags_of(image)),
+        }
+        if self.completion_minutes:
+            params["SnapshotCopyCompletionDurationMinutes"] = self.completion_minutes
+        return params
 
     # -- retry / wait primitives --------------------------------------------
     def retrying(self, call: Callable[[], T], codes: frozenset[str], what: str) -> T:
@@ -290,21 +311,15 @@ class Copier:
         name = fallback if self.name_taken(region, primary, image) else primary
         token = copy_token(source, region, replacing)
         what = f"{image.compose_id} {source} -> {region}"
+        params = self.copy_params(image, name, token)
         answer = self.retrying(
-            lambda: self.aws.ec2(region).copy_image(
-                SourceRegion=self.source_region,
-                SourceImageId=source,
-                Name=name,
-                Description=copy_description(image, self.source_region),
-                ClientToken=token,
-                TagSpecifications=tag_specs(("image", "snapshot"), copy_tags(image)),
-            ),
+            lambda: self.aws.ec2(region).copy_image(**params),
             TRANSIENT,
             f"{what}: copy_image",
         )
         new_ami = str(answer["ImageId"])
         log.info("%s: copy %s started as %s", what, name, new_ami)
-        self.tag(region, [new_ami], copy_tags(image), what)
+        self.tag(region, [new_ami], self.tags_of(image), what)
         return new_ami
 
     def tag(self, region: str, resources: list[str], values: Mapping[str, str], what: str) -> None:
@@ -426,7 +441,7 @@ class Copier:
                 log.info("%s: found existing copy %s (%s)", what, ami_id, existing.get("State"))
             described = self.wait_available(region, ami_id, what)
             snapshots = self.snapshots_of(region, described, {tags.SOURCE_AMI: image.ami_id})
-            self.tag(region, [ami_id, *snapshots], copy_tags(image), what)
+            self.tag(region, [ami_id, *snapshots], self.tags_of(image), what)
             already = self.is_public(region, described, snapshots)
             self.make_public(region, ami_id, snapshots, what)
             return RegionResult(region, ami_id, None, started, published=not already)

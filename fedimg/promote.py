@@ -118,6 +118,8 @@ class Promoter:
             timing
             or Timing(copy_timeout=cfg.copy_timeout, retry_timeout=cfg.publish_retry_timeout),
             clock or Clock(),
+            extra_tags=cfg.extra_tags,
+            completion_minutes=cfg.copy_completion_minutes,
         )
         self.slots = Slots(cfg.copy_concurrency)
 

@@ -346,6 +346,7 @@ def test_passing_ami_is_copied_once_to_every_region_and_made_public(
             assert values[tags.SOURCE_AMI] == ami
             assert values[tags.COMPOSE_ID].startswith("Fedora-Cloud-41")
             assert tags.STATE not in values
+        assert "SnapshotCopyCompletionDurationMinutes" not in params  # best effort by default
         # moto's state: one copy, tagged (create_tags after moto dropped the specs), public.
         (copy,) = copies_in(region, ami)
         assert copy["State"] == "available"
@@ -374,6 +375,32 @@ def test_passing_ami_is_copied_once_to_every_region_and_made_public(
     )["Snapshots"]
     assert {s["SnapshotId"] for s in tagged} <= staging_snaps
     validate_all(recorder)
+
+
+def test_copies_and_their_snapshots_carry_the_extra_tags_and_copy_on_time_when_set(
+    recorder: Any, aws: RecordingAws, results: DummyResults, clock: FakeClock, tmp_path: Path
+) -> None:
+    extra = {"FedoraGroup": "cloud"}
+    cfg = make_cfg(**{"fedimg.aws.extra_tags": extra, "fedimg.promote.copy_completion_minutes": 45})
+    engine = make_promoter(cfg, recorder, aws, results, clock, state_dir=tmp_path)
+    ami = stage_ami()
+    results.add(ami, TESTCASE, "PASSED")
+    try:
+        assert acted(engine.on_result(notice(ami)))
+    finally:
+        engine.close()
+    assert state(ami) == "released"
+    for region in TARGETS:
+        (params,) = aws.calls("CopyImage", region)
+        assert params["SnapshotCopyCompletionDurationMinutes"] == 45
+        for spec in params["TagSpecifications"]:  # image and snapshot, at creation
+            assert extra.items() <= tags.as_dict(spec["Tags"]).items()
+        # moto's state: the copy and its snapshot carry them (CreateTags after moto dropped them).
+        (copy,) = copies_in(region, ami)
+        assert extra.items() <= tags.as_dict(copy["Tags"]).items()
+        snap = copy["BlockDeviceMappings"][0]["Ebs"]["SnapshotId"]
+        (described,) = ec2(region).describe_snapshots(SnapshotIds=[snap])["Snapshots"]
+        assert extra.items() <= tags.as_dict(described.get("Tags")).items()
 
 
 def test_release_messages_come_in_order_with_upstream_bodies(
