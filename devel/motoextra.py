@@ -6,7 +6,9 @@ Quotas (``L-0E3CBAB9``, public AMIs per region, answers NoSuchResource).
 ``install()`` teaches moto exactly these, nothing else:
 
 * ``EnableImageDeprecation`` keeps ``DeprecateAt`` on the AMI (DescribeImages
-  shows it as ``DeprecationTime``) and refuses a time in the past, as AWS does;
+  shows it as ``DeprecationTime``); AWS also refuses a time in the past, which
+  this does not check (tests run on fixed clocks): ``fedimg.plan.deprecation_time``
+  never asks for one, as its table tests show;
 * ``Enable/Disable/GetImageBlockPublicAccessState`` keep the per-region state
   (``unblocked`` until a test turns it on with the real API call);
 * ``GetServiceQuota(ec2, L-0E3CBAB9)`` answers ``public_ami_quota`` (AWS's

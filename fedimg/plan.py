@@ -27,7 +27,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import Enum
+from typing import Final
 
+from productmd.composeinfo import get_date_type_respin
+
+from fedimg.config import DEFAULT_DEPRECATION_DAYS
 from fedimg.facts import RESUMED_MAX, RETESTS_MAX, AmiLife, ImageFacts, aware
 from fedimg.gate import Decision, decide
 from fedimg.messages import FAILED, NEEDS_INSPECTION, SUMMARY_TESTCASE
@@ -52,6 +56,10 @@ class Policy:
     grace: timedelta = timedelta(hours=2)
     max_attempts: int = 3
     max_read_attempts: int = 5
+    # Days from staging to deprecation, per compose type (fedimg.promote.deprecation_days).
+    deprecation_days: Mapping[str, int] = field(
+        default_factory=lambda: dict(DEFAULT_DEPRECATION_DAYS)
+    )
 
 
 # -- actions ---------------------------------------------------------------------------
@@ -129,9 +137,10 @@ class RequestTest:
 
 @dataclass(frozen=True)
 class Release:
-    """Mark promoting, announce the pass, copy and publish everywhere."""
+    """Mark promoting, announce the pass, copy and publish everywhere (deprecated at a time)."""
 
     decision: Decision
+    deprecate_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -139,6 +148,7 @@ class Promote:
     """Copy to and publish in the regions still missing (a promotion already decided)."""
 
     reason: str
+    deprecate_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -301,6 +311,43 @@ def _unused_snapshots(facts: ImageFacts) -> list[ImageAction]:
     return [DeleteSnapshot(s, "no AMI uses it") for s in unused]
 
 
+# -- deprecation ---------------------------------------------------------------------------
+
+#: AWS refuses a DeprecateAt more than 2 years after a public AMI's creation.
+PUBLIC_DEPRECATION_MAX: Final = timedelta(days=730)
+#: AWS refuses a DeprecateAt in the past: an image past its policy goes out this soon.
+DEPRECATION_LEAD: Final = timedelta(minutes=10)
+
+
+def compose_type(compose_id: str) -> str | None:
+    """productmd's compose type of a compose id (``.n.`` nightly, ``.t.`` test, none:
+    production, ``.ci.``), or None when the id says none."""
+    try:
+        _date, kind, _respin = get_date_type_respin(compose_id)
+    except ValueError:  # a suffix productmd does not know
+        return None
+    return kind if isinstance(kind, str) else None
+
+
+def deprecation_time(
+    compose_id: str, staged_at: datetime, now: datetime, days: Mapping[str, int]
+) -> datetime:
+    """When a released AMI (the staging AMI and every copy) is deprecated.
+
+    ``days[compose type]`` after staging -- the shortest period when the compose
+    id names no known type -- but never more than AWS's 2 years for a public
+    AMI, and never earlier than ``DEPRECATION_LEAD`` from ``now`` (AWS refuses a
+    time in the past). Counted from staging, not from now, so every region and
+    every resumed pass sends the same time. Whole minutes (AWS rounds to them).
+    """
+    kind = compose_type(compose_id)
+    period = timedelta(days=days[kind] if kind is not None and kind in days else min(days.values()))
+    at = aware(staged_at) + min(period, PUBLIC_DEPRECATION_MAX)
+    at = max(at, aware(now) + DEPRECATION_LEAD)
+    whole = at.replace(second=0, microsecond=0)
+    return whole if whole == at else whole + timedelta(minutes=1)
+
+
 # -- an AMI ------------------------------------------------------------------------------
 
 
@@ -336,14 +383,17 @@ def plan_ami(
     ami = life.ami
     if ami.broken:
         return (Wait(f"AMI is {ami.aws_state}; stage replaces it"),)
+    staged_at = ami.staged_at or now
+    deprecate_at = deprecation_time(life.compose_id, staged_at, now, policy.deprecation_days)
     if ami.state is State.PROMOTING:
         # A result message says nothing new about a decided AMI: the pass resumes it.
-        return () if scope is Scope.MESSAGE else (Promote("promotion unfinished"),)
+        if scope is Scope.MESSAGE:
+            return ()
+        return (Promote("promotion unfinished", deprecate_at),)
     if ami.state is not State.TESTING:
         return ()
     if not life.results.known:
         return (Wait(f"ResultsDB unavailable: {life.results.unavailable}"[:300]),)
-    staged_at = ami.staged_at or now
     decision = decide(
         life.results.latest,
         policy.required,
@@ -353,7 +403,7 @@ def plan_ami(
         deadline=policy.deadline,
     )
     if decision.release:
-        return (Release(decision),)
+        return (Release(decision, deprecate_at),)
     if decision.reject:
         return (Reject(decision),)
     if scope is Scope.RECONCILE and retest_due(

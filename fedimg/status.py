@@ -1,6 +1,8 @@
 """``fedimg status``: every staged AMI, its state, its test outcomes and its copies.
 
-Read-only. AWS (the staging region's fedimg tags, and the copies in every
+Below the table, per AMI, one line per region it is in (the staging region
+first): the AMI there, its EC2 state, whether it is public and when it is (or
+was) deprecated. Read-only. AWS (the staging region's fedimg tags, and the copies in every
 target region found by their ``fedimg:source-ami`` tag) and ResultsDB are
 the only sources; a ResultsDB outage shows as ``?`` instead of failing.
 """
@@ -11,7 +13,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TextIO
+from typing import Any, TextIO
 
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -19,6 +21,7 @@ from fedimg import tags
 from fedimg.aws import AwsClients
 from fedimg.config import FedimgConfig
 from fedimg.copies import Ec2Factory, describe_error
+from fedimg.facts import parse_when
 from fedimg.intents import IntentError, IntentStore
 from fedimg.messages import RESULTSDB_ITEM_TYPE
 from fedimg.observe import staged_amis
@@ -34,10 +37,30 @@ _FILTER_CHUNK = 100  # ids per describe_images filter value list
 
 @dataclass(frozen=True)
 class Copy:
+    """The AMI in one region (a copy, or the staging AMI itself)."""
+
     region: str
     ami_id: str
     state: str
     public: bool
+    deprecation: str = ""  # EC2's DeprecationTime; "" when the AMI has none
+
+
+def copy_of(region: str, image: Mapping[str, Any]) -> Copy:
+    """A described image as a ``Copy`` line."""
+    return Copy(
+        region,
+        str(image["ImageId"]),
+        str(image.get("State", "?")),
+        bool(image.get("Public")),
+        deprecation_cell(image.get("DeprecationTime")),
+    )
+
+
+def deprecation_cell(value: Any) -> str:
+    """``2028-11-24T17:00Z`` from EC2's DeprecationTime, "" when there is none."""
+    when = parse_when(value)
+    return when.strftime("%Y-%m-%dT%H:%MZ") if when is not None else ""
 
 
 @dataclass(frozen=True)
@@ -52,6 +75,7 @@ class Row:
     tests: str
     copies: tuple[Copy, ...]
     targets: int
+    staging: Copy | None = None  # the staging AMI, as a line of its own
 
 
 def tests_cell(outcomes: Mapping[str, str] | None) -> str:
@@ -78,12 +102,17 @@ def render(rows: Sequence[Row]) -> str:
         "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in cells
     ]
     for row in rows:
-        if row.copies:
+        if row.copies or (
+            row.staging is not None and (row.staging.public or row.staging.deprecation)
+        ):
             lines.append("")
-            lines.append(f"{row.ami_id} copies:")
-            for copy in row.copies:
+            lines.append(f"{row.ami_id} by region (staging first):")
+            for copy in ([row.staging] if row.staging else []) + list(row.copies):
                 public = "public" if copy.public else "private"
-                lines.append(f"  {copy.region:<16} {copy.ami_id}  {copy.state}  {public}")
+                deprecation = f"  deprecated {copy.deprecation}" if copy.deprecation else ""
+                lines.append(
+                    f"  {copy.region:<16} {copy.ami_id}  {copy.state}  {public}{deprecation}"
+                )
     return "\n".join(lines)
 
 
@@ -122,6 +151,7 @@ def collect(
                 tests=tests_cell(outcomes),
                 copies=tuple(sorted(copies_by_source.get(ami_id, []), key=lambda c: c.region)),
                 targets=len(regions),
+                staging=copy_of(cfg.staging_region, image),
             )
         )
     return rows
@@ -141,13 +171,7 @@ def _copies(
             )["Images"]
             for image in images:
                 source = tags.as_dict(image.get("Tags")).get(tags.SOURCE_AMI, "")
-                copy = Copy(
-                    region,
-                    image["ImageId"],
-                    str(image.get("State", "?")),
-                    bool(image.get("Public")),
-                )
-                found.append((source, copy))
+                found.append((source, copy_of(region, image)))
         return found
 
     if not regions or not ami_ids:

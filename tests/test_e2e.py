@@ -599,6 +599,7 @@ def test_instance_host_refuses_logins_while_booting(moto_ec2: Any) -> None:
 # -- the demo's judging and rendering (pure) -------------------------------------------------------
 
 STAGING, TARGETS = "us-east-1", ("us-east-2", "eu-west-1")
+DEPRECATED = "2028-11-24T17:00Z"
 AMI_A, AMI_B, AMI_C, AMI_D = (f"ami-{n:017x}" for n in range(1, 5))
 
 
@@ -612,11 +613,11 @@ def _good_state() -> tuple[PipelineState, list[Seen]]:
         "x86_64",
         "Cloud_Base",
         "released",
-        RegionAmi(STAGING, AMI_A, "available", True),
+        RegionAmi(STAGING, AMI_A, "available", True, DEPRECATED),
         "released",
         {
-            TARGETS[0]: RegionAmi(TARGETS[0], AMI_C, "available", True),
-            TARGETS[1]: RegionAmi(TARGETS[1], AMI_D, "available", True),
+            TARGETS[0]: RegionAmi(TARGETS[0], AMI_C, "available", True, DEPRECATED),
+            TARGETS[1]: RegionAmi(TARGETS[1], AMI_D, "available", True, DEPRECATED),
         },
         Outcomes({"autocloud.ami.all": "PASSED", "autocloud.ami.selinux": "PASSED"}),
     )
@@ -645,6 +646,7 @@ def test_problems_is_empty_for_the_expected_end_state() -> None:
     assert problems(state, messages) == []
     text = render(state)
     assert "not copied (rejected)" in text and AMI_D in text
+    assert f"{AMI_D} public, deprecated {DEPRECATED}" in text
     assert "FAILED: 0 passed, 1 failed (selinux)" in text
     assert "PASSED: 1 passed, 0 failed" in text
 
@@ -676,6 +678,25 @@ def test_problems_is_empty_for_the_expected_end_state() -> None:
         (
             lambda s, m: (replace(s, leftovers=Leftovers(key_pairs=("autocloud-x",))), m),
             "autocloud-x",
+        ),
+        (
+            lambda s, m: (
+                replace(
+                    s,
+                    rows=(
+                        replace(
+                            s.rows[0],
+                            copies={
+                                **s.rows[0].copies,
+                                TARGETS[1]: RegionAmi(TARGETS[1], AMI_D, "available", True),
+                            },
+                        ),
+                        s.rows[1],
+                    ),
+                ),
+                m,
+            ),
+            f"{AMI_D} in eu-west-1 is deprecated at no time",
         ),
         (lambda s, m: (s, m[1:]), "no fedimg.image.release"),
         (lambda s, m: (s, m[:1]), "no fedimg.image.test failed"),
