@@ -111,6 +111,7 @@ def test_demo_exits_0_prints_the_table_and_leaves_no_process(tmp_path: Path) -> 
     for name, state in ((X86, "released"), (ARM, "rejected"), (ATOMIC, "released")):
         line = next(x for x in table.splitlines() if x.startswith(name))
         assert line.split()[-2:] == [state, state], line
+    assert "public, deprecated 20" in table  # the released images' deprecation times
     assert "org.fedoraproject.dev.fedimg.image.release" in out  # the live follow
     assert "test resources left in AWS: none" in out
     assert "OK:" in out and "wall time" in out
@@ -291,6 +292,7 @@ def test_happy_path_public_in_every_region(run: Run, name: str) -> None:
     described = ec2.describe_images(ImageIds=[ami])["Images"][0]
     assert tags.as_dict(described["Tags"])[tags.STATE] == "released"
     assert _is_public(ec2, ami)
+    deprecation = described["DeprecationTime"]  # by policy, the same in every region
     for region in stack.options.regions:
         client = stack.ec2(region)
         copies = client.describe_images(
@@ -299,6 +301,7 @@ def test_happy_path_public_in_every_region(run: Run, name: str) -> None:
         assert len(copies) == 1, f"{region}: {copies}"
         assert copies[0]["State"] == "available"
         assert _is_public(client, copies[0]["ImageId"])
+        assert copies[0]["DeprecationTime"] == deprecation
         # Nothing was uploaded there: every AMI of ours in a target region is a copy.
         for image in client.describe_images(Owners=["self"])["Images"]:
             assert tags.SOURCE_AMI in tags.as_dict(image.get("Tags")), image["ImageId"]
