@@ -148,6 +148,11 @@ class FedimgConfig:
                     check_region(region)
                 except ValueError as exc:
                     raise ValueError(f"{key}: {exc}") from exc
+        both = sorted(set(self.skip_regions) & set(self.best_effort_regions))
+        if both:
+            raise ValueError(
+                f"fedimg.promote.skip_regions and best_effort_regions both name {both}"
+            )
         if self.staging_region in self.skip_regions:
             raise ValueError(
                 f"fedimg.promote.skip_regions: {self.staging_region} is the staging region"

@@ -106,8 +106,9 @@ config = {
     # one left out keeps its default). Capped at AWS's limit for public AMIs:
     # 2 years (730 days) from creation.
     "fedimg.promote.deprecation_days": {"production": 730, "test": 30, "nightly": 14, "ci": 7},
-    # Regions never copied to (nor checked), even when fedimg.aws.regions is
-    # empty and they are discovered. Never the staging region.
+    # Regions never copied to (nor checked), whether listed in fedimg.aws.regions
+    # (a region taken out for a while) or discovered. Never the staging region;
+    # never also a best-effort region.
     "fedimg.promote.skip_regions": [],
     # Regions whose failure (refused by the preflight check -- block public
     # access on, the public-AMI quota full -- or a failed copy) is reported in

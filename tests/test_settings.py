@@ -82,6 +82,11 @@ def test_values_are_read_and_typed() -> None:
         {"fedimg.promote.skip_regions": ["moon-1"]},
         {"fedimg.promote.skip_regions": ["us-east-1"]},  # the staging region
         {"fedimg.promote.best_effort_regions": ["eu_west_1"]},
+        # A contradiction: skipped and best effort.
+        {
+            "fedimg.promote.skip_regions": ["eu-west-1"],
+            "fedimg.promote.best_effort_regions": ["eu-west-1"],
+        },
         {"fedimg.promote.copy_completion_minutes": 10},  # below AWS's 15
         {"fedimg.promote.copy_completion_minutes": 20},  # not a step of 15
         {"fedimg.promote.copy_completion_minutes": 2895},  # above AWS's 48 hours
