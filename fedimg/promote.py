@@ -235,7 +235,7 @@ class Promoter:
                 done,
                 self.cfg.fedora_image_uploader_message,
             )
-        if promotion.blocking:
+        if promotion.blocking or not done:
             log.error(
                 "%s: released in %d region(s); FAILED in %s; state stays promoting, "
                 "a resume will retry them",

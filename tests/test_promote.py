@@ -1441,6 +1441,20 @@ def test_a_best_effort_region_whose_copy_fails_is_reported_and_released_too(
     assert "UnauthorizedOperation" in release["failed_regions"]["us-west-2"]
 
 
+def test_an_image_public_nowhere_is_not_released_even_if_every_failure_is_best_effort(
+    recorder: Any, aws: RecordingAws, results: DummyResults, clock: FakeClock, tmp_path: Path
+) -> None:
+    aws.faults[("eu-west-1", "GetImageBlockPublicAccessState")] = ["*UnauthorizedOperation"]
+    aws.faults[(STAGING, "GetImageBlockPublicAccessState")] = ["*UnauthorizedOperation"]
+    settings = {
+        "fedimg.aws.regions": ["eu-west-1"],
+        "fedimg.promote.best_effort_regions": ["eu-west-1", STAGING],
+    }
+    ami = release_with(settings, recorder, aws, results, clock, tmp_path)
+    assert state(ami) == "promoting"
+    assert recorder.bodies("fedimg.image.release") == []  # a release in no region is no release
+
+
 def test_a_skipped_region_is_never_asked_or_copied_to(
     recorder: Any, aws: RecordingAws, results: DummyResults, clock: FakeClock, tmp_path: Path
 ) -> None:
