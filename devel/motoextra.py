@@ -11,8 +11,10 @@ Quotas (``L-0E3CBAB9``, public AMIs per region, answers NoSuchResource).
   never asks for one, as its table tests show;
 * ``Enable/Disable/GetImageBlockPublicAccessState`` keep the per-region state
   (``unblocked`` until a test turns it on with the real API call);
-* ``GetServiceQuota(ec2, L-0E3CBAB9)`` answers ``public_ami_quota`` (AWS's
-  default, 5, unless a test or ``FEDIMG_DEVEL_PUBLIC_AMI_QUOTA`` says otherwise).
+* ``GetServiceQuota(ec2, L-0E3CBAB9)`` answers ``public_ami_quota``: AWS's
+  default, 5, in process (a test sets another with ``set_public_ami_quota``);
+  ``FEDIMG_DEVEL_PUBLIC_AMI_QUOTA`` in the environment, which
+  ``devel.motoserver`` sets to a raised 1000 for the stacks.
 
 It is installed in the ``moto_server`` of the devel stack (``python -m
 devel.motoextra`` runs moto_server with it: the calls are in moto's own

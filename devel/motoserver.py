@@ -23,6 +23,7 @@ from devel.awscalls import AwsCall, parse_recording
 from devel.bus import BIN, ManagedProcess, free_port, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
+DEVEL_PUBLIC_AMI_QUOTA = 1000
 FAKE_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
@@ -56,6 +57,9 @@ class MotoServer:
             env["MOTO_ENABLE_RECORDING"] = "1"
             env["MOTO_RECORDER_FILEPATH"] = str(self.recording_path)
         # moto_server, taught what moto lacks of the APIs fedimg calls (devel.motoextra).
+        # Its account has a raised public-AMI quota (AWS's default is 5 per region): a
+        # stack or a module of tests releases more images than that into one server.
+        env.setdefault("FEDIMG_DEVEL_PUBLIC_AMI_QUOTA", str(DEVEL_PUBLIC_AMI_QUOTA))
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         self._proc = ManagedProcess(
             name="moto_server",
