@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from fedimg.aws import check_extra_tags
 from fedimg.messages import ARCHES, REGION_RE
 from fedimg.settings import ConfigError, load, load_consumer_config, setting
 
@@ -156,12 +157,16 @@ class AutocloudConfig:
     sweep_interval: float = setting("autocloud_ami.sweep_interval", 600.0)
     regions: list[str] = setting("autocloud_ami.regions", ["us-east-1"])
     aws_max_attempts: int = setting("autocloud_ami.aws_max_attempts", 10)
+    extra_tags: dict[str, str] = setting(
+        "autocloud_ami.extra_tags", {}, doc="tags on every resource autocloud_ami creates"
+    )
 
     def __post_init__(self) -> None:
         _http_url("autocloud_ami.resultsdb_url", self.resultsdb_url)
         object.__setattr__(self, "ssh_cidr", check_cidr(self.ssh_cidr, self.ssh_cidr_allow_wide))
         self._check_targets()
         self._check_numbers()
+        check_extra_tags("autocloud_ami.extra_tags", self.extra_tags)
         if self.ssh_override is not None:
             parse_host_port(self.ssh_override)
         if not self.ssh_user or not self.ssh_user.isascii() or " " in self.ssh_user:

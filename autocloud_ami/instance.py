@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from autocloud_ami.suite import NITRO
-from fedimg.aws import error_code, tag_specs
+from fedimg.aws import error_code, tag_specs, with_extra
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,7 @@ class LaunchSpec:
     self_destruct: bool = True
     # IMDSv2 only (HttpTokens "required"); False for images whose cloud-init predates it.
     imds_tokens_required: bool = True
+    extra_tags: Mapping[str, str] = field(default_factory=dict)  # autocloud_ami.extra_tags
 
     @property
     def name(self) -> str:
@@ -165,12 +166,14 @@ class LaunchSpec:
         return f"autocloud-{self.job_id}"
 
     def tags(self) -> dict[str, str]:
-        return {
+        """The tags of every resource of this run: autocloud's own and the extra ones."""
+        own = {
             TAG_TEST: self.ami_id,
             TAG_JOB: self.job_id,
             TAG_DEADLINE: format_deadline(self.deadline),
             TAG_NAME: f"autocloud test of {self.ami_id}",
         }
+        return with_extra(own, self.extra_tags)
 
 
 def format_deadline(when: datetime) -> str:
@@ -203,6 +206,7 @@ def launch_spec(
     subnet_id: str | None = None,
     self_destruct: bool = True,
     imds_tokens_required: bool = True,
+    extra_tags: Mapping[str, str] | None = None,
 ) -> LaunchSpec:
     """A LaunchSpec whose deadline is ``lifetime`` seconds from ``now``."""
     start = now or datetime.now(UTC)
@@ -216,6 +220,7 @@ def launch_spec(
         subnet_id=subnet_id,
         self_destruct=self_destruct,
         imds_tokens_required=imds_tokens_required,
+        extra_tags=dict(extra_tags or {}),
     )
 
 

@@ -413,6 +413,7 @@ class _Scenario:
                 self_destruct=cfg.self_destruct,
                 # Atomic Host's cloud-init (17.1) cannot fetch metadata with IMDSv2 tokens.
                 imds_tokens_required=declared != Family.ATOMIC,
+                extra_tags=cfg.extra_tags,
             )
             timeouts = Timeouts(
                 boot=cfg.boot_timeout,

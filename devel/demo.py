@@ -38,6 +38,7 @@ from devel.bus import Seen
 from devel.compose import ComposeTree
 from devel.stack import Stack, StackError, StackOptions, Stopped, stop_on_signals
 from fedimg import tags
+from fedimg.status import deprecation_cell
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class RegionAmi:
     ami_id: str
     state: str
     public: bool
+    deprecation: str = ""  # EC2's DeprecationTime as fedimg status shows it; "" if none
 
 
 # How bad an outcome is, when one testcase has results in several scenarios.
@@ -201,7 +203,13 @@ def copies_of(ec2: Any, region: str, source: str) -> list[RegionAmi]:
         Owners=["self"], Filters=[{"Name": f"tag:{tags.SOURCE_AMI}", "Values": [source]}]
     )["Images"]
     return [
-        RegionAmi(region, i["ImageId"], str(i.get("State", "?")), is_public(ec2, i["ImageId"]))
+        RegionAmi(
+            region,
+            i["ImageId"],
+            str(i.get("State", "?")),
+            is_public(ec2, i["ImageId"]),
+            deprecation_cell(i.get("DeprecationTime")),
+        )
         for i in images
     ]
 
@@ -285,6 +293,7 @@ def read_state(
                 ami_id,
                 str(image.get("State", "?")),
                 is_public(ec2, ami_id) if deep else False,
+                deprecation_cell(image.get("DeprecationTime")),
             )
             copies: dict[str, RegionAmi] = {}
             tests = None
@@ -352,6 +361,8 @@ def _released_problems(
     out: list[str] = []
     if not staging.public:
         out.append(f"{name} {ami}: not public in the staging region {state.staging_region}")
+    if not staging.deprecation:
+        out.append(f"{name} {ami}: no deprecation time in the staging region")
     for region in state.regions:
         copy = row.copies.get(region)
         if copy is None:
@@ -360,6 +371,11 @@ def _released_problems(
             out.append(
                 f"{name} {ami}: copy {copy.ami_id} in {region} is {copy.state}, "
                 f"{'public' if copy.public else 'private'}"
+            )
+        elif copy.deprecation != staging.deprecation:
+            out.append(
+                f"{name} {ami}: copy {copy.ami_id} in {region} is deprecated at "
+                f"{copy.deprecation or 'no time'}, the staging AMI at {staging.deprecation}"
             )
     releases = [
         b
@@ -450,7 +466,8 @@ def region_cell(row: ImageRow, region: str, staging_region: str) -> str:
         return "-"
     found = row.staging if region == staging_region else row.copies.get(region)
     if found is not None:
-        return f"{found.ami_id} {'public' if found.public else 'private'}"
+        text = f"{found.ami_id} {'public' if found.public else 'private'}"
+        return text + (f", deprecated {found.deprecation}" if found.deprecation else "")
     if row.state == "rejected":
         return "not copied (rejected)"
     return "not copied"

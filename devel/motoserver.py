@@ -1,5 +1,9 @@
 """A real ``moto_server`` on a free loopback port, as the AWS endpoint.
 
+It runs with ``devel.motoextra`` installed: the few calls fedimg makes that
+moto 5.2 does not implement (image deprecation, image block public access,
+the public-AMI quota) are answered by moto itself, and recorded like the rest.
+
 ``AWS_ENDPOINT_URL`` (botocore 1.31+) points every boto3 client at it without
 code changes, which is how the hub, the CLIs and the demo reach it.
 """
@@ -18,6 +22,8 @@ import requests
 from devel.awscalls import AwsCall, parse_recording
 from devel.bus import BIN, ManagedProcess, free_port, wait_until
 
+REPO = Path(__file__).resolve().parent.parent
+DEVEL_PUBLIC_AMI_QUOTA = 1000
 FAKE_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
@@ -50,9 +56,22 @@ class MotoServer:
         if self.record:  # moto's recorder logs every request it answers
             env["MOTO_ENABLE_RECORDING"] = "1"
             env["MOTO_RECORDER_FILEPATH"] = str(self.recording_path)
+        # moto_server, taught what moto lacks of the APIs fedimg calls (devel.motoextra).
+        # Its account has a raised public-AMI quota (AWS's default is 5 per region): a
+        # stack or a module of tests releases more images than that into one server.
+        env.setdefault("FEDIMG_DEVEL_PUBLIC_AMI_QUOTA", str(DEVEL_PUBLIC_AMI_QUOTA))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         self._proc = ManagedProcess(
             name="moto_server",
-            argv=[str(BIN / "moto_server"), "-H", self.host, "-p", str(self.port)],
+            argv=[
+                str(BIN / "python"),
+                "-m",
+                "devel.motoextra",
+                "-H",
+                self.host,
+                "-p",
+                str(self.port),
+            ],
             cwd=self._dir,
             env=env,
             log_path=self._dir / "moto_server.log",

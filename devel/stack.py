@@ -156,6 +156,7 @@ def hub_settings(
         "fedimg.aws.volume_types": ["gp3"],
         "fedimg.aws.upload_workers": 4,
         "fedimg.aws.max_attempts": 3,
+        "fedimg.aws.extra_tags": {"FedoraGroup": "cloud"},
         "fedimg.compose.allowed_hosts": [LOOPBACK],
         "fedimg.stage.workers": 3,
         "fedimg.http.timeout": 15.0,
@@ -191,6 +192,7 @@ def hub_settings(
         "autocloud_ami.output_url": output_url,
         "autocloud_ami.sweep_interval": 60.0,
         "autocloud_ami.aws_max_attempts": 3,
+        "autocloud_ami.extra_tags": {"FedoraGroup": "cloud"},
         # fedmsg's backlog: a restarted hub replays what it missed from datagrepper
         "status_directory": str(workdir / "status"),
         "datagrepper_url": datagrepper_url,

@@ -27,6 +27,12 @@ log = logging.getLogger(__name__)
 ROOT_DEVICE: Final = "/dev/sda1"
 ARCHITECTURES: Final = {"x86_64": "x86_64", "aarch64": "arm64"}
 BOOT_MODES: Final = {"x86_64": "uefi-preferred", "aarch64": "uefi"}
+IMDS_SUPPORT: Final = "v2.0"  # instances of every AMI require IMDSv2 (HttpTokens required)
+TPM_SUPPORT: Final = "v2.0"
+# NitroTPM needs the instance to boot UEFI, which only the ``uefi`` boot mode
+# guarantees: ``uefi-preferred`` falls back to legacy BIOS on instance types
+# without UEFI, where there is no TPM. So TpmSupport goes with ``uefi`` only.
+TPM_BOOT_MODES: Final = frozenset({"uefi"})
 BOOTABLE_VOLUME_TYPES: Final = frozenset({"gp2", "gp3", "io1", "io2", "standard"})
 PROVISIONED_IOPS: Final = frozenset({"io1", "io2"})
 NAME_MAX: Final = 128
@@ -116,7 +122,8 @@ def register_params(
     if vol_type in PROVISIONED_IOPS:
         # Within io1's 50 IOPS/GiB and io2's 1000 IOPS/GiB, at least AWS's 100.
         ebs["Iops"] = max(100, min(3000, 50 * volume_size_gib))
-    return {
+    boot_mode = BOOT_MODES[image.arch]
+    params: dict[str, Any] = {
         "Name": ami_name(image, vol_type),
         "Description": description[:255],
         "Architecture": ARCHITECTURES[image.arch],
@@ -124,10 +131,14 @@ def register_params(
         "EnaSupport": True,
         "SriovNetSupport": "simple",
         "RootDeviceName": ROOT_DEVICE,
-        "BootMode": BOOT_MODES[image.arch],
+        "BootMode": boot_mode,
+        "ImdsSupport": IMDS_SUPPORT,
         "BlockDeviceMappings": [{"DeviceName": ROOT_DEVICE, "Ebs": ebs}],
         "TagSpecifications": tag_specs(("image",), {t["Key"]: t["Value"] for t in tags}),
     }
+    if boot_mode in TPM_BOOT_MODES:
+        params["TpmSupport"] = TPM_SUPPORT
+    return params
 
 
 def snapshot_tags(image_tags: Mapping[str, str]) -> dict[str, str]:

@@ -24,6 +24,10 @@ from botocore.exceptions import ClientError
 TAG_KEY_MAX: Final = 128
 TAG_VALUE_MAX: Final = 256
 TAGS_MAX: Final = 50
+# Tag keys of fedimg's and autocloud_ami's own records: never an extra tag.
+RESERVED_TAG_PREFIXES: Final = ("fedimg:", "autocloud:")
+RESERVED_TAG_KEYS: Final = frozenset({"Name"})
+EXTRA_TAGS_MAX: Final = 10  # leaves room for fedimg's own tags within AWS's 50
 
 
 def tag_list(values: Mapping[str, str]) -> list[dict[str, str]]:
@@ -40,6 +44,26 @@ def tag_specs(resource_types: Iterable[str], values: Mapping[str, str]) -> list[
     """``TagSpecifications``: the same ``tag_list`` for each of ``resource_types``."""
     listed = tag_list(values)
     return [{"ResourceType": rt, "Tags": [dict(t) for t in listed]} for rt in resource_types]
+
+
+def check_extra_tags(key: str, values: Mapping[str, str]) -> None:
+    """Extra tags must be ones AWS takes, and never fedimg's or autocloud's own keys."""
+    if len(values) > EXTRA_TAGS_MAX:
+        raise ValueError(f"{key}: {len(values)} tags; at most {EXTRA_TAGS_MAX} extra tags")
+    try:
+        tag_list(values)
+    except ValueError as exc:
+        raise ValueError(f"{key}: {exc}") from exc
+    for name, value in values.items():
+        if name.startswith(RESERVED_TAG_PREFIXES) or name in RESERVED_TAG_KEYS:
+            raise ValueError(f"{key}: {name!r} is a key fedimg or autocloud_ami sets itself")
+        if len(value) > TAG_VALUE_MAX:
+            raise ValueError(f"{key}: the value of {name!r} is longer than {TAG_VALUE_MAX}")
+
+
+def with_extra(values: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:
+    """``values`` plus the deployment's extra tags (``values`` win a clash)."""
+    return {**extra, **values}
 
 
 def error_code(exc: BaseException) -> str:

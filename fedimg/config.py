@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from fedimg.aws import check_extra_tags
 from fedimg.messages import FAILED, NEEDS_INSPECTION, SUMMARY_TESTCASE
 from fedimg.policy import GatePolicy, default_policy, load_policy
 from fedimg.settings import ConfigError, load, load_consumer_config, setting
@@ -23,6 +24,13 @@ REGION_RE = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")
 MAX_VOLUME_GIB = 16384
 VOLUME_TYPES = frozenset({"gp2", "gp3", "io1", "io2", "standard", "st1", "sc1"})
 ARCHES = frozenset({"x86_64", "aarch64"})
+# productmd's compose types (the compose id's suffix: none, .t, .n, .ci).
+COMPOSE_TYPES = frozenset({"production", "test", "nightly", "ci"})
+DEFAULT_DEPRECATION_DAYS = {"production": 730, "test": 30, "nightly": 14, "ci": 7}
+# Time-based copies (CopyImage SnapshotCopyCompletionDurationMinutes): 15 minutes to
+# 48 hours, in steps of 15 minutes.
+COPY_COMPLETION_STEP = 15
+COPY_COMPLETION_MAX = 48 * 60
 
 
 def check_region(name: str) -> str:
@@ -79,6 +87,15 @@ class FedimgConfig:
     orphan_grace: float = setting("fedimg.reconcile.orphan_grace", 2 * 3600.0)
     state_dir: str = setting("fedimg.state_dir", "/var/lib/fedimg")
     stage_max_attempts: int = setting("fedimg.stage.max_attempts", 3)
+    extra_tags: dict[str, str] = setting(
+        "fedimg.aws.extra_tags", {}, doc="tags on every resource fedimg creates"
+    )
+    deprecation_days: dict[str, int] = setting(
+        "fedimg.promote.deprecation_days", DEFAULT_DEPRECATION_DAYS
+    )
+    skip_regions: list[str] = setting("fedimg.promote.skip_regions", [])
+    best_effort_regions: list[str] = setting("fedimg.promote.best_effort_regions", [])
+    copy_completion_minutes: int = setting("fedimg.promote.copy_completion_minutes", 0)
 
     def __post_init__(self) -> None:
         check_region(self.staging_region)
@@ -118,6 +135,51 @@ class FedimgConfig:
         if self.waiverdb_url and urlsplit(self.waiverdb_url).scheme not in ("http", "https"):
             raise ValueError(f"fedimg.waiverdb_url: not an http(s) URL: {self.waiverdb_url!r}")
         self.gate_policy  # noqa: B018 - read and validated once, at start-up
+        self._check_publishing()
+
+    def _check_publishing(self) -> None:
+        check_extra_tags("fedimg.aws.extra_tags", self.extra_tags)
+        bad = sorted(set(self.deprecation_days) - COMPOSE_TYPES)
+        if bad:
+            raise ValueError(
+                f"fedimg.promote.deprecation_days: unknown compose types {bad} "
+                f"(known: {sorted(COMPOSE_TYPES)})"
+            )
+        for kind, days in self.deprecation_days.items():
+            if days < 1:
+                raise ValueError(f"fedimg.promote.deprecation_days[{kind!r}]: {days} is not >= 1")
+        # A compose type left out keeps its default: the mapping is always complete.
+        object.__setattr__(
+            self, "deprecation_days", {**DEFAULT_DEPRECATION_DAYS, **self.deprecation_days}
+        )
+        for key, regions in (
+            ("fedimg.promote.skip_regions", self.skip_regions),
+            ("fedimg.promote.best_effort_regions", self.best_effort_regions),
+        ):
+            for region in regions:
+                try:
+                    check_region(region)
+                except ValueError as exc:
+                    raise ValueError(f"{key}: {exc}") from exc
+        both = sorted(set(self.skip_regions) & set(self.best_effort_regions))
+        if both:
+            raise ValueError(
+                f"fedimg.promote.skip_regions and best_effort_regions both name {both}"
+            )
+        if self.staging_region in self.skip_regions:
+            raise ValueError(
+                f"fedimg.promote.skip_regions: {self.staging_region} is the staging region"
+            )
+        minutes = self.copy_completion_minutes
+        if minutes and not (
+            COPY_COMPLETION_STEP <= minutes <= COPY_COMPLETION_MAX
+            and minutes % COPY_COMPLETION_STEP == 0
+        ):
+            raise ValueError(
+                f"fedimg.promote.copy_completion_minutes: {minutes} is not 0 (off) or a "
+                f"multiple of {COPY_COMPLETION_STEP} from {COPY_COMPLETION_STEP} to "
+                f"{COPY_COMPLETION_MAX}"
+            )
 
     @functools.cached_property
     def gate_policy(self) -> GatePolicy:
@@ -137,4 +199,4 @@ class FedimgConfig:
         return load_consumer_config(cls, consumer_config, "fedimg")
 
 
-__all__ = ["ConfigError", "FedimgConfig", "check_region"]
+__all__ = ["ConfigError", "FedimgConfig", "check_extra_tags", "check_region"]

@@ -25,12 +25,14 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
 from botocore.exceptions import BotoCoreError, ClientError
 
 from fedimg import tags
-from fedimg.aws import error_code, tag_specs
+from fedimg.aws import error_code, tag_specs, with_extra
+from fedimg.facts import parse_when
 from fedimg.messages import StagedImage
 
 log = logging.getLogger(__name__)
@@ -73,9 +75,11 @@ class RetryTimeout(CopyError, TimeoutError):
 
 
 class Ec2Factory(Protocol):
-    """``fedimg.aws.AwsClients`` as the copier uses it."""
+    """``fedimg.aws.AwsClients`` as the copier and the promoter use it."""
 
     def ec2(self, region: str) -> Any: ...
+
+    def client(self, service: str, region: str) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -201,6 +205,27 @@ class Copier:
     source_region: str
     timing: Timing = field(default_factory=Timing)
     clock: Clock = field(default_factory=Clock)
+    extra_tags: Mapping[str, str] = field(default_factory=dict)  # fedimg.aws.extra_tags
+    # fedimg.promote.copy_completion_minutes: 0 is a best-effort copy, else time-based
+    completion_minutes: int = 0
+
+    def tags_of(self, image: StagedImage) -> dict[str, str]:
+        """The tags of a copy and its snapshots: ``copy_tags`` and the extra ones."""
+        return with_extra(copy_tags(image), self.extra_tags)
+
+    def copy_params(self, image: StagedImage, name: str, token: str) -> dict[str, Any]:
+        """The ``copy_image`` arguments (called in the destination region)."""
+        params: dict[str, Any] = {
+            "SourceRegion": self.source_region,
+            "SourceImageId": image.ami_id,
+            "Name": name,
+            "Description": copy_description(image, self.source_region),
+            "ClientToken": token,
+            "TagSpecifications": tag_specs(("image", "snapshot"), self.tags_of(image)),
+        }
+        if self.completion_minutes:
+            params["SnapshotCopyCompletionDurationMinutes"] = self.completion_minutes
+        return params
 
     # -- retry / wait primitives --------------------------------------------
     def retrying(self, call: Callable[[], T], codes: frozenset[str], what: str) -> T:
@@ -290,21 +315,15 @@ class Copier:
         name = fallback if self.name_taken(region, primary, image) else primary
         token = copy_token(source, region, replacing)
         what = f"{image.compose_id} {source} -> {region}"
+        params = self.copy_params(image, name, token)
         answer = self.retrying(
-            lambda: self.aws.ec2(region).copy_image(
-                SourceRegion=self.source_region,
-                SourceImageId=source,
-                Name=name,
-                Description=copy_description(image, self.source_region),
-                ClientToken=token,
-                TagSpecifications=tag_specs(("image", "snapshot"), copy_tags(image)),
-            ),
+            lambda: self.aws.ec2(region).copy_image(**params),
             TRANSIENT,
             f"{what}: copy_image",
         )
         new_ami = str(answer["ImageId"])
         log.info("%s: copy %s started as %s", what, name, new_ami)
-        self.tag(region, [new_ami], copy_tags(image), what)
+        self.tag(region, [new_ami], self.tags_of(image), what)
         return new_ami
 
     def tag(self, region: str, resources: list[str], values: Mapping[str, str], what: str) -> None:
@@ -391,6 +410,23 @@ class Copier:
             )
         log.info("%s: %s and snapshot(s) %s are public", what, ami_id, ", ".join(snapshots))
 
+    def deprecate(
+        self, region: str, described: Mapping[str, Any], when: datetime | None, what: str
+    ) -> None:
+        """``EnableImageDeprecation`` at ``when``, unless the image already has that time."""
+        if when is None:
+            return
+        ami_id = str(described["ImageId"])
+        if parse_when(described.get("DeprecationTime")) == when:
+            return
+        ec2 = self.aws.ec2(region)
+        self.retrying(
+            lambda: ec2.enable_image_deprecation(ImageId=ami_id, DeprecateAt=when),
+            TRANSIENT | {"InvalidAMIID.Unavailable"},
+            f"{what}: deprecate {ami_id}",
+        )
+        log.info("%s: %s is deprecated at %s", what, ami_id, when.strftime("%Y-%m-%dT%H:%MZ"))
+
     # -- one region, end to end ----------------------------------------------
     def copy_and_publish(
         self,
@@ -398,6 +434,7 @@ class Copier:
         image: StagedImage,
         source_name: str,
         on_started: Callable[[str], None],
+        deprecate_at: datetime | None = None,
     ) -> RegionResult:
         """Find or start the copy, wait for it, make it public. Never raises for AWS errors."""
         assert image.ami_id is not None
@@ -426,7 +463,9 @@ class Copier:
                 log.info("%s: found existing copy %s (%s)", what, ami_id, existing.get("State"))
             described = self.wait_available(region, ami_id, what)
             snapshots = self.snapshots_of(region, described, {tags.SOURCE_AMI: image.ami_id})
-            self.tag(region, [ami_id, *snapshots], copy_tags(image), what)
+            self.tag(region, [ami_id, *snapshots], self.tags_of(image), what)
+            # Deprecation first: no image goes public without its deprecation time.
+            self.deprecate(region, described, deprecate_at, what)
             already = self.is_public(region, described, snapshots)
             self.make_public(region, ami_id, snapshots, what)
             return RegionResult(region, ami_id, None, started, published=not already)
@@ -436,13 +475,18 @@ class Copier:
             return RegionResult(region, ami_id, reason, started)
 
     def publish_in_place(
-        self, image: StagedImage, described: Mapping[str, Any], snapshots: list[str]
+        self,
+        image: StagedImage,
+        described: Mapping[str, Any],
+        snapshots: list[str],
+        deprecate_at: datetime | None = None,
     ) -> RegionResult:
         """Make the staging AMI itself public (its snapshots found by the caller)."""
         assert image.ami_id is not None
         region = self.source_region
         what = f"{image.compose_id} {image.ami_id} in {region}"
         try:
+            self.deprecate(region, described, deprecate_at, what)
             already = self.is_public(region, described, snapshots)
             self.make_public(region, image.ami_id, snapshots, what)
         except (ClientError, BotoCoreError, CopyError) as exc:

@@ -118,6 +118,7 @@ def policy_of(cfg: FedimgConfig) -> Policy:
         grace=timedelta(seconds=cfg.orphan_grace),
         max_attempts=cfg.stage_max_attempts,
         gate=cfg.gate_policy,
+        deprecation_days=dict(cfg.deprecation_days),
     )
 
 
@@ -602,7 +603,7 @@ class Engine:
             log.info("%s: gate says release: %s", staged.label, action.decision.reason)
             if decided is not None:
                 decided(Outcome(ami_id, "release", action.decision.reason))
-            self.promoter.release(staged, action.decision)
+            self.promoter.release(staged, action.decision, action.deprecate_at)
             return Outcome(ami_id, "release", action.decision.reason)
         if isinstance(action, Reject):
             log.info("%s: gate says reject: %s", staged.label, action.decision.reason)
@@ -612,10 +613,11 @@ class Engine:
             log.info("%s: resuming promotion", staged.label)
             if decided is not None:
                 decided(Outcome(ami_id, "promoting", "resumed"))
-            promotion = self.promoter.promote(staged)
+            promotion = self.promoter.promote(staged, action.deprecate_at)
             if promotion.complete:
                 return Outcome(ami_id, "released")
-            return Outcome(ami_id, "promoting", f"failed in {', '.join(sorted(promotion.failed))}")
+            failed = ", ".join(sorted(promotion.blocking))
+            return Outcome(ami_id, "promoting", f"failed in {failed}")
         if isinstance(action, RequestTest):
             self.promoter.request_test(staged, action.count, action.reason)
             return Outcome(ami_id, "retest", f"{action.reason}; test requested again")

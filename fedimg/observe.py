@@ -12,13 +12,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Final
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from fedimg import ami, tags
 from fedimg.aws import error_code
 from fedimg.compose import CloudImage
+from fedimg.copies import describe_error
 from fedimg.facts import AmiFacts, AmiLife, ImageFacts, Results, SnapshotFacts
 from fedimg.messages import ARCHES, RESULTSDB_ITEM_TYPE, SHA256_RE, InvalidMessage, check_http_url
+from fedimg.preflight import DEFAULT_PUBLIC_AMI_QUOTA, PUBLIC_AMI_QUOTA_CODE, RegionFacts
 from fedimg.results import ResultsSource, ResultsUnavailable
 from fedimg.tags import State
 from fedimg.waivers import NoWaivers, WaiverSource, WaiversUnavailable
@@ -123,6 +125,44 @@ def staged_amis(ec2: Any, states: Iterable[State] | None = None) -> list[dict[st
     for page in ec2.get_paginator("describe_images").paginate(Owners=["self"], Filters=filters):
         images.extend(page.get("Images", []))
     return sorted(images, key=lambda i: (i.get("CreationDate", ""), i["ImageId"]))
+
+
+def public_ami_quota(quotas: Any) -> float:
+    """The region's public-AMI quota (Service Quotas ``L-0E3CBAB9``).
+
+    AWS has no applied value for a quota never changed in a region
+    (NoSuchResourceException): its default then applies.
+    """
+    try:
+        answer = quotas.get_service_quota(ServiceCode="ec2", QuotaCode=PUBLIC_AMI_QUOTA_CODE)
+    except ClientError as exc:
+        if error_code(exc) == "NoSuchResourceException":
+            return DEFAULT_PUBLIC_AMI_QUOTA
+        raise
+    return float(answer["Quota"]["Value"])
+
+
+def region_publish_facts(ec2: Any, quotas: Any, region: str, ami_id: str) -> RegionFacts:
+    """Whether ``region`` can take one more public AMI: its block public access state,
+    its public-AMI quota and the public images we own there (is ``ami_id``, or a copy
+    of it, one of them?). An AWS error is a fact too (``RegionFacts.error``)."""
+    try:
+        answer = ec2.get_image_block_public_access_state()
+        state = str(answer.get("ImageBlockPublicAccessState") or "unknown")
+        public: list[dict[str, Any]] = []
+        pages = ec2.get_paginator("describe_images").paginate(
+            Owners=["self"], Filters=[{"Name": "is-public", "Values": ["true"]}]
+        )
+        for page in pages:
+            public.extend(page.get("Images", []))
+        quota = public_ami_quota(quotas)
+    except (ClientError, BotoCoreError) as exc:
+        return RegionFacts(region, error=describe_error(exc))
+    mine = any(
+        i.get("ImageId") == ami_id or tags.as_dict(i.get("Tags")).get(tags.SOURCE_AMI) == ami_id
+        for i in public
+    )
+    return RegionFacts(region, state, quota, len(public), mine)
 
 
 def testing_snapshots(ec2: Any) -> dict[str, list[dict[str, Any]]]:

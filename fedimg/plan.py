@@ -27,8 +27,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import Enum
-from typing import Any
+from typing import Any, Final
 
+from productmd.composeinfo import get_date_type_respin
+
+from fedimg.config import DEFAULT_DEPRECATION_DAYS
 from fedimg.facts import RESUMED_MAX, RETESTS_MAX, AmiFacts, AmiLife, ImageFacts, aware
 from fedimg.gate import Decision, evaluate
 from fedimg.messages import FAILED, NEEDS_INSPECTION, SUMMARY_TESTCASE
@@ -64,6 +67,11 @@ class Policy:
     def testcases(self) -> tuple[str, ...]:
         """Every testcase the gate may need (what to ask ResultsDB about)."""
         return self.gate_policy.testcases
+
+    # Days from staging to deprecation, per compose type (fedimg.promote.deprecation_days).
+    deprecation_days: Mapping[str, int] = field(
+        default_factory=lambda: dict(DEFAULT_DEPRECATION_DAYS)
+    )
 
 
 # -- actions ---------------------------------------------------------------------------
@@ -141,9 +149,10 @@ class RequestTest:
 
 @dataclass(frozen=True)
 class Release:
-    """Mark promoting, announce the pass, copy and publish everywhere."""
+    """Mark promoting, announce the pass, copy and publish everywhere (deprecated at a time)."""
 
     decision: Decision
+    deprecate_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -151,6 +160,7 @@ class Promote:
     """Copy to and publish in the regions still missing (a promotion already decided)."""
 
     reason: str
+    deprecate_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -331,6 +341,43 @@ def _unused_snapshots(facts: ImageFacts) -> list[ImageAction]:
     return [DeleteSnapshot(s, "no AMI uses it") for s in unused]
 
 
+# -- deprecation ---------------------------------------------------------------------------
+
+#: AWS refuses a DeprecateAt more than 2 years after a public AMI's creation.
+PUBLIC_DEPRECATION_MAX: Final = timedelta(days=730)
+#: AWS refuses a DeprecateAt in the past: an image past its policy goes out this soon.
+DEPRECATION_LEAD: Final = timedelta(minutes=10)
+
+
+def compose_type(compose_id: str) -> str | None:
+    """productmd's compose type of a compose id (``.n.`` nightly, ``.t.`` test, none:
+    production, ``.ci.``), or None when the id says none."""
+    try:
+        _date, kind, _respin = get_date_type_respin(compose_id)
+    except ValueError:  # a suffix productmd does not know
+        return None
+    return kind if isinstance(kind, str) else None
+
+
+def deprecation_time(
+    compose_id: str, staged_at: datetime, now: datetime, days: Mapping[str, int]
+) -> datetime:
+    """When a released AMI (the staging AMI and every copy) is deprecated.
+
+    ``days[compose type]`` after staging -- the shortest period when the compose
+    id names no known type -- but never more than AWS's 2 years for a public
+    AMI, and never earlier than ``DEPRECATION_LEAD`` from ``now`` (AWS refuses a
+    time in the past). Counted from staging, not from now, so every region and
+    every resumed pass sends the same time. Whole minutes (AWS rounds to them).
+    """
+    kind = compose_type(compose_id)
+    period = timedelta(days=days[kind] if kind is not None and kind in days else min(days.values()))
+    at = aware(staged_at) + min(period, PUBLIC_DEPRECATION_MAX)
+    at = max(at, aware(now) + DEPRECATION_LEAD)
+    whole = at.replace(second=0, microsecond=0)
+    return whole if whole == at else whole + timedelta(minutes=1)
+
+
 # -- an AMI ------------------------------------------------------------------------------
 
 
@@ -367,24 +414,28 @@ def plan_ami(
     ami = life.ami
     if ami.broken:
         return (Wait(f"AMI is {ami.aws_state}; stage replaces it"),)
+    staged_at = ami.staged_at or now
+    deprecate_at = deprecation_time(life.compose_id, staged_at, now, policy.deprecation_days)
     if ami.state is State.PROMOTING:
         # A result message says nothing new about a decided AMI: the pass resumes it.
-        return () if scope is Scope.MESSAGE else (Promote("promotion unfinished"),)
+        if scope is Scope.MESSAGE:
+            return ()
+        return (Promote("promotion unfinished", deprecate_at),)
     if ami.state is State.REJECTED:
-        return _reconsider(life, policy, now)
+        return _reconsider(life, policy, now, deprecate_at)
     if ami.state is not State.TESTING:
         return ()
     if not life.results.known:
         return (Wait(f"ResultsDB unavailable: {life.results.unavailable}"[:300]),)
-    staged_at = ami.testing_since or now
+    testing_since = ami.testing_since or now
     decision = gate_decision(life, policy, now)
     if decision.release:
-        return (Release(decision),)
+        return (Release(decision, deprecate_at),)
     if decision.reject:
         return (Reject(decision),)
     if scope is Scope.RECONCILE and retest_due(
         decision,
-        staged_at=staged_at,
+        staged_at=testing_since,
         now=now,
         retest_after=policy.retest_after,
         requested=ami.test_requests,
@@ -393,7 +444,9 @@ def plan_ami(
     return (Wait(decision.reason),)
 
 
-def _reconsider(life: AmiLife, policy: Policy, now: datetime) -> tuple[AmiAction, ...]:
+def _reconsider(
+    life: AmiLife, policy: Policy, now: datetime, deprecate_at: datetime | None
+) -> tuple[AmiAction, ...]:
     """A rejected AMI is released only when waivers now cover what rejected it.
 
     A late PASSED alone never undoes a rejection (``fedimg retest`` asks for a
@@ -403,7 +456,7 @@ def _reconsider(life: AmiLife, policy: Policy, now: datetime) -> tuple[AmiAction
         return (Wait(f"rejected; cannot look for waivers: {life.results.unavailable}"[:300]),)
     decision = gate_decision(life, policy, now)
     if decision.release and decision.waived:
-        return (Release(decision),)
+        return (Release(decision, deprecate_at),)
     return ()
 
 

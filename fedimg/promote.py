@@ -25,7 +25,7 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from fedimg import tags
+from fedimg import preflight, tags
 from fedimg.aws import AwsClients
 from fedimg.config import FedimgConfig
 from fedimg.copies import Clock, Copier, Ec2Factory, RegionResult, Slots, Timing, describe_error
@@ -44,7 +44,7 @@ from fedimg.messages import (
     publish_event,
     release_event,
 )
-from fedimg.observe import describe_staging_ami
+from fedimg.observe import describe_staging_ami, region_publish_facts
 from fedimg.plan import Retest
 from fedimg.regions import target_regions
 from fedimg.tags import State
@@ -87,10 +87,16 @@ class Promotion:
     ami_id: str
     regions: Mapping[str, str] = field(default_factory=dict)
     failed: Mapping[str, str] = field(default_factory=dict)
+    best_effort: frozenset[str] = frozenset()  # fedimg.promote.best_effort_regions
+
+    @property
+    def blocking(self) -> dict[str, str]:
+        """The failures that keep the image ``promoting`` (not a best-effort region's)."""
+        return preflight.blocking(self.failed, self.best_effort)
 
     @property
     def complete(self) -> bool:
-        return not self.failed and bool(self.regions)
+        return not self.blocking and bool(self.regions)
 
 
 def _utcnow() -> datetime:
@@ -140,6 +146,8 @@ class Promoter:
             timing
             or Timing(copy_timeout=cfg.copy_timeout, retry_timeout=cfg.publish_retry_timeout),
             clock or Clock(),
+            extra_tags=cfg.extra_tags,
+            completion_minutes=cfg.copy_completion_minutes,
         )
         self.slots = Slots(cfg.copy_concurrency)
         # The history tag last written per AMI: a promotion writes several states in a
@@ -183,14 +191,16 @@ class Promoter:
         return StagingAmi(image, described, tags.state_of(described), staged_at)
 
     # -- acting on it -------------------------------------------------------------
-    def release(self, staged: StagingAmi, decision: Decision) -> Promotion:
+    def release(
+        self, staged: StagingAmi, decision: Decision, deprecate_at: datetime | None = None
+    ) -> Promotion:
         """Mark promoting, announce the pass, then copy and publish everywhere.
 
         The release message names every waiver the decision used.
         """
         self._set_state(staged, State.PROMOTING, waivers_by(decision))
         self.emitter.emit(IMAGE_TEST, image_event(staged.image, "completed", decision.reason))
-        return self.promote(staged, waivers_of(decision))
+        return self.promote(staged, deprecate_at, waivers_of(decision))
 
     def retest(self, staged: StagingAmi, action: Retest, who: str) -> None:
         """Back to testing: the deadline counts from now, older results of the retested
@@ -234,9 +244,20 @@ class Promoter:
         if self.cfg.delete_rejected:
             self._delete(staged)
 
-    def promote(self, staged: StagingAmi, waivers: Sequence[Mapping[str, Any]] = ()) -> Promotion:
+    def promote(
+        self,
+        staged: StagingAmi,
+        deprecate_at: datetime | None = None,
+        waivers: Sequence[Mapping[str, Any]] = (),
+    ) -> Promotion:
+        """Copy to and publish in every target region; the staging AMI public too.
+
+        Every image made public is first deprecated at ``deprecate_at`` (the plan's
+        ``deprecation_time``; None: not deprecated). The release message names
+        ``waivers`` (those the gate's decision used).
+        """
         try:
-            regions = target_regions(self.cfg, self.ec2)
+            regions = preflight.targets(target_regions(self.cfg, self.ec2), self.cfg.skip_regions)
         except (ClientError, BotoCoreError) as exc:
             reason = describe_error(exc)
             log.error(
@@ -250,10 +271,11 @@ class Promoter:
             len(regions),
             ", ".join(regions),
         )
-        results = self._fan_out(staged, regions)
-        results.append(self._publish_staging(staged))
+        results = self._fan_out(staged, regions, deprecate_at)
+        results.append(self._publish_staging(staged, deprecate_at))
         done = {r.region: r.ami_id for r in results if r.ok and r.ami_id}
         failed = {r.region: r.error or "unknown error" for r in results if not r.ok}
+        promotion = Promotion(staged.ami_id, done, failed, frozenset(self.cfg.best_effort_regions))
         if done:
             self.emitter.emit(IMAGE_RELEASE, release_event(staged.image, done, failed, waivers))
             announce_aws_published(
@@ -263,20 +285,29 @@ class Promoter:
                 done,
                 self.cfg.fedora_image_uploader_message,
             )
-        if failed:
+        if promotion.blocking or not done:
             log.error(
                 "%s: released in %d region(s); FAILED in %s; state stays promoting, "
                 "a resume will retry them",
                 staged.label,
                 len(done),
-                "; ".join(f"{r}: {why}" for r, why in sorted(failed.items())),
+                "; ".join(f"{r}: {why}" for r, why in sorted(promotion.blocking.items())),
             )
-        else:
-            self._set_state(staged, State.RELEASED)
-            log.info("%s: released in %d region(s)", staged.label, len(done))
-        return Promotion(staged.ami_id, done, failed)
+            return promotion
+        for region, why in sorted(failed.items()):
+            log.warning(
+                "%s: not released in best-effort region %s (not retried): %s",
+                staged.label,
+                region,
+                why,
+            )
+        self._set_state(staged, State.RELEASED)
+        log.info("%s: released in %d region(s)", staged.label, len(done))
+        return promotion
 
-    def _fan_out(self, staged: StagingAmi, regions: list[str]) -> list[RegionResult]:
+    def _fan_out(
+        self, staged: StagingAmi, regions: list[str], deprecate_at: datetime | None
+    ) -> list[RegionResult]:
         """Copy to every region concurrently; emit copy/publish events from this thread."""
         if not regions:
             return []
@@ -285,12 +316,17 @@ class Promoter:
         def work(region: str) -> None:
             result = RegionResult(region, None, "internal error")
             try:
+                checked = self._preflight(staged, region)
+                if not checked.go:
+                    result = RegionResult(region, None, checked.reason)
+                    return
                 with self.slots:
                     result = self.copier.copy_and_publish(
                         region,
                         staged.image,
                         staged.name,
                         lambda ami: events.put(("copy", region, ami)),
+                        deprecate_at,
                     )
             except Exception as exc:  # one region's bug must not lose the rest
                 log.exception("%s -> %s: unexpected error", staged.label, region)
@@ -315,17 +351,34 @@ class Promoter:
                     )
         return sorted(results, key=lambda r: r.region)
 
-    def _publish_staging(self, staged: StagingAmi) -> RegionResult:
+    def _publish_staging(self, staged: StagingAmi, deprecate_at: datetime | None) -> RegionResult:
         region = self.cfg.staging_region
+        checked = self._preflight(staged, region)
+        if not checked.go:
+            return RegionResult(region, staged.ami_id, checked.reason)
         try:
             snapshots = self._staging_snapshots(staged)
         except (ClientError, BotoCoreError) as exc:
             log.error("%s: cannot find the staging snapshot: %s", staged.label, describe_error(exc))
             return RegionResult(region, staged.ami_id, describe_error(exc))
-        result = self.copier.publish_in_place(staged.image, staged.described, snapshots)
+        result = self.copier.publish_in_place(
+            staged.image, staged.described, snapshots, deprecate_at
+        )
         if result.ok and result.published:
             self.emitter.emit(IMAGE_PUBLISH, publish_event(staged.image, region, staged.ami_id))
         return result
+
+    def _preflight(self, staged: StagingAmi, region: str) -> preflight.Verdict:
+        """May ``region`` take this image public now? (read by observe, decided by preflight)"""
+        facts = region_publish_facts(
+            self.aws.ec2(region), self.aws.client("service-quotas", region), region, staged.ami_id
+        )
+        checked = preflight.verdict(facts, self.cfg.best_effort_regions)
+        if not checked.go:
+            log.warning(
+                "%s -> %s: not copied or published there: %s", staged.label, region, checked.reason
+            )
+        return checked
 
     # -- the record ---------------------------------------------------------------
     def _staging_snapshots(self, staged: StagingAmi, everything: bool = False) -> list[str]:

@@ -38,7 +38,7 @@ import requests
 from botocore.exceptions import BotoCoreError, ClientError
 
 from fedimg import ami, tags
-from fedimg.aws import AwsClients, error_code
+from fedimg.aws import AwsClients, error_code, with_extra
 from fedimg.compose import CloudImage, ComposeError
 from fedimg.config import FedimgConfig
 from fedimg.download import DownloadError, probe_raw_size, stream_raw
@@ -339,11 +339,17 @@ class Stager:
             sha256=image.sha256,
         )
 
+    def image_tags(self, staged: StagedImage, staged_at: str) -> dict[str, str]:
+        """The tags of a new ``testing`` AMI and its snapshot: fedimg's and the extra ones."""
+        return with_extra(
+            tags.image_tags(staged, tags.State.TESTING, staged_at), self.cfg.extra_tags
+        )
+
     # -- the steps -----------------------------------------------------------------------
     def adopt(self, image: CloudImage, vol: str, ami_id: str, ctx: str) -> None:
         """Tag an AMI a crash left untagged (registered, never tagged) as ``testing``."""
         described = ami.describe_image(self.ec2, ami_id) or {}
-        wanted = tags.image_tags(self.staged(image, vol, ami_id), tags.State.TESTING, self.clock())
+        wanted = self.image_tags(self.staged(image, vol, ami_id), self.clock())
         ami.ensure_tags(self.ec2, ami_id, wanted, described.get("Tags"))
         log.warning("%s: AMI %s (%s) was never tagged; adopted as testing", ctx, ami_id, vol)
 
@@ -426,9 +432,7 @@ class Stager:
         staged_at = self.clock()
         for vol in vols:
             self._emit(IMAGE_UPLOAD, self.staged(image, vol), "started", ctx)
-        snap_tags = ami.snapshot_tags(
-            tags.image_tags(self.staged(image, vols[0]), tags.State.TESTING, staged_at)
-        )
+        snap_tags = ami.snapshot_tags(self.image_tags(self.staged(image, vols[0]), staged_at))
         try:
             snapshot_id, size_gib, created = self._snapshot(ec2, image, snap_tags, resume_from, ctx)
         except EXPECTED_FAILURES as exc:
@@ -545,7 +549,7 @@ class Stager:
             vol,
             size_gib,
             description=ami.ami_description(image, vol),
-            tags=tags.as_list(tags.image_tags(staged, tags.State.TESTING, staged_at)),
+            tags=tags.as_list(self.image_tags(staged, staged_at)),
         )
         ami_id: str | None = None
         try:

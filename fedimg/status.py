@@ -5,7 +5,9 @@ target region found by their ``fedimg:source-ami`` tag), ResultsDB and
 WaiverDB are the only sources; a ResultsDB or WaiverDB outage shows as ``?``
 instead of failing. Outcomes are shown per scenario (``testcase[scenario]``
 for results that name one); below the table, every AMI's waivers and its
-state history (``fedimg:history``: who or what moved it, when).
+state history (``fedimg:history``: who or what moved it, when), then one line
+per region it is in (the staging region first): the AMI there, its EC2 state,
+whether it is public and when it is (or was) deprecated.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TextIO
+from typing import Any, TextIO
 
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -22,6 +24,7 @@ from fedimg import tags
 from fedimg.aws import AwsClients
 from fedimg.config import FedimgConfig
 from fedimg.copies import Ec2Factory, describe_error
+from fedimg.facts import parse_when
 from fedimg.intents import IntentError, IntentStore
 from fedimg.messages import RESULTSDB_ITEM_TYPE
 from fedimg.observe import staged_amis
@@ -44,10 +47,30 @@ _FILTER_CHUNK = 100  # ids per describe_images filter value list
 
 @dataclass(frozen=True)
 class Copy:
+    """The AMI in one region (a copy, or the staging AMI itself)."""
+
     region: str
     ami_id: str
     state: str
     public: bool
+    deprecation: str = ""  # EC2's DeprecationTime; "" when the AMI has none
+
+
+def copy_of(region: str, image: Mapping[str, Any]) -> Copy:
+    """A described image as a ``Copy`` line."""
+    return Copy(
+        region,
+        str(image["ImageId"]),
+        str(image.get("State", "?")),
+        bool(image.get("Public")),
+        deprecation_cell(image.get("DeprecationTime")),
+    )
+
+
+def deprecation_cell(value: Any) -> str:
+    """``2028-11-24T17:00Z`` from EC2's DeprecationTime, "" when there is none."""
+    when = parse_when(value)
+    return when.strftime("%Y-%m-%dT%H:%MZ") if when is not None else ""
 
 
 @dataclass(frozen=True)
@@ -64,6 +87,7 @@ class Row:
     targets: int
     waivers: tuple[str, ...] | None = ()  # None: WaiverDB could not be asked
     history: tuple[tuple[str, str, str], ...] = ()  # (state, when, who)
+    staging: Copy | None = None  # the staging AMI, as a line of its own
 
 
 def tests_cell(outcomes: Mapping[str, str] | None) -> str:
@@ -97,12 +121,17 @@ def render(rows: Sequence[Row]) -> str:
         if row.history:
             lines += ["", f"{row.ami_id} history:"]
             lines += [f"  {when}  {state:<10} {who}" for state, when, who in row.history]
-        if row.copies:
+        if row.copies or (
+            row.staging is not None and (row.staging.public or row.staging.deprecation)
+        ):
             lines.append("")
-            lines.append(f"{row.ami_id} copies:")
-            for copy in row.copies:
+            lines.append(f"{row.ami_id} by region (staging first):")
+            for copy in ([row.staging] if row.staging else []) + list(row.copies):
                 public = "public" if copy.public else "private"
-                lines.append(f"  {copy.region:<16} {copy.ami_id}  {copy.state}  {public}")
+                deprecation = f"  deprecated {copy.deprecation}" if copy.deprecation else ""
+                lines.append(
+                    f"  {copy.region:<16} {copy.ami_id}  {copy.state}  {public}{deprecation}"
+                )
     return "\n".join(lines)
 
 
@@ -145,6 +174,7 @@ def collect(
                 targets=len(regions),
                 waivers=_waivers(waivers or NoWaivers(), ami, t),
                 history=tuple(tags.history_of(t.get(tags.HISTORY, ""))),
+                staging=copy_of(cfg.staging_region, image),
             )
         )
     return rows
@@ -184,13 +214,7 @@ def _copies(
             )["Images"]
             for image in images:
                 source = tags.as_dict(image.get("Tags")).get(tags.SOURCE_AMI, "")
-                copy = Copy(
-                    region,
-                    image["ImageId"],
-                    str(image.get("State", "?")),
-                    bool(image.get("Public")),
-                )
-                found.append((source, copy))
+                found.append((source, copy_of(region, image)))
         return found
 
     if not regions or not ami_ids:

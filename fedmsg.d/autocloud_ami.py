@@ -90,4 +90,9 @@ config = {
     "autocloud_ami.sweep_interval": 600.0,
     # botocore's adaptive retry attempts for every EC2 call.
     "autocloud_ami.aws_max_attempts": 10,
+    # Extra tags on EVERY resource autocloud_ami creates (test instances, their
+    # volumes, key pairs, security groups), e.g. the owner group Fedora's AWS
+    # account policy asks for. At most 10; keys starting fedimg: or autocloud:,
+    # and Name, are refused.
+    "autocloud_ami.extra_tags": {"FedoraGroup": "cloud"},
 }

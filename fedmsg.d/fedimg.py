@@ -43,6 +43,10 @@ config = {
     # botocore attempts per AWS call (adaptive retry mode: throttling and 5xx
     # are retried with backoff).
     "fedimg.aws.max_attempts": 10,
+    # Extra tags on EVERY resource fedimg creates (snapshots, AMIs, copies and
+    # their snapshots), e.g. the owner group Fedora's AWS account policy asks
+    # for. At most 10; keys starting fedimg: or autocloud:, and Name, are refused.
+    "fedimg.aws.extra_tags": {"FedoraGroup": "cloud"},
     # -- the compose -------------------------------------------------------------
     # productmd variants holding cloud images (CloudImages: F26/F27, AtomicHost: F28+).
     "fedimg.compose.variants": ["Cloud", "AtomicHost", "CloudImages"],
@@ -111,6 +115,25 @@ config = {
     # from datagrepper today), beside fedimg.image.release. False: do not. An image
     # whose release is not a number (Rawhide) is never announced that way.
     "fedimg.promote.fedora_image_uploader_message": True,
+    # Days from staging until a released AMI (the staging AMI and every copy) is
+    # deprecated, per compose type (productmd's: production, test, nightly, ci;
+    # one left out keeps its default). Capped at AWS's limit for public AMIs:
+    # 2 years (730 days) from creation.
+    "fedimg.promote.deprecation_days": {"production": 730, "test": 30, "nightly": 14, "ci": 7},
+    # Regions never copied to (nor checked), whether listed in fedimg.aws.regions
+    # (a region taken out for a while) or discovered. Never the staging region;
+    # never also a best-effort region.
+    "fedimg.promote.skip_regions": [],
+    # Regions whose failure (refused by the preflight check -- block public
+    # access on, the public-AMI quota full -- or a failed copy) is reported in
+    # fedimg.image.release's failed_regions but does not keep the image
+    # promoting: it is released, and no later pass retries them.
+    "fedimg.promote.best_effort_regions": [],
+    # Time-based copies: every copy's snapshots complete within this many
+    # minutes (CopyImage SnapshotCopyCompletionDurationMinutes; 15 to 2880, in
+    # steps of 15; costs extra per GiB). 0: AWS's best-effort copies. Keep
+    # fedimg.promote.copy_timeout above it.
+    "fedimg.promote.copy_completion_minutes": 0,
     # -- reconcile ---------------------------------------------------------------
     # Seconds between passes resuming unfinished work from AWS tags and ResultsDB.
     "fedimg.reconcile.interval": 300.0,

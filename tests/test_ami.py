@@ -176,6 +176,8 @@ def test_register_params(arch: str, aws_arch: str, boot_mode: str) -> None:
         "SriovNetSupport": "simple",
         "RootDeviceName": "/dev/sda1",
         "BootMode": boot_mode,
+        "ImdsSupport": "v2.0",
+        **({"TpmSupport": "v2.0"} if boot_mode == "uefi" else {}),
         "BlockDeviceMappings": [
             {
                 "DeviceName": "/dev/sda1",
@@ -189,6 +191,24 @@ def test_register_params(arch: str, aws_arch: str, boot_mode: str) -> None:
         ],
         "TagSpecifications": [{"ResourceType": "image", "Tags": tag_list}],
     }
+
+
+@pytest.mark.parametrize(
+    ("arch", "tpm"),
+    [
+        # uefi: the instance always boots UEFI, so NitroTPM is there.
+        ("aarch64", "v2.0"),
+        # uefi-preferred: legacy BIOS on instance types without UEFI, hence no TPM.
+        ("x86_64", None),
+    ],
+)
+def test_imdsv2_on_every_ami_and_nitrotpm_only_where_the_boot_mode_is_uefi(
+    arch: str, tpm: str | None
+) -> None:
+    params = ami.register_params(make_image(arch=arch), "snap-1", "gp3", 2, description="", tags=[])
+    assert params["ImdsSupport"] == "v2.0"
+    assert params.get("TpmSupport") == tpm
+    assert (params["BootMode"] in ami.TPM_BOOT_MODES) == (tpm is not None)
 
 
 def test_register_params_provisioned_iops_within_aws_ratios() -> None:

@@ -62,6 +62,17 @@ def test_unrelated_keys_are_ignored_and_typed_values_accepted() -> None:
         ({**BASE, "autocloud_ami.enabled": "yes"}, "autocloud_ami.enabled"),
         ({**BASE, "autocloud_ami.regions": "us-east-1"}, "autocloud_ami.regions"),
         ({**BASE, "autocloud_ami.instance_types": ["t3.small"]}, "autocloud_ami.instance_types"),
+        ({**BASE, "autocloud_ami.extra_tags": ["FedoraGroup"]}, "autocloud_ami.extra_tags"),
+        ({**BASE, "autocloud_ami.extra_tags": {"FedoraGroup": 1}}, "autocloud_ami.extra_tags"),
+        # The records the sweeper and the IAM policy rely on are never overridden.
+        ({**BASE, "autocloud_ami.extra_tags": {"autocloud:job": "x"}}, "autocloud_ami.extra_tags"),
+        ({**BASE, "autocloud_ami.extra_tags": {"Name": "x"}}, "autocloud_ami.extra_tags"),
+        ({**BASE, "autocloud_ami.extra_tags": {"aws:x": "y"}}, "autocloud_ami.extra_tags"),
+        ({**BASE, "autocloud_ami.extra_tags": {"": "y"}}, "autocloud_ami.extra_tags"),
+        (
+            {**BASE, "autocloud_ami.extra_tags": {f"k{i}": "v" for i in range(11)}},
+            "autocloud_ami.extra_tags",
+        ),
     ],
 )
 def test_missing_unknown_and_mistyped_keys_are_named(raw: dict[str, Any], key: str) -> None:

@@ -111,6 +111,7 @@ def test_demo_exits_0_prints_the_table_and_leaves_no_process(tmp_path: Path) -> 
     for name, state in ((X86, "released"), (ARM, "rejected"), (ATOMIC, "released")):
         line = next(x for x in table.splitlines() if x.startswith(name))
         assert line.split()[-2:] == [state, state], line
+    assert "public, deprecated 20" in table  # the released images' deprecation times
     assert "org.fedoraproject.dev.fedimg.image.release" in out  # the live follow
     assert "test resources left in AWS: none" in out
     assert "OK:" in out and "wall time" in out
@@ -291,6 +292,7 @@ def test_happy_path_public_in_every_region(run: Run, name: str) -> None:
     described = ec2.describe_images(ImageIds=[ami])["Images"][0]
     assert tags.as_dict(described["Tags"])[tags.STATE] == "released"
     assert _is_public(ec2, ami)
+    deprecation = described["DeprecationTime"]  # by policy, the same in every region
     for region in stack.options.regions:
         client = stack.ec2(region)
         copies = client.describe_images(
@@ -299,6 +301,7 @@ def test_happy_path_public_in_every_region(run: Run, name: str) -> None:
         assert len(copies) == 1, f"{region}: {copies}"
         assert copies[0]["State"] == "available"
         assert _is_public(client, copies[0]["ImageId"])
+        assert copies[0]["DeprecationTime"] == deprecation
         # Nothing was uploaded there: every AMI of ours in a target region is a copy.
         for image in client.describe_images(Owners=["self"])["Images"]:
             assert tags.SOURCE_AMI in tags.as_dict(image.get("Tags")), image["ImageId"]
@@ -624,6 +627,7 @@ def test_instance_host_refuses_logins_while_booting(moto_ec2: Any) -> None:
 # -- the demo's judging and rendering (pure) -------------------------------------------------------
 
 STAGING, TARGETS = "us-east-1", ("us-east-2", "eu-west-1")
+DEPRECATED = "2028-11-24T17:00Z"
 AMI_A, AMI_B, AMI_C, AMI_D = (f"ami-{n:017x}" for n in range(1, 5))
 
 
@@ -637,11 +641,11 @@ def _good_state() -> tuple[PipelineState, list[Seen]]:
         "x86_64",
         "Cloud_Base",
         "released",
-        RegionAmi(STAGING, AMI_A, "available", True),
+        RegionAmi(STAGING, AMI_A, "available", True, DEPRECATED),
         "released",
         {
-            TARGETS[0]: RegionAmi(TARGETS[0], AMI_C, "available", True),
-            TARGETS[1]: RegionAmi(TARGETS[1], AMI_D, "available", True),
+            TARGETS[0]: RegionAmi(TARGETS[0], AMI_C, "available", True, DEPRECATED),
+            TARGETS[1]: RegionAmi(TARGETS[1], AMI_D, "available", True, DEPRECATED),
         },
         Outcomes({"autocloud.ami.all": "PASSED", "autocloud.ami.selinux": "PASSED"}),
     )
@@ -684,6 +688,7 @@ def test_problems_is_empty_for_the_expected_end_state() -> None:
     assert failing.summary == "FAILED"
     text = render(state)
     assert "not copied (rejected)" in text and AMI_D in text
+    assert f"{AMI_D} public, deprecated {DEPRECATED}" in text
     assert "FAILED: 0 passed, 1 failed (selinux)" in text
     assert "PASSED: 1 passed, 0 failed" in text
 
@@ -715,6 +720,25 @@ def test_problems_is_empty_for_the_expected_end_state() -> None:
         (
             lambda s, m: (replace(s, leftovers=Leftovers(key_pairs=("autocloud-x",))), m),
             "autocloud-x",
+        ),
+        (
+            lambda s, m: (
+                replace(
+                    s,
+                    rows=(
+                        replace(
+                            s.rows[0],
+                            copies={
+                                **s.rows[0].copies,
+                                TARGETS[1]: RegionAmi(TARGETS[1], AMI_D, "available", True),
+                            },
+                        ),
+                        s.rows[1],
+                    ),
+                ),
+                m,
+            ),
+            f"{AMI_D} in eu-west-1 is deprecated at no time",
         ),
         (lambda s, m: (s, m[1:]), "no fedimg.image.release"),
         (lambda s, m: (s, m[:1]), "no fedimg.image.test failed"),

@@ -280,11 +280,12 @@ def code_actions(package: Path) -> dict[str, set[str]]:
     """IAM action -> the files calling it: boto3 method calls, paginators and waiters."""
     session = botocore.session.get_session()
     operations: dict[str, str] = {}
-    for service in ("ec2", "ebs"):
-        for name in session.get_service_model(service).operation_names:
+    for service in ("ec2", "ebs", "service-quotas"):
+        model = session.get_service_model(service)
+        for name in model.operation_names:
             snake = xform_name(name)
             assert snake not in operations, f"{snake} is an operation of two services"
-            operations[snake] = f"{service}:{name}"
+            operations[snake] = f"{model.signing_name}:{name}"
     waiters = session.get_waiter_model("ec2")
     found: dict[str, set[str]] = {}
     for path in sorted(package.glob("*.py")):
@@ -352,7 +353,7 @@ def api_request(exchange: Exchange) -> ApiRequest | None:
     if call.service == "ec2":
         text = exchange.body.decode("utf-8", "replace") or urlsplit(exchange.target).query
         params = {k: v[0] for k, v in parse_qs(text, keep_blank_values=True).items()}
-    elif call.operation == "StartSnapshot":
+    elif call.operation == "StartSnapshot" or call.service == "servicequotas":
         payload = json.loads(exchange.body or b"{}")
     return ApiRequest(exchange, call, region, params, payload, urlsplit(exchange.target).path)
 
@@ -581,6 +582,12 @@ def checks_for(req: ApiRequest, book: TagBook) -> list[Check]:
         existing("snapshot", p["SnapshotId"], extra=extra)
     elif op in ("DescribeSnapshotAttribute", "DeleteSnapshot"):
         existing("snapshot", p["SnapshotId"])
+    elif op == "EnableImageDeprecation":
+        existing("image", p["ImageId"])
+    elif op == "GetServiceQuota":
+        quota = f"{req.json.get('ServiceCode')}/{req.json.get('QuotaCode')}"
+        where = f"arn:aws:servicequotas:{region}:{ACCOUNT}:{quota}"
+        checks.append(Check(comp, action, where, Context(), label))
     elif op == "RunInstances":
         existing("image", p["ImageId"])
         if "KeyName" in p:
@@ -642,11 +649,14 @@ def test_both_policies_parse_grant_no_wildcard_action_and_name_every_statement()
         assert all(st.sid for st in statements), "every statement needs a Sid (docs/security.md)"
         assert len({st.sid for st in statements}) == len(statements), "duplicate Sid"
         actions = policy_actions(statements)
-        assert actions and all(a.startswith(("ec2:", "ebs:")) for a in actions), actions
+        assert actions and all(a.startswith(("ec2:", "ebs:", "servicequotas:")) for a in actions), (
+            actions
+        )
         # Only read-only actions on "*": every write is scoped to a resource type.
         for st in statements:
             if "*" in st.resources and st.effect == "Allow":
-                assert all(a.split(":")[1].startswith("Describe") for a in st.actions), st.sid
+                reads = ("Describe", "Get")
+                assert all(a.split(":")[1].startswith(reads) for a in st.actions), st.sid
 
 
 def test_the_evaluator_refuses_what_it_cannot_judge() -> None:

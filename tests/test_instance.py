@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import subprocess
 import types
 from collections.abc import Callable, Iterator
@@ -175,7 +176,8 @@ def test_launch_sends_exactly_what_the_spec_says_and_cleans_up(ec2: Any, ami: st
     ingress = record_params(ec2, "AuthorizeSecurityGroupIngress")
     imported = record_params(ec2, "ImportKeyPair")
     groups = record_params(ec2, "CreateSecurityGroup")
-    spec = make_spec(ami)
+    extra = {"FedoraGroup": "cloud"}
+    spec = make_spec(ami, extra_tags=extra)
 
     with TestInstance(ec2, spec, FAST) as inst:
         assert inst.instance_id and inst.host and inst.port == 22
@@ -207,6 +209,7 @@ def test_launch_sends_exactly_what_the_spec_says_and_cleans_up(ec2: Any, ami: st
     for tags in kinds.values():
         assert tags[TAG_TEST] == ami
         assert tags[TAG_JOB] == spec.job_id
+        assert tags["FedoraGroup"] == "cloud"  # autocloud_ami.extra_tags, at creation
         assert parse_deadline(tags[TAG_DEADLINE]) == spec.deadline.replace(microsecond=0)
     assert params["UserData"] == self_destruct_user_data(spec.deadline)  # as run below
 
@@ -223,13 +226,23 @@ def test_launch_sends_exactly_what_the_spec_says_and_cleans_up(ec2: Any, ami: st
     material = material if isinstance(material, bytes) else material.encode()
     assert material.startswith(b"ssh-ed25519 ")
     assert b"PRIVATE" not in material
-    assert {t["Key"]: t["Value"] for t in key_call["TagSpecifications"][0]["Tags"]}[TAG_TEST] == ami
+    key_tags = {t["Key"]: t["Value"] for t in key_call["TagSpecifications"][0]["Tags"]}
+    assert key_tags[TAG_TEST] == ami and key_tags["FedoraGroup"] == "cloud"
     (group_call,) = groups
     assert {t["Key"] for t in group_call["TagSpecifications"][0]["Tags"]} >= {
         TAG_TEST,
         TAG_JOB,
         TAG_DEADLINE,
+        "FedoraGroup",
     }
+
+
+def test_extra_tags_never_replace_autocloud_own_tags() -> None:
+    spec = make_spec("ami-0123456789abcdef0", extra_tags={"FedoraGroup": "cloud"})
+    own = make_spec("ami-0123456789abcdef0").tags()
+    assert spec.tags() == {**own, "FedoraGroup": "cloud"}
+    clash = dataclasses.replace(spec, extra_tags={TAG_JOB: "forged", "FedoraGroup": "cloud"})
+    assert clash.tags()[TAG_JOB] == spec.job_id
 
 
 def test_subnet_is_used_with_its_vpc_and_ipv6_cidr_goes_to_ipv6_ranges(ec2: Any, ami: str) -> None:

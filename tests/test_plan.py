@@ -9,6 +9,7 @@ within the grace period, and when the pass finds it later.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -37,6 +38,8 @@ from fedimg.gate import Decision
 from fedimg.messages import SUMMARY_TESTCASE
 from fedimg.observe import image_from_tags
 from fedimg.plan import (
+    DEPRECATION_LEAD,
+    PUBLIC_DEPRECATION_MAX,
     Adopt,
     AmiAction,
     Announce,
@@ -55,6 +58,8 @@ from fedimg.plan import (
     Stage,
     Wait,
     compose_progress,
+    compose_type,
+    deprecation_time,
     plan_ami,
     plan_image,
     retest_due,
@@ -567,6 +572,71 @@ def test_image_plan_helpers() -> None:
     assert gave_up.gives_up and not gave_up.stages
     idle = plan_image(facts(busy=True), POLICY, LATE, scope=Scope.RECONCILE)
     assert idle.idle and ImagePlan().idle
+
+
+# -- deprecation --------------------------------------------------------------------------
+
+DAYS = {"production": 730, "test": 30, "nightly": 14, "ci": 7}
+DAY = timedelta(days=1)
+
+
+@pytest.mark.parametrize(
+    ("compose_id", "kind"),
+    [
+        ("Fedora-41-20241027.0", "production"),
+        ("Fedora-Cloud-41-20241027.0", "production"),
+        ("Fedora-Rawhide-20241027.n.0", "nightly"),
+        ("Fedora-Cloud-41-20241027.n.1", "nightly"),
+        ("Fedora-41-20241027.t.2", "test"),
+        ("Fedora-41-20241027.ci.0", "ci"),
+        ("Fedora-41-20241027.x.0", None),  # a suffix productmd does not know
+        ("no-date-here", None),
+    ],
+)
+def test_compose_type_from_the_compose_id(compose_id: str, kind: str | None) -> None:
+    assert compose_type(compose_id) == kind
+
+
+@pytest.mark.parametrize(
+    ("compose_id", "days", "now", "expected"),
+    [
+        # Nightlies short, production long: counted from staging, not from now.
+        ("Fedora-Rawhide-20260601.n.0", DAYS, T0 + HOUR, T0 + 14 * DAY),
+        ("Fedora-41-20260601.t.0", DAYS, T0 + 2 * DAY, T0 + 30 * DAY),
+        ("Fedora-41-20260601.ci.0", DAYS, T0, T0 + 7 * DAY),
+        ("Fedora-41-20260601.0", DAYS, T0 + HOUR, T0 + 730 * DAY),
+        # A longer policy is capped at AWS's 2 years for a public AMI.
+        ("Fedora-41-20260601.0", {**DAYS, "production": 3650}, T0, T0 + PUBLIC_DEPRECATION_MAX),
+        # An unknown compose type gets the shortest period configured.
+        ("Fedora-41-20260601.x.0", DAYS, T0, T0 + 7 * DAY),
+        ("odd", {"production": 400, "nightly": 20}, T0, T0 + 20 * DAY),
+        # A promotion resumed after the policy's time: as soon as AWS allows, not the past.
+        ("Fedora-Rawhide-20260601.n.0", DAYS, T0 + 20 * DAY, T0 + 20 * DAY + DEPRECATION_LEAD),
+    ],
+)
+def test_deprecation_time(
+    compose_id: str, days: dict[str, int], now: datetime, expected: datetime
+) -> None:
+    assert deprecation_time(compose_id, T0, now, days) == expected
+
+
+def test_deprecation_time_is_whole_minutes_and_never_in_the_past() -> None:
+    staged = T0 + timedelta(seconds=7, microseconds=5)
+    at = deprecation_time("Fedora-41-20260601.n.0", staged, T0, DAYS)
+    assert at == T0 + 14 * DAY + MINUTE and at.second == at.microsecond == 0
+    now = T0 + 30 * DAY + timedelta(seconds=30)
+    late = deprecation_time("Fedora-41-20260601.n.0", staged, now, DAYS)
+    assert now + DEPRECATION_LEAD <= late < now + DEPRECATION_LEAD + MINUTE
+
+
+def test_release_and_promote_carry_the_deprecation_time_of_the_compose() -> None:
+    policy = dataclasses.replace(POLICY, deprecation_days={**DAYS, "production": 100})
+    passed = life(an_ami("ami-1", staged_at=T0), {SUMMARY_TESTCASE: result("PASSED")})
+    (release,) = plan_ami(passed, policy, LATE, scope=Scope.MESSAGE)
+    assert isinstance(release, Release) and release.deprecate_at == T0 + 100 * DAY  # COMPOSE: .0
+    promoting = life(an_ami("ami-1", State.PROMOTING, staged_at=T0))
+    (resume,) = plan_ami(promoting, policy, LATE + 5 * DAY, scope=Scope.RECONCILE)
+    assert isinstance(resume, Promote) and resume.deprecate_at == T0 + 100 * DAY
 
 
 # -- plan_ami -------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from fedimg.aws import AwsClients
 from fedimg.config import FedimgConfig
 from fedimg.copies import Clock, Timing, copy_token
 from fedimg.engine import Engine, Outcome, cli_promote, promote_by_hand
+from fedimg.facts import parse_when
 from fedimg.messages import (
     ALL_TYPES,
     RESULT_NEW,
@@ -273,6 +274,10 @@ def stage_ami(
     return ami
 
 
+def _set_state_tag(ami: str, value: str) -> None:
+    ec2(STAGING).create_tags(Resources=[ami], Tags=[{"Key": tags.STATE, "Value": value}])
+
+
 def describe(ami: str, region: str = STAGING) -> dict[str, Any]:
     return ec2(region).describe_images(ImageIds=[ami])["Images"][0]
 
@@ -346,6 +351,7 @@ def test_passing_ami_is_copied_once_to_every_region_and_made_public(
             assert values[tags.SOURCE_AMI] == ami
             assert values[tags.COMPOSE_ID].startswith("Fedora-Cloud-41")
             assert tags.STATE not in values
+        assert "SnapshotCopyCompletionDurationMinutes" not in params  # best effort by default
         # moto's state: one copy, tagged (create_tags after moto dropped the specs), public.
         (copy,) = copies_in(region, ami)
         assert copy["State"] == "available"
@@ -374,6 +380,92 @@ def test_passing_ami_is_copied_once_to_every_region_and_made_public(
     )["Snapshots"]
     assert {s["SnapshotId"] for s in tagged} <= staging_snaps
     validate_all(recorder)
+
+
+def release_with(
+    settings: dict[str, Any],
+    recorder: Any,
+    aws: RecordingAws,
+    results: DummyResults,
+    clock: FakeClock,
+    state_dir: Path,
+    staged_at: datetime = NOW - timedelta(hours=1),
+) -> str:
+    """Stage an AMI, pass it and let an engine with these ``settings`` release it."""
+    engine = make_promoter(make_cfg(**settings), recorder, aws, results, clock, state_dir=state_dir)
+    ami = stage_ami(staged_at=staged_at)
+    results.add(ami, TESTCASE, "PASSED")
+    try:
+        assert acted(engine.on_result(notice(ami)))
+    finally:
+        engine.close()
+    return ami
+
+
+def test_copies_and_their_snapshots_carry_the_extra_tags_and_copy_on_time_when_set(
+    recorder: Any, aws: RecordingAws, results: DummyResults, clock: FakeClock, tmp_path: Path
+) -> None:
+    extra = {"FedoraGroup": "cloud"}
+    settings = {
+        "fedimg.aws.regions": TARGETS[:2],
+        "fedimg.aws.extra_tags": extra,
+        "fedimg.promote.copy_completion_minutes": 45,
+    }
+    ami = release_with(settings, recorder, aws, results, clock, tmp_path)
+    assert state(ami) == "released"
+    for region in TARGETS[:2]:
+        (params,) = aws.calls("CopyImage", region)
+        assert params["SnapshotCopyCompletionDurationMinutes"] == 45
+        for spec in params["TagSpecifications"]:  # image and snapshot, at creation
+            assert extra.items() <= tags.as_dict(spec["Tags"]).items()
+        # moto's state: the copy and its snapshot carry them (CreateTags after moto dropped them).
+        (copy,) = copies_in(region, ami)
+        assert extra.items() <= tags.as_dict(copy["Tags"]).items()
+        snap = copy["BlockDeviceMappings"][0]["Ebs"]["SnapshotId"]
+        (described,) = ec2(region).describe_snapshots(SnapshotIds=[snap])["Snapshots"]
+        assert extra.items() <= tags.as_dict(described.get("Tags")).items()
+
+
+def test_every_released_image_is_deprecated_by_policy_before_it_goes_public(
+    recorder: Any, aws: RecordingAws, results: DummyResults, clock: FakeClock, tmp_path: Path
+) -> None:
+    staged_at = NOW - timedelta(hours=2)
+    # compose Fedora-Cloud-41-20261124.N: production
+    settings = {
+        "fedimg.aws.regions": TARGETS[:2],
+        "fedimg.promote.deprecation_days": {"production": 400},
+    }
+    ami = release_with(settings, recorder, aws, results, clock, tmp_path, staged_at)
+    assert state(ami) == "released"
+    expected = staged_at + timedelta(days=400)
+    for region in [*TARGETS[:2], STAGING]:
+        (copy_id,) = [ami] if region == STAGING else [c["ImageId"] for c in copies_in(region, ami)]
+        # SENT: one EnableImageDeprecation of that image, before it was made public.
+        ops = [(op, p.get("ImageId")) for r, op, p in aws.sent if r == region]
+        (sent,) = aws.calls("EnableImageDeprecation", region)
+        assert sent == {"ImageId": copy_id, "DeprecateAt": expected}
+        made_public = ops.index(("ModifyImageAttribute", copy_id))
+        assert ops.index(("EnableImageDeprecation", copy_id)) < made_public
+        # and what EC2 (moto, taught by devel.motoextra) now reports
+        assert parse_when(describe(copy_id, region)["DeprecationTime"]) == expected
+
+
+def test_a_resumed_promotion_does_not_deprecate_again_what_already_is(
+    recorder: Any, aws: RecordingAws, results: DummyResults, clock: FakeClock, tmp_path: Path
+) -> None:
+    cfg = make_cfg(**{"fedimg.aws.regions": TARGETS[:1]})
+    engine = make_promoter(cfg, recorder, aws, results, clock, state_dir=tmp_path)
+    ami = stage_ami()
+    results.add(ami, TESTCASE, "PASSED")
+    try:
+        assert acted(engine.on_result(notice(ami)))
+        assert len(aws.calls("EnableImageDeprecation")) == 2
+        _set_state_tag(ami, "promoting")  # as if a region had failed
+        engine.reconcile(stage=False)
+    finally:
+        engine.close()
+    assert state(ami) == "released"
+    assert len(aws.calls("EnableImageDeprecation")) == 2
 
 
 def test_release_messages_come_in_order_with_upstream_bodies(
@@ -1170,6 +1262,15 @@ def test_status_shows_every_staged_ami_its_tests_and_copies(
     assert "rejected" in row_bad and f"{TESTCASE}=FAILED" in row_bad and "0/3" in row_bad
     for region in TARGETS:
         assert copies_in(region, released)[0]["ImageId"] in text
+    # Per region, the staging AMI first: public state and deprecation time.
+    at = (NOW - timedelta(hours=1) + timedelta(days=730)).strftime("%Y-%m-%dT%H:%MZ")
+    section = text.split(f"{released} by region (staging first):\n")[1].split("\n\n")[0]
+    lines = [line.split() for line in section.splitlines()]
+    assert [line[0] for line in lines] == [STAGING, *sorted(TARGETS)]
+    assert lines[0][1] == released
+    for line in lines:
+        assert line[2:] == ["available", "public", "deprecated", at]
+    assert f"{rejected} by region" not in text  # private, never deprecated: nothing to show
 
     compose = tags.as_dict(describe(rejected)["Tags"])[tags.COMPOSE_ID]
     only = io.StringIO()
@@ -1183,3 +1284,226 @@ def test_status_shows_every_staged_ami_its_tests_and_copies(
 
     aws.faults[(STAGING, "DescribeImages")] = ["*UnauthorizedOperation"]
     assert cli_status(cfg, out=io.StringIO(), aws=aws, results=results) == 1
+
+
+# -- preflight --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def standin() -> Iterator[Any]:
+    """devel.motoextra's block-public-access states and quotas, forgotten after the test."""
+    from devel import motoextra
+
+    yield motoextra
+    motoextra.reset()
+
+
+def make_public_images(region: str, count: int) -> None:
+    """``count`` public images of ours in ``region`` that are not fedimg's."""
+    client = ec2(region)
+    for n in range(count):
+        image = client.register_image(Name=f"someone-else-{region}-{n}", RootDeviceName="/dev/sda1")
+        client.modify_image_attribute(
+            ImageId=image["ImageId"], LaunchPermission={"Add": [{"Group": "all"}]}
+        )
+
+
+NARROW = ["eu-west-1", "us-west-2"]  # two target regions: the preflight tests need no more
+
+
+@pytest.fixture
+def narrow(
+    recorder: Any, aws: RecordingAws, results: DummyResults, clock: FakeClock, tmp_path: Path
+) -> Iterator[Engine]:
+    cfg = make_cfg(**{"fedimg.aws.regions": NARROW})
+    built = make_promoter(cfg, recorder, aws, results, clock, state_dir=tmp_path)
+    yield built
+    built.close()
+
+
+def release_one(engine: Engine, results: DummyResults) -> str:
+    ami = stage_ami()
+    results.add(ami, TESTCASE, "PASSED")
+    assert acted(engine.on_result(notice(ami)))
+    return ami
+
+
+def test_preflight_asks_each_region_before_copying_there(
+    narrow: Engine, aws: RecordingAws, results: DummyResults
+) -> None:
+    ami = release_one(narrow, results)
+    assert state(ami) == "released"
+    for region in [*NARROW, STAGING]:
+        # SENT: the three reads of the region, each once, and before any CopyImage there.
+        assert aws.calls("GetImageBlockPublicAccessState", region) == [{}]
+        assert aws.calls("GetServiceQuota", region) == [
+            {"ServiceCode": "ec2", "QuotaCode": "L-0E3CBAB9"}
+        ]
+        ops = [op for r, op, _ in aws.sent if r == region]
+        assert ops.index("GetServiceQuota") < ops.index("ModifyImageAttribute")
+        if region != STAGING:
+            assert ops.index("GetServiceQuota") < ops.index("CopyImage")
+        public_reads = [
+            p for p in aws.calls("DescribeImages", region) if "Filters" in p and "Owners" in p
+        ]
+        assert {"Name": "is-public", "Values": ["true"]} in public_reads[0]["Filters"]
+
+
+def test_a_region_that_disabled_public_sharing_is_not_copied_to_and_is_reported(
+    narrow: Engine, aws: RecordingAws, results: DummyResults, recorder: Any, standin: Any
+) -> None:
+    ec2("eu-west-1").enable_image_block_public_access(
+        ImageBlockPublicAccessState="block-new-sharing"
+    )
+    ami = release_one(narrow, results)
+    assert not aws.calls("CopyImage", "eu-west-1")
+    assert not aws.calls("ModifyImageAttribute", "eu-west-1")
+    assert copies_in("eu-west-1", ami) == []
+    (release,) = recorder.bodies("fedimg.image.release")
+    assert set(release["failed_regions"]) == {"eu-west-1"}
+    assert "block-new-sharing" in release["failed_regions"]["eu-west-1"]
+    assert set(release["regions"]) == {*NARROW, STAGING} - {"eu-west-1"}
+    validate_all(recorder)
+    assert state(ami) == "promoting"  # the pass tries again
+
+    # Sharing allowed again: the next pass copies there, and only there.
+    ec2("eu-west-1").disable_image_block_public_access()
+    assert narrow.converge_ami(ami, Scope.RECONCILE).action == "released"
+    assert aws.regions_of("CopyImage") == Counter(NARROW)
+    assert state(ami) == "released"
+
+
+def test_a_public_ami_quota_at_its_limit_keeps_the_region_out(
+    narrow: Engine, aws: RecordingAws, results: DummyResults, recorder: Any, standin: Any
+) -> None:
+    make_public_images("us-west-2", 2)
+    standin.set_public_ami_quota(DEFAULT_ACCOUNT_ID, "us-west-2", 2)
+    ami = release_one(narrow, results)
+    assert not aws.calls("CopyImage", "us-west-2")
+    (release,) = recorder.bodies("fedimg.image.release")
+    assert "2 public of 2" in release["failed_regions"]["us-west-2"]
+    assert state(ami) == "promoting"
+    # One slot more (a quota increase): the region is copied to on the next pass.
+    standin.set_public_ami_quota(DEFAULT_ACCOUNT_ID, "us-west-2", 3)
+    assert narrow.converge_ami(ami, Scope.RECONCILE).action == "released"
+    assert len(copies_in("us-west-2", ami)) == 1
+
+
+def test_an_image_already_public_needs_no_new_slot(
+    narrow: Engine, aws: RecordingAws, results: DummyResults, standin: Any
+) -> None:
+    ami = release_one(narrow, results)
+    assert state(ami) == "released"
+    # Now every region is full, this image's copies included: a resumed pass still finishes.
+    for region in [*NARROW, STAGING]:
+        standin.set_public_ami_quota(DEFAULT_ACCOUNT_ID, region, 1)
+    ec2(STAGING).create_tags(Resources=[ami], Tags=[{"Key": tags.STATE, "Value": "promoting"}])
+    assert narrow.converge_ami(ami, Scope.RECONCILE).action == "released"
+    assert aws.regions_of("CopyImage") == Counter(NARROW)
+
+
+def test_a_best_effort_region_failing_does_not_keep_the_image_promoting(
+    recorder: Any,
+    aws: RecordingAws,
+    results: DummyResults,
+    clock: FakeClock,
+    tmp_path: Path,
+    standin: Any,
+) -> None:
+    cfg = make_cfg(
+        **{"fedimg.aws.regions": NARROW, "fedimg.promote.best_effort_regions": ["eu-west-1"]}
+    )
+    engine = make_promoter(cfg, recorder, aws, results, clock, state_dir=tmp_path)
+    ec2("eu-west-1").enable_image_block_public_access(
+        ImageBlockPublicAccessState="block-new-sharing"
+    )
+    try:
+        ami = release_one(engine, results)
+        assert state(ami) == "released"
+        (release,) = recorder.bodies("fedimg.image.release")
+        assert "block-new-sharing" in release["failed_regions"]["eu-west-1"]
+        assert not aws.calls("CopyImage", "eu-west-1")
+        # Released: no later pass goes back to it.
+        engine.reconcile(stage=False)
+        assert len(aws.calls("GetImageBlockPublicAccessState", "eu-west-1")) == 1
+    finally:
+        engine.close()
+
+
+def test_a_best_effort_region_whose_copy_fails_is_reported_and_released_too(
+    recorder: Any, aws: RecordingAws, results: DummyResults, clock: FakeClock, tmp_path: Path
+) -> None:
+    aws.faults[("us-west-2", "CopyImage")] = ["*UnauthorizedOperation"]
+    settings = {"fedimg.aws.regions": NARROW, "fedimg.promote.best_effort_regions": ["us-west-2"]}
+    ami = release_with(settings, recorder, aws, results, clock, tmp_path)
+    assert state(ami) == "released"
+    (release,) = recorder.bodies("fedimg.image.release")
+    assert "UnauthorizedOperation" in release["failed_regions"]["us-west-2"]
+
+
+def test_an_image_public_nowhere_is_not_released_even_if_every_failure_is_best_effort(
+    recorder: Any, aws: RecordingAws, results: DummyResults, clock: FakeClock, tmp_path: Path
+) -> None:
+    aws.faults[("eu-west-1", "GetImageBlockPublicAccessState")] = ["*UnauthorizedOperation"]
+    aws.faults[(STAGING, "GetImageBlockPublicAccessState")] = ["*UnauthorizedOperation"]
+    settings = {
+        "fedimg.aws.regions": ["eu-west-1"],
+        "fedimg.promote.best_effort_regions": ["eu-west-1", STAGING],
+    }
+    ami = release_with(settings, recorder, aws, results, clock, tmp_path)
+    assert state(ami) == "promoting"
+    assert recorder.bodies("fedimg.image.release") == []  # a release in no region is no release
+
+
+def test_a_skipped_region_is_never_asked_or_copied_to(
+    recorder: Any, aws: RecordingAws, results: DummyResults, clock: FakeClock, tmp_path: Path
+) -> None:
+    settings = {"fedimg.aws.regions": NARROW, "fedimg.promote.skip_regions": ["eu-west-1"]}
+    ami = release_with(settings, recorder, aws, results, clock, tmp_path)
+    assert state(ami) == "released"
+    assert not [op for r, op, _ in aws.sent if r == "eu-west-1"]
+    (release,) = recorder.bodies("fedimg.image.release")
+    assert "failed_regions" not in release
+    assert set(release["regions"]) == {*NARROW, STAGING} - {"eu-west-1"}
+
+
+@pytest.mark.parametrize(
+    ("code", "go"),
+    [
+        # No applied value in that region: AWS's default quota (5) applies.
+        ("NoSuchResourceException", True),
+        # Service Quotas refusing is no licence to copy: the region fails, named.
+        ("AccessDeniedException", False),
+    ],
+)
+def test_service_quotas_answers(
+    narrow: Engine,
+    aws: RecordingAws,
+    results: DummyResults,
+    recorder: Any,
+    code: str,
+    go: bool,
+) -> None:
+    aws.faults[("eu-west-1", "GetServiceQuota")] = [f"*{code}"]
+    ami = release_one(narrow, results)
+    (release,) = recorder.bodies("fedimg.image.release")
+    if go:
+        assert state(ami) == "released" and "eu-west-1" in release["regions"]
+    else:
+        assert state(ami) == "promoting"
+        assert code in release["failed_regions"]["eu-west-1"]
+        assert "preflight" in release["failed_regions"]["eu-west-1"]
+        assert not aws.calls("CopyImage", "eu-west-1")
+
+
+def test_the_staging_region_is_checked_too(
+    narrow: Engine, aws: RecordingAws, results: DummyResults, recorder: Any, standin: Any
+) -> None:
+    ec2(STAGING).enable_image_block_public_access(ImageBlockPublicAccessState="block-new-sharing")
+    ami = release_one(narrow, results)
+    assert not launch_public(ami, STAGING)
+    assert not aws.calls("ModifyImageAttribute", STAGING)
+    (release,) = recorder.bodies("fedimg.image.release")
+    assert "block-new-sharing" in release["failed_regions"][STAGING]
+    assert set(release["regions"]) == set(NARROW)
+    assert state(ami) == "promoting"

@@ -69,11 +69,50 @@ def test_values_are_read_and_typed() -> None:
         {"fedimg.stage.max_volume_gib": 0},
         {"fedimg.stage.max_volume_gib": 16385},  # more than EBS's largest volume
         {"fedimg.stage.max_volume_gib": 32.5},
+        {"fedimg.aws.extra_tags": {"FedoraGroup": 7}},
+        {"fedimg.aws.extra_tags": {"fedimg:state": "released"}},  # fedimg's own record
+        {"fedimg.aws.extra_tags": {"Name": "x"}},
+        {"fedimg.aws.extra_tags": {"aws:cloudformation": "x"}},
+        {"fedimg.aws.extra_tags": {"k": "v" * 257}},
+        {"fedimg.aws.extra_tags": {f"k{i}": "v" for i in range(11)}},
+        {"fedimg.promote.deprecation_days": {"weekly": 3}},
+        {"fedimg.promote.deprecation_days": {"nightly": 0}},
+        {"fedimg.promote.deprecation_days": {"nightly": "14"}},
+        {"fedimg.promote.deprecation_days": [14]},
+        {"fedimg.promote.skip_regions": ["moon-1"]},
+        {"fedimg.promote.skip_regions": ["us-east-1"]},  # the staging region
+        {"fedimg.promote.best_effort_regions": ["eu_west_1"]},
+        # A contradiction: skipped and best effort.
+        {
+            "fedimg.promote.skip_regions": ["eu-west-1"],
+            "fedimg.promote.best_effort_regions": ["eu-west-1"],
+        },
+        {"fedimg.promote.copy_completion_minutes": 10},  # below AWS's 15
+        {"fedimg.promote.copy_completion_minutes": 20},  # not a step of 15
+        {"fedimg.promote.copy_completion_minutes": 2895},  # above AWS's 48 hours
+        {"fedimg.promote.copy_completion_minutes": -15},
     ],
 )
 def test_bad_settings_fail_loudly(extra: dict[str, Any]) -> None:
     with pytest.raises(ConfigError):
         FedimgConfig.from_fedmsg({**BASE, **extra})
+
+
+def test_publishing_settings_are_read_and_completed() -> None:
+    cfg = FedimgConfig.from_fedmsg(
+        {
+            **BASE,
+            "fedimg.aws.extra_tags": {"FedoraGroup": "cloud"},
+            "fedimg.promote.deprecation_days": {"nightly": 3},
+            "fedimg.promote.best_effort_regions": ["ap-south-2"],
+            "fedimg.promote.copy_completion_minutes": 2880,
+        }
+    )
+    assert cfg.extra_tags == {"FedoraGroup": "cloud"}
+    # A compose type left out keeps its default.
+    assert cfg.deprecation_days == {"production": 730, "test": 30, "nightly": 3, "ci": 7}
+    assert cfg.best_effort_regions == ["ap-south-2"]
+    assert cfg.copy_completion_minutes == 2880
 
 
 def test_missing_required_setting() -> None:

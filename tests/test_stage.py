@@ -218,7 +218,9 @@ def env(
 
 def test_one_ami_per_image_and_volume_type_in_the_staging_region_only(env: Env) -> None:
     sent = capture(env.ec2, "RegisterImage")
-    outcomes = env.run(volume_types=["gp3", "gp2"])
+    started = capture(env.ebs, "StartSnapshot")
+    extra = {"FedoraGroup": "cloud", "CostCenter": "releng"}
+    outcomes = env.run(volume_types=["gp3", "gp2"], extra_tags=extra)
     assert {(o.image_name, o.vol_type, o.status) for o in outcomes} == {
         (name, vol, "staged") for name in ALL for vol in ("gp3", "gp2")
     }
@@ -236,6 +238,9 @@ def test_one_ami_per_image_and_volume_type_in_the_staging_region_only(env: Env) 
         arch = built.spec.arch
         assert params["Architecture"] == {"x86_64": "x86_64", "aarch64": "arm64"}[arch]
         assert params["BootMode"] == {"x86_64": "uefi-preferred", "aarch64": "uefi"}[arch]
+        assert params["ImdsSupport"] == "v2.0"
+        # NitroTPM only where the boot mode is uefi (uefi-preferred may boot BIOS).
+        assert params.get("TpmSupport") == {"x86_64": None, "aarch64": "v2.0"}[arch]
         assert params["VirtualizationType"] == "hvm"
         assert params["EnaSupport"] is True
         assert params["SriovNetSupport"] == "simple"
@@ -253,9 +258,16 @@ def test_one_ami_per_image_and_volume_type_in_the_staging_region_only(env: Env) 
         assert tagged[tags.COMPOSE_ID] == env.tree.compose_id
         assert tagged[tags.IMAGE_NAME] == built.image_name
         assert tagged[tags.VOL_TYPE] == ebs["VolumeType"]
+        assert extra.items() <= tagged.items()
         snapshots.setdefault(built.image_name, set()).add(ebs["SnapshotId"])
     # Both volume types of an image come from one snapshot.
     assert all(len(s) == 1 for s in snapshots.values()) and len(snapshots) == 3
+    # The snapshots carry the extra tags from their creation (StartSnapshot) on.
+    assert len(started) == 3
+    for params in started:
+        assert extra.items() <= tags.as_dict(params["Tags"]).items()
+    for described in env.images():
+        assert extra.items() <= tags.as_dict(described["Tags"]).items()
 
 
 def test_snapshot_blocks_are_the_image_non_zero_blocks_and_tagged(env: Env) -> None:
