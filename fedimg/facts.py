@@ -100,6 +100,8 @@ class AmiFacts:
     snapshots: tuple[str, ...] = ()  # from its block device mappings
     tags: Mapping[str, str] = field(default_factory=dict)
     name: str = ""
+    public: bool = False  # launch permission "all"
+    deprecation: datetime | None = None  # EC2's DeprecationTime, when one is set
 
     @property
     def broken(self) -> bool:
@@ -117,6 +119,10 @@ class AmiFacts:
     def staged_at(self) -> datetime | None:
         return parse_when(self.tags.get(tags.STAGED_AT)) or self.created
 
+    def deprecated(self, now: datetime) -> bool:
+        """EC2 deprecates the image at ``DeprecationTime``: from then on it is not audited."""
+        return self.deprecation is not None and self.deprecation <= aware(now)
+
     @classmethod
     def from_aws(cls, described: Mapping[str, Any]) -> AmiFacts:
         return cls(
@@ -131,6 +137,8 @@ class AmiFacts:
             ),
             tags=tags.as_dict(described.get("Tags")),
             name=str(described.get("Name") or ""),
+            public=bool(described.get("Public")),
+            deprecation=parse_when(described.get("DeprecationTime")),
         )
 
 
