@@ -50,7 +50,9 @@ from fedimg.observe import (
     describe_staging_ami,
     image_from_tags,
     observe_ami,
+    observe_fleet,
     observe_image,
+    snapshot_permissions,
     staged_amis,
     testing_snapshots,
 )
@@ -75,6 +77,8 @@ from fedimg.plan import (
     plan_image,
 )
 from fedimg.promote import NotEligible, Promoter
+from fedimg.prune import PolicyRefused, audited, exposure, plan_prune
+from fedimg.regions import target_regions
 from fedimg.results import ResultsDBSource, ResultsSource
 from fedimg.stage import (
     EXPECTED_FAILURES,
@@ -85,6 +89,7 @@ from fedimg.stage import (
     failure_reason,
 )
 from fedimg.tags import State
+from fedimg.upkeep import AuditRun, PruneRun, Upkeep, prune_policy_of
 
 log = logging.getLogger(__name__)
 
@@ -183,9 +188,12 @@ class Engine:
         intents: IntentStore,
         guard: Guard,
         now: Callable[[], datetime] = _utcnow,
+        upkeep: Upkeep | None = None,
     ) -> None:
         self.cfg = cfg
         self.policy = policy_of(cfg)
+        self.prune_policy = prune_policy_of(cfg)
+        self.upkeep = upkeep or Upkeep(promoter.aws, promoter.emitter, promoter.copier)
         self.stager = stager
         self.promoter = promoter
         self.results = results
@@ -674,6 +682,79 @@ class Engine:
 
     def _leftover(self, image: CloudImage) -> list[StageOutcome]:
         return self.converge_image(image, Scope.RECONCILE).outcomes
+
+    # -- after release -----------------------------------------------------------------
+    def regions(self) -> list[str]:
+        """Every region fedimg has AMIs in: the staging region, then the targets."""
+        return [self.cfg.staging_region, *target_regions(self.cfg, self.promoter.ec2)]
+
+    def prune(self, *, apply: bool) -> PruneRun:
+        """Plan the prune of every region (and, with ``apply``, carry it out); one at a time.
+
+        A dry run and an applied run plan alike: both observe afresh and plan
+        with the same policy. Another process pruning: nothing is done (busy).
+        """
+        with self.guard.hold("prune") as got:
+            if not got:
+                log.info("prune: another worker is pruning; this run skipped")
+                return PruneRun(busy=True)
+            try:
+                fleet = observe_fleet(self.promoter.aws, self.regions())
+                plan = plan_prune(fleet, self.prune_policy, self.now())
+            except (ClientError, BotoCoreError) as exc:
+                log.error("prune: cannot read the AMIs: %s", exc)
+                return PruneRun(error=f"{exc}"[:300])
+            except PolicyRefused as exc:
+                log.error("prune: refused: %s", exc)
+                return PruneRun(error=f"refused: {exc}"[:300])
+            removing = sum(v.remove for v in plan.verdicts)
+            log.info(
+                "prune%s: %d lineage(s) kept, %d removed (%d AMI(s)), %d leftover snapshot(s)",
+                "" if apply else " (dry run)",
+                len(plan.verdicts) - removing,
+                removing,
+                len(plan.removals),
+                len(plan.leftovers),
+            )
+            return self.upkeep.apply(plan) if apply else PruneRun(plan)
+
+    def audit(self, *, fix: bool) -> AuditRun:
+        """Every released, non-deprecated AMI public in every region? ``fix``: make it so."""
+        with self.guard.hold("audit") as got:
+            if not got:
+                log.info("audit: another worker is auditing; this run skipped")
+                return AuditRun(busy=True)
+            try:
+                fleet = observe_fleet(self.promoter.aws, self.regions())
+                targets = audited(fleet, self.now())
+                perms = snapshot_permissions(self.promoter.aws, targets)
+            except (ClientError, BotoCoreError) as exc:
+                log.error("audit: cannot read the AMIs: %s", exc)
+                return AuditRun(error=f"{exc}"[:300])
+            found = [e for e in (exposure(t, perms) for t in targets) if e is not None]
+            fixed: list[tuple[str, str]] = []
+            errors: dict[tuple[str, str], str] = {}
+            for item in found:
+                log.error(
+                    "%s %s in %s: released but %s",
+                    item.compose_id,
+                    item.ami_id,
+                    item.region,
+                    item.text,
+                )
+                if fix:
+                    why = self.upkeep.republish(item)
+                    if why:
+                        errors[item.region, item.ami_id] = why
+                    else:
+                        fixed.append((item.region, item.ami_id))
+            log.info(
+                "audit: %d released AMI(s) checked, %d not public, %d made public again",
+                len(targets),
+                len(found),
+                len(fixed),
+            )
+            return AuditRun(tuple(found), tuple(fixed), errors)
 
 
 # -- the CLI's entry points ----------------------------------------------------------------

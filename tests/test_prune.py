@@ -6,6 +6,7 @@ The synthetic history (6 composes x 3 images x 5 regions) is shared with
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
@@ -84,6 +85,7 @@ class Spec:
             tags.SUBVARIANT: self.subvariant,
             tags.RELEASE: self.release,
             tags.VOL_TYPE: "gp3",
+            tags.SHA256: hashlib.sha256(self.key.encode()).hexdigest(),
         }
         if self.is_copy:
             values[tags.SOURCE_AMI] = source_ami

@@ -214,6 +214,28 @@ class ImageReleaseV1(_FedimgMessage):
         return "\n".join(lines) + "\n"
 
 
+class ImageDeleteV1(_FedimgMessage):
+    """An AMI (a staging AMI or a copy) was deregistered in one region, its snapshots deleted."""
+
+    topic = "fedimg.image.delete"
+    body_schema = schemas.IMAGE_DELETE
+    _fields = (
+        ("Compose ID", "compose_id"),
+        ("Image", "image_name"),
+        ("Architecture", "architecture"),
+        ("Region", "destination"),
+        ("AMI", "extra.id"),
+        ("Reason", "reason"),
+    )
+
+    @property
+    def summary(self) -> str:
+        return (
+            f"fedimg removed {self.ami_id} ({self._get('image_name')}) "
+            f"in {self._get('destination')}"
+        )
+
+
 class AmiQueuedV1(_AutocloudMessage):
     """An AMI test request waits for a free test slot."""
 
@@ -254,6 +276,7 @@ ALL: tuple[type[Message], ...] = (
     ImageCopyV1,
     ImagePublishV1,
     ImageReleaseV1,
+    ImageDeleteV1,
     AmiQueuedV1,
     AmiRunningV1,
     AmiSuccessV1,
