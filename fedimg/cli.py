@@ -2,8 +2,10 @@
 
     fedimg stage --compose-location URL [--compose-id ID]
     fedimg promote AMI_ID
-    fedimg status [--compose ID]
+    fedimg status [--compose ID | --stream]
     fedimg reconcile
+    fedimg prune [--apply]
+    fedimg audit [--fix]
 
 Settings come from the fedmsg config (``./fedmsg.d``, ``/etc/fedmsg.d`` or
 ``$FEDMSG_CONFIG``); messages are published on the configured bus exactly as
@@ -43,8 +45,19 @@ def _parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="every staged AMI, its state, tests and copies")
     status.add_argument("--compose", help="only this compose id")
+    status.add_argument(
+        "--stream", action="store_true", help="what prune would keep and remove, by stream"
+    )
 
     sub.add_parser("reconcile", help="resume unfinished work from AWS tags and ResultsDB")
+
+    prune = sub.add_parser(
+        "prune", help="list the old AMIs to remove in every region (a dry run by default)"
+    )
+    prune.add_argument("--apply", action="store_true", help="remove them (and their snapshots)")
+
+    audit = sub.add_parser("audit", help="check every released AMI is still public everywhere")
+    audit.add_argument("--fix", action="store_true", help="make what is private public again")
     return parser
 
 
@@ -55,7 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raw = load_fedmsg_config()
         cfg = FedimgConfig.from_fedmsg(raw)
         # Checked before any work: a bus that cannot publish would fail at the first message.
-        publisher = cli_publisher(not args.no_publish and args.command in PUBLISHING, raw)
+        publishes = args.command in PUBLISHING or (args.command == "prune" and args.apply)
+        publisher = cli_publisher(not args.no_publish and publishes, raw)
     except ConfigError as exc:
         log.error("bad fedmsg config: %s", exc)
         return 2
@@ -72,11 +86,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "status":
         from fedimg.status import cli_status
 
-        return cli_status(cfg, args.compose)
+        return cli_status(cfg, args.compose, by_stream=args.stream)
     if args.command == "reconcile":
         from fedimg.engine import cli_reconcile
 
         return cli_reconcile(cfg, emitter, print)
+    if args.command == "prune":
+        from fedimg.engine import cli_prune
+
+        return cli_prune(cfg, emitter, args.apply, print)
+    if args.command == "audit":
+        from fedimg.engine import cli_audit
+
+        return cli_audit(cfg, emitter, args.fix, print)
     raise AssertionError(args.command)
 
 

@@ -33,6 +33,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from fedimg.aws import AwsClients
 from fedimg.compose import CloudImage, ComposeError, read_compose
 from fedimg.config import FedimgConfig
+from fedimg.copies import Ec2Factory
 from fedimg.facts import ImageFacts
 from fedimg.http import make_session
 from fedimg.intents import Intent, IntentError, IntentStore
@@ -77,7 +78,7 @@ from fedimg.plan import (
     plan_image,
 )
 from fedimg.promote import NotEligible, Promoter
-from fedimg.prune import PolicyRefused, audited, exposure, plan_prune
+from fedimg.prune import PolicyRefused, PrunePlan, PrunePolicy, audited, exposure, plan_prune
 from fedimg.regions import target_regions
 from fedimg.results import ResultsDBSource, ResultsSource
 from fedimg.stage import (
@@ -110,6 +111,22 @@ def policy_of(cfg: FedimgConfig) -> Policy:
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def fleet_regions(cfg: FedimgConfig, aws: Ec2Factory) -> list[str]:
+    """Every region fedimg has AMIs in: the staging region, then the targets."""
+    return [cfg.staging_region, *target_regions(cfg, aws.ec2(cfg.staging_region))]
+
+
+def prune_plan(
+    cfg: FedimgConfig, aws: Ec2Factory, now: datetime, policy: PrunePolicy | None = None
+) -> PrunePlan:
+    """Observe every region and plan the prune (``fedimg prune``, ``fedimg status --stream``).
+
+    AWS errors propagate; PolicyRefused if the plan would remove a stream's newest.
+    """
+    fleet = observe_fleet(aws, fleet_regions(cfg, aws))
+    return plan_prune(fleet, policy or prune_policy_of(cfg), now)
 
 
 @dataclass(frozen=True)
@@ -685,8 +702,7 @@ class Engine:
 
     # -- after release -----------------------------------------------------------------
     def regions(self) -> list[str]:
-        """Every region fedimg has AMIs in: the staging region, then the targets."""
-        return [self.cfg.staging_region, *target_regions(self.cfg, self.promoter.ec2)]
+        return fleet_regions(self.cfg, self.promoter.aws)
 
     def prune(self, *, apply: bool) -> PruneRun:
         """Plan the prune of every region (and, with ``apply``, carry it out); one at a time.
@@ -699,8 +715,7 @@ class Engine:
                 log.info("prune: another worker is pruning; this run skipped")
                 return PruneRun(busy=True)
             try:
-                fleet = observe_fleet(self.promoter.aws, self.regions())
-                plan = plan_prune(fleet, self.prune_policy, self.now())
+                plan = prune_plan(self.cfg, self.promoter.aws, self.now(), self.prune_policy)
             except (ClientError, BotoCoreError) as exc:
                 log.error("prune: cannot read the AMIs: %s", exc)
                 return PruneRun(error=f"{exc}"[:300])
@@ -838,3 +853,49 @@ def cli_reconcile(cfg: FedimgConfig, emitter: Emitter, print_line: Callable[[str
     for outcome in outcomes:
         print_line(f"{outcome.resource}\t{outcome.text}")
     return 1 if any(o.failed for o in outcomes) else 0
+
+
+def cli_prune(
+    cfg: FedimgConfig, emitter: Emitter, apply: bool, print_line: Callable[[str], None]
+) -> int:
+    """``fedimg prune [--apply]``: print the plan (and carry it out); 0 if all went to plan."""
+    from fedimg.status import render_plan
+
+    engine = Engine.from_config(cfg, emitter)
+    try:
+        run = engine.prune(apply=apply)
+    finally:
+        engine.close()
+    if run.plan is not None:
+        print_line(render_plan(run.plan, removals=True))
+    if run.busy:
+        print_line("another fedimg is pruning now; nothing done")
+    elif run.error:
+        print_line(f"prune stopped: {run.error}")
+    elif apply and run.plan is not None:
+        print_line(f"removed {len(run.removed)} AMI(s), {len(run.deleted_snapshots)} snapshot(s)")
+    elif run.plan is not None and not run.plan.idle:
+        print_line("dry run: nothing removed (fedimg prune --apply removes the above)")
+    return 0 if run.complete else 1
+
+
+def cli_audit(
+    cfg: FedimgConfig, emitter: Emitter, fix: bool, print_line: Callable[[str], None]
+) -> int:
+    """``fedimg audit [--fix]``: every released AMI public? 0 if so (or made so again)."""
+    engine = Engine.from_config(cfg, emitter)
+    try:
+        run = engine.audit(fix=fix)
+    finally:
+        engine.close()
+    if run.busy or run.error:
+        print_line(f"audit not done: {run.error or 'another fedimg is auditing now'}")
+        return 1
+    fixed = set(run.fixed)
+    for item in run.exposures:
+        where = (item.region, item.ami_id)
+        state = "made public again" if where in fixed else run.errors.get(where, "not fixed")
+        print_line(f"{item.region}\t{item.ami_id}\t{item.compose_id}\t{item.text}\t{state}")
+    if not run.exposures:
+        print_line("every released AMI is public in every region")
+    return 0 if run.clean else 1

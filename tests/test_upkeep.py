@@ -27,7 +27,7 @@ from fedimg.tags import State
 from tests.conftest import Recorder
 from tests.engine_support import make_engine
 from tests.faults import THROTTLED, inject, quick_retries
-from tests.test_prune import KEPT_COMPOSES, NOW, REGIONS, STAGING, Spec, history
+from tests.test_prune import COMPOSES, KEPT_COMPOSES, NOW, REGIONS, STAGING, Spec, history
 
 SESSION = boto3.session.Session()
 FOREIGN = "ForeignImage"
@@ -363,3 +363,37 @@ def test_prune_settings_become_the_policy(tmp_path: Path) -> None:
     assert policy.keep == 2 and policy.delete_rejected
     assert policy.nightly_age == timedelta(days=14)
     assert policy.eol == {"40": date(2024, 11, 12)}
+
+
+# -- the command line -------------------------------------------------------------------------
+
+
+def test_status_by_stream_and_the_prune_command_show_the_plan(
+    world: World, tmp_path: Path, recorder: Recorder
+) -> None:
+    import io
+
+    from fedimg.engine import cli_audit, cli_prune
+    from fedimg.status import cli_status
+
+    build(world, [s for s in history() if s.key.endswith("#0")])
+    cfg = world.engine.cfg
+    out = io.StringIO()
+    assert cli_status(cfg, by_stream=True, out=out, aws=world.aws, now=NOW) == 0
+    lines = out.getvalue().splitlines()
+    assert [ln for ln in lines if ln.startswith("stream ")] == [
+        "stream 40/Cloud_Base/x86_64/production/gp3",
+        "stream 41/Cloud_Base/x86_64/nightly/gp3",
+    ]
+    verdicts = {ln.split()[1]: ln.split()[0] for ln in lines if ln.startswith("  ")}
+    assert verdicts == {c: ("keep" if c in KEPT_COMPOSES else "remove") for c, _, _ in COMPOSES}
+    before = world.images()
+
+    printed: list[str] = []
+    assert cli_prune(cfg, Emitter(recorder), False, printed.append) == 0
+    assert world.images() == before and not recorder.sent
+    assert "dry run" in printed[-1] and "to remove, in this order:" in printed[0]
+
+    printed.clear()
+    assert cli_audit(cfg, Emitter(recorder), False, printed.append) == 1  # built private
+    assert len(printed) == 6 * 5 and all("private: image" in p for p in printed)
