@@ -397,3 +397,115 @@ def test_status_by_stream_and_the_prune_command_show_the_plan(
     printed.clear()
     assert cli_audit(cfg, Emitter(recorder), False, printed.append) == 1  # built private
     assert len(printed) == 6 * 5 and all("private: image" in p for p in printed)
+
+
+# -- the periodic runs: fedora-messaging thread, moksha producer -------------------------------
+
+
+@dataclass
+class AfterReleaseEngine:
+    """The engine as the periodic runs use it: what they asked, recorded."""
+
+    pruned: list[bool] = field(default_factory=list)
+    audited: list[bool] = field(default_factory=list)
+    passes: list[bool] = field(default_factory=list)
+    closed: bool = False
+
+    def prune(self, *, apply: bool) -> None:
+        self.pruned.append(apply)
+
+    def audit(self, *, fix: bool) -> None:
+        self.audited.append(fix)
+
+    def reconcile(self, *, stage: bool = True) -> None:
+        self.passes.append(stage)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_the_consumer_prunes_and_audits_every_interval_once_it_runs(tmp_path: Path) -> None:
+    from fedimg.amqp import AUDIT, PRUNE, FedimgConsumer
+    from tests.test_amqp_callbacks import PREFIX, msg, sample_settings
+
+    engine = AfterReleaseEngine()
+    started: list[Any] = []
+    recorder = Recorder()
+    config = {
+        **sample_settings("fedimg.toml"),
+        "fedimg.state_dir": str(tmp_path),
+        "fedimg.prune.interval": 0.01,
+        "fedimg.audit.interval": 0.01,
+        "fedimg.audit.fix": True,
+    }
+    consumer = FedimgConsumer(
+        {"topic_prefix": PREFIX, "consumer_config": config},
+        publisher=recorder,
+        engine=engine,  # type: ignore[arg-type]
+        start=started.append,
+    )
+    try:
+        assert engine.pruned == [] and engine.audited == []  # nothing before the reactor runs
+        assert len(started) == 3  # reconcile, prune, audit
+        for start in started:
+            start()
+        assert consumer.periodic[PRUNE].wait_runs(2, timeout=30)
+        assert consumer.periodic[AUDIT].wait_runs(2, timeout=30)
+        assert set(engine.pruned) == {True} and set(engine.audited) == {True}
+        consumer(msg("fedimg.hub.ping", {"token": "t"}))
+        [pong] = recorder.bodies("fedimg.hub.pong")
+        assert pong["components"][PRUNE] == "running" and pong["components"][AUDIT] == "running"
+    finally:
+        consumer.close()
+
+
+def test_without_intervals_the_consumer_neither_prunes_nor_audits(tmp_path: Path) -> None:
+    from tests.test_amqp_callbacks import fedimg_consumer
+
+    consumer, _ = fedimg_consumer(tmp_path, AfterReleaseEngine())  # type: ignore[arg-type]
+    assert consumer.periodic == {}
+
+
+class FakeHub:
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+
+
+@pytest.mark.parametrize("which", ["prune", "audit"])
+def test_the_hub_producers_are_off_at_0_and_run_the_engine_when_set(
+    which: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import moksha.hub.reactor
+
+    from fedimg.consumers import AuditProducer, PruneProducer
+
+    started: list[Any] = []
+    monkeypatch.setattr(moksha.hub.reactor.reactor, "callInThread", started.append)
+    cls = PruneProducer if which == "prune" else AuditProducer
+    key = f"fedimg.{which}.interval"
+    off = cls(FakeHub({**settings(tmp_path), key: 0.0}))
+    assert not getattr(off, "_initialized", False) and started == []
+
+    on = cls(FakeHub({**settings(tmp_path), key: 3600.0, "fedimg.audit.fix": True}))
+    assert on.frequency == 3600.0 and on.now is True
+    engine = AfterReleaseEngine()
+    on.lifecycle = engine
+    on.poll()
+    assert (engine.pruned, engine.audited) == (([True], []) if which == "prune" else ([], [True]))
+
+    def broken(**_: Any) -> None:
+        raise RuntimeError("AWS fell over")
+
+    monkeypatch.setattr(engine, which, broken)
+    on.poll()  # logged, never raised: the hub goes on
+
+
+def test_a_bad_interval_stops_the_producer_naming_the_key(tmp_path: Path) -> None:
+    from fedimg.consumers import PruneProducer
+
+    with pytest.raises(ConfigError, match=r"fedimg\.prune\.keep"):
+        PruneProducer(
+            FakeHub({**settings(tmp_path), "fedimg.prune.interval": 60.0, "fedimg.prune.keep": 0})
+        )
+    assert "fedimg.prune.keep" in PruneProducer.start_error
+    PruneProducer.start_error = ""
