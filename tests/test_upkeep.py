@@ -18,6 +18,7 @@ import boto3
 import pytest
 from moto import mock_aws
 
+from fedimg import tags
 from fedimg.aws import AwsClients
 from fedimg.config import ConfigError, FedimgConfig
 from fedimg.engine import Engine
@@ -509,3 +510,34 @@ def test_a_bad_interval_stops_the_producer_naming_the_key(tmp_path: Path) -> Non
         )
     assert "fedimg.prune.keep" in PruneProducer.start_error
     PruneProducer.start_error = ""
+
+
+# -- IAM: what prune and the audit need, and nothing else ---------------------------------------
+
+
+def test_the_policy_lets_prune_remove_only_what_it_marked_first() -> None:
+    from tests.test_iam_policy_integration import ALLOWED, DENIED, PUBLIC, STAGED, _check
+
+    released = {**STAGED, tags.STATE: "released", PUBLIC: "true"}
+    copy = {tags.COMPOSE_ID: "c", tags.SOURCE_AMI: "ami-1", PUBLIC: "true"}
+    for resource in (released, copy):
+        assert _check("fedimg", "ec2:DeregisterImage", "image", resource_tags=resource) == DENIED
+        marked = {**resource, PRUNING: "ami-1"}
+        assert _check("fedimg", "ec2:DeregisterImage", "image", resource_tags=marked) == ALLOWED
+    snapshot = {**STAGED, tags.STATE: "released"}
+    assert _check("fedimg", "ec2:DeleteSnapshot", "snapshot", resource_tags=snapshot) == DENIED
+    marked_snapshot = {**snapshot, PRUNING: "ami-1"}
+    assert (
+        _check("fedimg", "ec2:DeleteSnapshot", "snapshot", resource_tags=marked_snapshot) == ALLOWED
+    )
+    # The mark itself is a fedimg tag on a fedimg resource.
+    assert (
+        _check(
+            "fedimg",
+            "ec2:CreateTags",
+            "image",
+            resource_tags=released,
+            extra={"aws:tagkeys": (PRUNING,)},
+        )
+        == ALLOWED
+    )
