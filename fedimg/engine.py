@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import requests
 from botocore.exceptions import BotoCoreError, ClientError
@@ -93,6 +93,7 @@ from fedimg.tags import State
 from fedimg.upkeep import AuditRun, PruneRun, Upkeep, prune_policy_of
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 COMPOSE_LABEL = "metadata/images.json"
 
@@ -855,17 +856,22 @@ def cli_reconcile(cfg: FedimgConfig, emitter: Emitter, print_line: Callable[[str
     return 1 if any(o.failed for o in outcomes) else 0
 
 
+def _with_engine(cfg: FedimgConfig, emitter: Emitter, work: Callable[[Engine], T]) -> T:
+    """``work(engine)`` with an engine built for one command, closed afterwards."""
+    engine = Engine.from_config(cfg, emitter)
+    try:
+        return work(engine)
+    finally:
+        engine.close()
+
+
 def cli_prune(
     cfg: FedimgConfig, emitter: Emitter, apply: bool, print_line: Callable[[str], None]
 ) -> int:
     """``fedimg prune [--apply]``: print the plan (and carry it out); 0 if all went to plan."""
     from fedimg.status import render_plan
 
-    engine = Engine.from_config(cfg, emitter)
-    try:
-        run = engine.prune(apply=apply)
-    finally:
-        engine.close()
+    run = _with_engine(cfg, emitter, lambda engine: engine.prune(apply=apply))
     if run.plan is not None:
         print_line(render_plan(run.plan, removals=True))
     if run.busy:
@@ -883,11 +889,7 @@ def cli_audit(
     cfg: FedimgConfig, emitter: Emitter, fix: bool, print_line: Callable[[str], None]
 ) -> int:
     """``fedimg audit [--fix]``: every released AMI public? 0 if so (or made so again)."""
-    engine = Engine.from_config(cfg, emitter)
-    try:
-        run = engine.audit(fix=fix)
-    finally:
-        engine.close()
+    run = _with_engine(cfg, emitter, lambda engine: engine.audit(fix=fix))
     if run.busy or run.error:
         print_line(f"audit not done: {run.error or 'another fedimg is auditing now'}")
         return 1

@@ -86,6 +86,16 @@ _IMAGE_FIELDS = (
 )
 
 
+# An AMI in one region, named by compose id (copies, removals).
+_REGIONAL_FIELDS = (
+    ("Compose ID", "compose_id"),
+    ("Image", "image_name"),
+    ("Architecture", "architecture"),
+    ("Region", "destination"),
+    ("AMI", "extra.id"),
+)
+
+
 class HubPingV1(_FedimgMessage):
     """Asks every fedimg consumer to answer with ``fedimg.hub.pong``."""
 
@@ -147,14 +157,7 @@ class ImageCopyV1(_FedimgMessage):
 
     topic = "fedimg.image.copy"
     body_schema = schemas.IMAGE_COPY
-    _fields = (
-        ("Compose ID", "compose_id"),
-        ("Image", "image_name"),
-        ("Architecture", "architecture"),
-        ("Region", "destination"),
-        ("AMI", "extra.id"),
-        ("Source AMI", "extra.source_image_id"),
-    )
+    _fields = (*_REGIONAL_FIELDS, ("Source AMI", "extra.source_image_id"))
 
     @property
     def summary(self) -> str:
@@ -219,14 +222,7 @@ class ImageDeleteV1(_FedimgMessage):
 
     topic = "fedimg.image.delete"
     body_schema = schemas.IMAGE_DELETE
-    _fields = (
-        ("Compose ID", "compose_id"),
-        ("Image", "image_name"),
-        ("Architecture", "architecture"),
-        ("Region", "destination"),
-        ("AMI", "extra.id"),
-        ("Reason", "reason"),
-    )
+    _fields = (*_REGIONAL_FIELDS, ("Reason", "reason"))
 
     @property
     def summary(self) -> str:
