@@ -220,7 +220,10 @@ def lineages(fleet: Fleet) -> list[Lineage]:
 
 @dataclass(frozen=True)
 class LineageVerdict:
-    """Keep or remove one lineage, and why (``fedimg status --stream`` shows these)."""
+    """Keep or remove one lineage, and why (``fedimg status --stream`` shows these).
+
+    A plan lists them by stream, newest released first, then the unranked ones.
+    """
 
     stream: Stream
     compose_id: str
@@ -330,8 +333,9 @@ def plan_prune(fleet: Fleet, policy: PrunePolicy, now: datetime) -> PrunePlan:
     verdicts: list[LineageVerdict] = []
     doomed: list[RegionalAmi] = []
     reasons: dict[tuple[str, str], str] = {}
+    unranked = len(found)  # after every released one: work in progress, rejected
     for lineage in sorted(
-        found, key=lambda li: (li.stream, -ranks.get(li.source, -1), li.compose_id, li.source)
+        found, key=lambda li: (li.stream, ranks.get(li.source, unranked), li.compose_id, li.source)
     ):
         remove, reason = judge(lineage, ranks.get(lineage.source), policy, now)
         if remove and ranks.get(lineage.source) == 0:
@@ -422,6 +426,8 @@ class Exposure:
     def text(self) -> str:
         what = ["image"] if self.image_private else []
         what += [f"snapshot {s}" for s in self.private_snapshots]
+        if not self.snapshots:
+            what.append("no snapshot found")
         return f"private: {', '.join(what)}"
 
 

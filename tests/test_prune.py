@@ -158,6 +158,15 @@ def test_the_synthetic_history_keeps_exactly_what_the_policy_says() -> None:
         positions = [order.index(pair) for pair in verdict.amis]
         assert positions == sorted(positions)
     assert all(len(r.snapshots) == 1 for r in plan.removals)
+    firsts = [v.compose_id for v in plan.verdicts if v.stream.subvariant == "Cloud_Base_UKI"]
+    assert firsts == [  # by stream, newest first
+        "Fedora-Cloud-40-20240501.0",
+        "Fedora-Cloud-40-20240401.0",
+        "Fedora-Cloud-41-20241125.n.1",
+        "Fedora-Cloud-41-20241120.n.0",
+        "Fedora-Cloud-41-20241110.n.0",
+        "Fedora-Cloud-41-20241101.n.0",
+    ]
     reasons = {v.compose_id: v.reason for v in plan.verdicts}
     assert "EOL" in reasons["Fedora-Cloud-40-20240401.0"]
     # Deciding again from the same facts gives the same plan (dry run == apply).
@@ -441,7 +450,7 @@ def test_only_released_available_undeprecated_amis_are_audited() -> None:
         (True, ("s1", "s2"), {"s1": True, "s2": False}, False, ("s2",)),
         (True, ("s1",), {}, False, ("s1",)),  # permissions unknown: private
         (False, ("s1",), {"s1": False}, True, ("s1",)),
-        (True, (), {}, False, ()),  # no snapshot found: reported
+        (True, (), {}, False, ()),  # no snapshot found: reported (and not fixable)
     ],
 )
 def test_exposure_verdicts(
