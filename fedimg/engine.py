@@ -33,7 +33,6 @@ from botocore.exceptions import BotoCoreError, ClientError
 from fedimg.aws import AwsClients
 from fedimg.compose import CloudImage, ComposeError, read_compose
 from fedimg.config import FedimgConfig
-from fedimg.copies import Ec2Factory
 from fedimg.facts import ImageFacts
 from fedimg.http import make_session
 from fedimg.intents import Intent, IntentError, IntentStore
@@ -78,8 +77,7 @@ from fedimg.plan import (
     plan_image,
 )
 from fedimg.promote import NotEligible, Promoter
-from fedimg.prune import PolicyRefused, PrunePlan, PrunePolicy, audited, exposure, plan_prune
-from fedimg.regions import target_regions
+from fedimg.prune import PolicyRefused, audited, exposure
 from fedimg.results import ResultsDBSource, ResultsSource
 from fedimg.stage import (
     EXPECTED_FAILURES,
@@ -90,7 +88,14 @@ from fedimg.stage import (
     failure_reason,
 )
 from fedimg.tags import State
-from fedimg.upkeep import AuditRun, PruneRun, Upkeep, prune_policy_of
+from fedimg.upkeep import (
+    AuditRun,
+    PruneRun,
+    Upkeep,
+    fleet_regions,
+    prune_plan,
+    prune_policy_of,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -112,22 +117,6 @@ def policy_of(cfg: FedimgConfig) -> Policy:
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def fleet_regions(cfg: FedimgConfig, aws: Ec2Factory) -> list[str]:
-    """Every region fedimg has AMIs in: the staging region, then the targets."""
-    return [cfg.staging_region, *target_regions(cfg, aws.ec2(cfg.staging_region))]
-
-
-def prune_plan(
-    cfg: FedimgConfig, aws: Ec2Factory, now: datetime, policy: PrunePolicy | None = None
-) -> PrunePlan:
-    """Observe every region and plan the prune (``fedimg prune``, ``fedimg status --stream``).
-
-    AWS errors propagate; PolicyRefused if the plan would remove a stream's newest.
-    """
-    fleet = observe_fleet(aws, fleet_regions(cfg, aws))
-    return plan_prune(fleet, policy or prune_policy_of(cfg), now)
 
 
 @dataclass(frozen=True)

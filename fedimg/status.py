@@ -206,7 +206,7 @@ def cli_status(
     if aws is None:
         aws = AwsClients(max_attempts=cfg.aws_max_attempts)
     if by_stream:
-        from fedimg.engine import prune_plan
+        from fedimg.upkeep import prune_plan
 
         try:
             plan = prune_plan(cfg, aws, now or datetime.now(UTC))

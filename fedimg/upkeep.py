@@ -1,7 +1,9 @@
 """After release, the actuator: carry out a prune plan, re-publish what AWS made private.
 
 ``fedimg.engine.Engine.prune`` and ``Engine.audit`` observe (``fedimg.observe``)
-and decide (``fedimg.prune``); this module only acts on what they decided.
+and decide (``fedimg.prune``); ``Upkeep`` only acts on what they decided
+(``prune_plan`` is the observe-then-plan step both ``Engine.prune`` and
+``fedimg status --stream`` use).
 
 One removal, in one region, is always in this order::
 
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Final
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -30,12 +32,38 @@ from fedimg.aws import error_code
 from fedimg.config import FedimgConfig
 from fedimg.copies import Copier, CopyError, Ec2Factory, describe_error
 from fedimg.messages import IMAGE_DELETE, Emitter, InvalidMessage, delete_event
-from fedimg.prune import PRUNING, Exposure, Leftover, PrunePlan, PrunePolicy, Removal
+from fedimg.observe import observe_fleet
+from fedimg.prune import (
+    PRUNING,
+    Exposure,
+    Leftover,
+    PrunePlan,
+    PrunePolicy,
+    Removal,
+    plan_prune,
+)
+from fedimg.regions import target_regions
 
 log = logging.getLogger(__name__)
 
 _GONE_IMAGE: Final = frozenset({"InvalidAMIID.NotFound", "InvalidAMIID.Unavailable"})
 _GONE_SNAPSHOT: Final = frozenset({"InvalidSnapshot.NotFound"})
+
+
+def fleet_regions(cfg: FedimgConfig, aws: Ec2Factory) -> list[str]:
+    """Every region fedimg has AMIs in: the staging region, then the targets."""
+    return [cfg.staging_region, *target_regions(cfg, aws.ec2(cfg.staging_region))]
+
+
+def prune_plan(
+    cfg: FedimgConfig, aws: Ec2Factory, now: datetime, policy: PrunePolicy | None = None
+) -> PrunePlan:
+    """Observe every region and plan the prune (``Engine.prune``, ``fedimg status --stream``).
+
+    AWS errors propagate; PolicyRefused if the plan would remove a stream's newest.
+    """
+    fleet = observe_fleet(aws, fleet_regions(cfg, aws))
+    return plan_prune(fleet, policy or prune_policy_of(cfg), now)
 
 
 def prune_policy_of(cfg: FedimgConfig) -> PrunePolicy:

@@ -487,3 +487,19 @@ def test_exposure_verdicts(
 def test_deprecation_is_read_as_a_fact(described: dict[str, str], deprecated: bool) -> None:
     facts = AmiFacts.from_aws({"ImageId": "ami-00000000000000001", **described})
     assert facts.deprecated(NOW) is deprecated
+
+
+def test_the_plan_itself_refuses_to_remove_a_stream_s_newest() -> None:
+    """The last line of defence, should a policy ever slip past its own check."""
+    fleet, _ = fleet_of(history())
+    policy = PrunePolicy(keep=1, nightly_age=timedelta(0))
+    object.__setattr__(policy, "keep", 0)  # what __post_init__ refuses
+    with pytest.raises(PolicyRefused, match="newest of"):
+        plan_prune(fleet, policy, NOW)
+
+
+def test_the_prune_plan_is_pure() -> None:
+    from tests.test_imports import module_imports
+
+    io_modules = {"fedimg.aws", "fedimg.observe", "fedimg.engine", "fedimg.upkeep", "fedimg.copies"}
+    assert not module_imports()["fedimg.prune"] & io_modules
