@@ -68,6 +68,8 @@ setup(
         ],
         "moksha.producer": [
             "fedimg_reconcile = fedimg.consumers:ReconcileProducer",
+            "fedimg_prune = fedimg.consumers:PruneProducer",
+            "fedimg_audit = fedimg.consumers:AuditProducer",
             "autocloud_ami_sweep = autocloud_ami.consumer:SweepProducer",
         ],
         "console_scripts": [

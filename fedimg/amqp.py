@@ -34,7 +34,9 @@ acknowledged (see ``fedimg.fmcallback`` for the mechanics):
 With ``fedimg.promote.enabled`` the reconcile pass runs in a thread of this
 process, once the consumer runs and then every ``fedimg.reconcile.interval``
 (as ``fedimg.consumers.ReconcileProducer`` does in a hub; with
-``fedimg.stage.enabled`` it also finishes recorded composes).
+``fedimg.stage.enabled`` it also finishes recorded composes). Likewise the
+prune (``fedimg.prune.interval``) and the public-access audit
+(``fedimg.audit.interval``), each in its own thread when its interval is not 0.
 
 Any number of these processes may consume one queue: they must share
 ``fedimg.state_dir`` (one host, or a shared filesystem whose ``flock`` works
@@ -76,6 +78,8 @@ from fedimg.messages import (
 log = logging.getLogger(__name__)
 
 RECONCILE = "fedimg_reconcile"
+PRUNE = "fedimg_prune"
+AUDIT = "fedimg_audit"
 # What AWS, ResultsDB and the broker may raise for a while (throttled, unreachable, 5xx,
 # a publish the broker did not confirm in time).
 PASSING = (
@@ -118,17 +122,26 @@ class FedimgConsumer(Callback):
                 "are all false: this consumer would do nothing"
             )
         self.emitter = Emitter(self._publisher or amqp_publisher(PUBLISH_TIMEOUT))
+        after_release = cfg.prune_interval > 0 or cfg.audit_interval > 0
         self.engine = (
             self._engine
             if self._engine is not None
             else Engine.from_config(cfg, self.emitter)
-            if cfg.stage_enabled or cfg.promote_enabled
+            if cfg.stage_enabled or cfg.promote_enabled or after_release
             else None
         )
         self.reconcile: Periodic | None = None
         if cfg.promote_enabled:
             self.reconcile = Periodic(RECONCILE, self._reconcile, cfg.reconcile_interval)
             self._start(self.reconcile.start)
+        # Off unless their interval is set; the engine's locks: one run at a time.
+        self.periodic: dict[str, Periodic] = {}
+        if cfg.prune_interval > 0:
+            self.periodic[PRUNE] = Periodic(PRUNE, self._prune, cfg.prune_interval)
+        if cfg.audit_interval > 0:
+            self.periodic[AUDIT] = Periodic(AUDIT, self._audit, cfg.audit_interval)
+        for job in self.periodic.values():
+            self._start(job.start)
         log.info(
             "fedimg consumer: stage %s, promote %s, health %s; state in %s",
             *("on" if on else "off" for on in (cfg.stage_enabled, cfg.promote_enabled)),
@@ -139,6 +152,14 @@ class FedimgConsumer(Callback):
     def _reconcile(self) -> None:
         assert self.engine is not None
         self.engine.reconcile(stage=self.cfg.stage_enabled)
+
+    def _prune(self) -> None:
+        assert self.engine is not None
+        self.engine.prune(apply=True)
+
+    def _audit(self) -> None:
+        assert self.engine is not None
+        self.engine.audit(fix=self.cfg.audit_fix)
 
     def enabled(self, mtype: MessageType) -> bool:
         if mtype is COMPOSE_STATUS:
@@ -207,9 +228,11 @@ class FedimgConsumer(Callback):
             "fedimg_promote": "running" if self.cfg.promote_enabled else "disabled",
             "fedimg_health": "running",
         }
+        threads = dict(self.periodic)
         if self.reconcile is not None:
-            alive = self.reconcile.alive
-            components[RECONCILE] = "running" if alive else "not running: thread not started"
+            threads[RECONCILE] = self.reconcile
+        for name, job in threads.items():
+            components[name] = "running" if job.alive else "not running: thread not started"
         self.emitter.emit(
             HUB_PONG,
             {
@@ -233,6 +256,8 @@ class FedimgConsumer(Callback):
         """Stop the reconcile thread and the engine's pool (tests; a process just exits)."""
         if self.reconcile is not None:
             self.reconcile.stop()
+        for job in self.periodic.values():
+            job.stop()
         self._results.shutdown(wait=True)
         if self.engine is not None:
             self.engine.close()

@@ -2,8 +2,10 @@
 
     fedimg stage --compose-location URL [--compose-id ID]
     fedimg promote AMI_ID
-    fedimg status [--compose ID] [AMI_ID]
+    fedimg status [--compose ID | --stream] [AMI_ID]
     fedimg reconcile
+    fedimg prune [--apply]
+    fedimg audit [--fix]
     fedimg policy check FILE
     fedimg policy explain AMI_ID
     fedimg waive AMI_ID TESTCASE [--scenario S] --comment TEXT [--user NAME]
@@ -53,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--compose", help="only this compose id")
     status.add_argument("ami_id", nargs="?", help="only this AMI, with its waivers and history")
 
+    status.add_argument(
+        "--stream", action="store_true", help="what prune would keep and remove, by stream"
+    )
+
     sub.add_parser("reconcile", help="resume unfinished work from AWS tags and ResultsDB")
 
     policy = sub.add_parser("policy", help="the gate policy (fedimg.gate.policy_file)")
@@ -74,6 +80,14 @@ def _parser() -> argparse.ArgumentParser:
     retest = sub.add_parser("retest", help="request a new test run of a rejected AMI")
     retest.add_argument("ami_id")
     retest.add_argument("--scenario", help="only this scenario (default: every scenario)")
+
+    prune = sub.add_parser(
+        "prune", help="list the old AMIs to remove in every region (a dry run by default)"
+    )
+    prune.add_argument("--apply", action="store_true", help="remove them (and their snapshots)")
+
+    audit = sub.add_parser("audit", help="check every released AMI is still public everywhere")
+    audit.add_argument("--fix", action="store_true", help="make what is private public again")
     return parser
 
 
@@ -86,7 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raw = load_fedmsg_config()
         cfg = FedimgConfig.from_fedmsg(raw)
         # Checked before any work: a bus that cannot publish would fail at the first message.
-        publisher = cli_publisher(not args.no_publish and args.command in PUBLISHING, raw)
+        publishes = args.command in PUBLISHING or (args.command == "prune" and args.apply)
+        publisher = cli_publisher(not args.no_publish and publishes, raw)
     except ConfigError as exc:
         log.error("bad fedmsg config: %s", exc)
         return 2
@@ -103,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "status":
         from fedimg.status import cli_status
 
-        return cli_status(cfg, args.compose, ami_id=args.ami_id)
+        return cli_status(cfg, args.compose, ami_id=args.ami_id, by_stream=args.stream)
     if args.command == "reconcile":
         from fedimg.engine import cli_reconcile
 
@@ -128,6 +143,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from fedimg.engine import cli_retest
 
         return cli_retest(cfg, emitter, args.ami_id, args.scenario, who=getpass.getuser())
+    if args.command == "prune":
+        from fedimg.engine import cli_prune
+
+        return cli_prune(cfg, emitter, args.apply, print)
+    if args.command == "audit":
+        from fedimg.engine import cli_audit
+
+        return cli_audit(cfg, emitter, args.fix, print)
     raise AssertionError(args.command)
 
 

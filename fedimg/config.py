@@ -10,6 +10,7 @@ import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import date
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -96,6 +97,12 @@ class FedimgConfig:
     skip_regions: list[str] = setting("fedimg.promote.skip_regions", [])
     best_effort_regions: list[str] = setting("fedimg.promote.best_effort_regions", [])
     copy_completion_minutes: int = setting("fedimg.promote.copy_completion_minutes", 0)
+    prune_interval: float = setting("fedimg.prune.interval", 0.0, doc="0: no periodic prune")
+    prune_keep: int = setting("fedimg.prune.keep", 3)
+    prune_nightly_days: float = setting("fedimg.prune.nightly_days", 14.0)
+    prune_eol: dict[str, str] = setting("fedimg.prune.eol", {}, doc="release -> EOL date")
+    audit_interval: float = setting("fedimg.audit.interval", 0.0, doc="0: no periodic audit")
+    audit_fix: bool = setting("fedimg.audit.fix", False)
 
     def __post_init__(self) -> None:
         check_region(self.staging_region)
@@ -136,6 +143,7 @@ class FedimgConfig:
             raise ValueError(f"fedimg.waiverdb_url: not an http(s) URL: {self.waiverdb_url!r}")
         self.gate_policy  # noqa: B018 - read and validated once, at start-up
         self._check_publishing()
+        self._check_after_release()
 
     def _check_publishing(self) -> None:
         check_extra_tags("fedimg.aws.extra_tags", self.extra_tags)
@@ -187,6 +195,34 @@ class FedimgConfig:
         if self.policy_file:
             return load_policy(self.policy_file)
         return default_policy(self.required_testcases)
+
+    def _check_after_release(self) -> None:
+        """The prune and audit settings (a policy removing the newest image is refused)."""
+        if self.prune_keep < 1:
+            raise ValueError(
+                f"fedimg.prune.keep: {self.prune_keep} would remove the newest image of "
+                "every stream; at least 1"
+            )
+        for key, value in (
+            ("fedimg.prune.interval", self.prune_interval),
+            ("fedimg.prune.nightly_days", self.prune_nightly_days),
+            ("fedimg.audit.interval", self.audit_interval),
+        ):
+            if value < 0:
+                raise ValueError(f"{key}: {value} is negative")
+        self.eol_dates()
+
+    def eol_dates(self) -> dict[str, date]:
+        """``fedimg.prune.eol`` as dates; ValueError naming the key for one that is not."""
+        dates = {}
+        for release, when in self.prune_eol.items():
+            try:
+                dates[release] = date.fromisoformat(when)
+            except ValueError:
+                raise ValueError(
+                    f"fedimg.prune.eol[{release!r}]: {when!r} is not a YYYY-MM-DD date"
+                ) from None
+        return dates
 
     @classmethod
     def from_fedmsg(cls, raw: Mapping[str, Any]) -> FedimgConfig:

@@ -2,7 +2,8 @@
 
 Each consumer parses a message with the contract and asks its
 ``fedimg.engine.Engine`` to converge ONE scope (a compose, an AMI); the
-reconcile producer asks it to converge everything. A malformed body is
+reconcile producer asks it to converge everything; the prune and audit
+producers (off unless their interval is set) ask it to prune and to audit. A malformed body is
 logged and dropped; an unexpected error is logged with its traceback;
 neither stops the hub. Settings are validated, and the state directory
 checked, when an enabled consumer starts; one that cannot start says so at
@@ -185,3 +186,55 @@ class ReconcileProducer(PollingProducer):
             self.lifecycle.reconcile(stage=self.stage)
         except Exception:
             log.exception("reconcile pass failed")
+
+
+class _AfterReleaseProducer(PollingProducer):
+    """A periodic job of the engine, on when its interval setting (``config_key``) is not 0.
+
+    Started at hub start-up, then every interval; the engine's lock makes one
+    run at a time across every process sharing ``fedimg.state_dir``.
+    """
+
+    config_key: ClassVar[str]
+    start_error: ClassVar[str] = ""
+    now = True
+
+    def __init__(self, hub: Any) -> None:
+        if not hub.config.get(self.config_key):
+            log.info("* disabled by config - %s", type(self).__name__)
+            return  # not _initialized: moksha neither counts nor polls it
+
+        def build() -> tuple[FedimgConfig, Engine]:
+            return FedimgConfig.from_fedmsg(hub.config), build_engine(hub)
+
+        self.cfg, self.lifecycle = _start(type(self), build)
+        self.frequency = float(hub.config[self.config_key])
+        super().__init__(hub)
+
+    def poll(self) -> None:
+        try:
+            self.run()
+        except Exception:
+            log.exception("%s: the periodic run failed", type(self).__name__)
+
+    def run(self) -> None:
+        raise NotImplementedError
+
+
+class PruneProducer(_AfterReleaseProducer):
+    """Every ``fedimg.prune.interval`` seconds: ``fedimg prune --apply`` (0: off)."""
+
+    config_key = "fedimg.prune.interval"
+
+    def run(self) -> None:
+        self.lifecycle.prune(apply=True)
+
+
+class AuditProducer(_AfterReleaseProducer):
+    """Every ``fedimg.audit.interval`` seconds: the public-access audit (0: off),
+    re-publishing what AWS made private with ``fedimg.audit.fix``."""
+
+    config_key = "fedimg.audit.interval"
+
+    def run(self) -> None:
+        self.lifecycle.audit(fix=self.cfg.audit_fix)

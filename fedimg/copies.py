@@ -185,6 +185,14 @@ def pick(images: Iterable[Mapping[str, Any]]) -> dict[str, Any] | None:
     )[0]
 
 
+def snapshot_is_public(ec2: Any, snapshot_id: str) -> bool:
+    """Whether anyone may create a volume from the snapshot (``createVolumePermission`` all)."""
+    perms = ec2.describe_snapshot_attribute(
+        SnapshotId=snapshot_id, Attribute="createVolumePermission"
+    ).get("CreateVolumePermissions", [])
+    return {"Group": "all"} in perms
+
+
 def describe_error(exc: BaseException) -> str:
     """One line for a log or a message: the AWS code when there is one."""
     code = error_code(exc)
@@ -374,13 +382,7 @@ class Copier:
         if not described.get("Public") or not snapshots:
             return False
         ec2 = self.aws.ec2(region)
-        for snap in snapshots:
-            perms = ec2.describe_snapshot_attribute(
-                SnapshotId=snap, Attribute="createVolumePermission"
-            ).get("CreateVolumePermissions", [])
-            if {"Group": "all"} not in perms:
-                return False
-        return True
+        return all(snapshot_is_public(ec2, snap) for snap in snapshots)
 
     def make_public(self, region: str, ami_id: str, snapshots: list[str], what: str) -> None:
         """Launch permission ``all`` on the image; ``createVolumePermission`` ``all`` on snapshots.

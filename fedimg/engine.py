@@ -53,7 +53,9 @@ from fedimg.observe import (
     describe_staging_ami,
     image_from_tags,
     observe_ami,
+    observe_fleet,
     observe_image,
+    snapshot_permissions,
     staged_amis,
     testing_snapshots,
 )
@@ -81,6 +83,7 @@ from fedimg.plan import (
     plan_retest,
 )
 from fedimg.promote import NotEligible, Promoter
+from fedimg.prune import PolicyRefused, audited, exposure
 from fedimg.results import ResultsDBSource, ResultsSource
 from fedimg.stage import (
     EXPECTED_FAILURES,
@@ -92,6 +95,14 @@ from fedimg.stage import (
 )
 from fedimg.tags import COMPOSE_ID as COMPOSE_ID_TAG
 from fedimg.tags import State
+from fedimg.upkeep import (
+    AuditRun,
+    PruneRun,
+    Upkeep,
+    fleet_regions,
+    prune_plan,
+    prune_policy_of,
+)
 from fedimg.waivers import (
     BearerAuth,
     NoWaivers,
@@ -203,10 +214,13 @@ class Engine:
         guard: Guard,
         now: Callable[[], datetime] = _utcnow,
         waivers: WaiverSource | None = None,
+        upkeep: Upkeep | None = None,
     ) -> None:
         self.cfg = cfg
         self.waivers: WaiverSource = waivers if waivers is not None else NoWaivers()
         self.policy = policy_of(cfg)
+        self.prune_policy = prune_policy_of(cfg)
+        self.upkeep = upkeep or Upkeep(promoter.aws, promoter.emitter, promoter.copier)
         self.stager = stager
         self.promoter = promoter
         self.results = results
@@ -733,6 +747,77 @@ class Engine:
     def _leftover(self, image: CloudImage) -> list[StageOutcome]:
         return self.converge_image(image, Scope.RECONCILE).outcomes
 
+    # -- after release -----------------------------------------------------------------
+    def regions(self) -> list[str]:
+        return fleet_regions(self.cfg, self.promoter.aws)
+
+    def prune(self, *, apply: bool) -> PruneRun:
+        """Plan the prune of every region (and, with ``apply``, carry it out); one at a time.
+
+        A dry run and an applied run plan alike: both observe afresh and plan
+        with the same policy. Another process pruning: nothing is done (busy).
+        """
+        with self.guard.hold("prune") as got:
+            if not got:
+                log.info("prune: another worker is pruning; this run skipped")
+                return PruneRun(busy=True)
+            try:
+                plan = prune_plan(self.cfg, self.promoter.aws, self.now(), self.prune_policy)
+            except (ClientError, BotoCoreError) as exc:
+                log.error("prune: cannot read the AMIs: %s", exc)
+                return PruneRun(error=f"{exc}"[:300])
+            except PolicyRefused as exc:
+                log.error("prune: refused: %s", exc)
+                return PruneRun(error=f"refused: {exc}"[:300])
+            removing = sum(v.remove for v in plan.verdicts)
+            log.info(
+                "prune%s: %d lineage(s) kept, %d removed (%d AMI(s)), %d leftover snapshot(s)",
+                "" if apply else " (dry run)",
+                len(plan.verdicts) - removing,
+                removing,
+                len(plan.removals),
+                len(plan.leftovers),
+            )
+            return self.upkeep.apply(plan) if apply else PruneRun(plan)
+
+    def audit(self, *, fix: bool) -> AuditRun:
+        """Every released, non-deprecated AMI public in every region? ``fix``: make it so."""
+        with self.guard.hold("audit") as got:
+            if not got:
+                log.info("audit: another worker is auditing; this run skipped")
+                return AuditRun(busy=True)
+            try:
+                fleet = observe_fleet(self.promoter.aws, self.regions())
+                targets = audited(fleet, self.now())
+                perms = snapshot_permissions(self.promoter.aws, targets)
+            except (ClientError, BotoCoreError) as exc:
+                log.error("audit: cannot read the AMIs: %s", exc)
+                return AuditRun(error=f"{exc}"[:300])
+            found = [e for e in (exposure(t, perms) for t in targets) if e is not None]
+            fixed: list[tuple[str, str]] = []
+            errors: dict[tuple[str, str], str] = {}
+            for item in found:
+                log.error(
+                    "%s %s in %s: released but %s",
+                    item.compose_id,
+                    item.ami_id,
+                    item.region,
+                    item.text,
+                )
+                if fix:
+                    why = self.upkeep.republish(item)
+                    if why:
+                        errors[item.region, item.ami_id] = why
+                    else:
+                        fixed.append((item.region, item.ami_id))
+            log.info(
+                "audit: %d released AMI(s) checked, %d not public, %d made public again",
+                len(targets),
+                len(found),
+                len(fixed),
+            )
+            return AuditRun(tuple(found), tuple(fixed), errors)
+
 
 # -- the CLI's entry points ----------------------------------------------------------------
 
@@ -949,3 +1034,51 @@ def cli_waive(
         waiver.username,
     )
     return 0
+
+
+def cli_prune(
+    cfg: FedimgConfig,
+    emitter: Emitter,
+    apply: bool,
+    print_line: Callable[[str], None],
+    engine: Engine | None = None,
+) -> int:
+    """``fedimg prune [--apply]``: print the plan (and carry it out); 0 if all went to plan."""
+    from fedimg.status import render_plan
+
+    with _cli_engine(cfg, emitter, engine) as used:
+        run = used.prune(apply=apply)
+    if run.plan is not None:
+        print_line(render_plan(run.plan, removals=True))
+    if run.busy:
+        print_line("another fedimg is pruning now; nothing done")
+    elif run.error:
+        print_line(f"prune stopped: {run.error}")
+    elif apply and run.plan is not None:
+        print_line(f"removed {len(run.removed)} AMI(s), {len(run.deleted_snapshots)} snapshot(s)")
+    elif run.plan is not None and not run.plan.idle:
+        print_line("dry run: nothing removed (fedimg prune --apply removes the above)")
+    return 0 if run.complete else 1
+
+
+def cli_audit(
+    cfg: FedimgConfig,
+    emitter: Emitter,
+    fix: bool,
+    print_line: Callable[[str], None],
+    engine: Engine | None = None,
+) -> int:
+    """``fedimg audit [--fix]``: every released AMI public? 0 if so (or made so again)."""
+    with _cli_engine(cfg, emitter, engine) as used:
+        run = used.audit(fix=fix)
+    if run.busy or run.error:
+        print_line(f"audit not done: {run.error or 'another fedimg is auditing now'}")
+        return 1
+    fixed = set(run.fixed)
+    for item in run.exposures:
+        where = (item.region, item.ami_id)
+        state = "made public again" if where in fixed else run.errors.get(where, "not fixed")
+        print_line(f"{item.region}\t{item.ami_id}\t{item.compose_id}\t{item.text}\t{state}")
+    if not run.exposures:
+        print_line("every released AMI is public in every region")
+    return 0 if run.clean else 1

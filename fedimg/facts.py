@@ -101,6 +101,8 @@ class AmiFacts:
     snapshots: tuple[str, ...] = ()  # from its block device mappings
     tags: Mapping[str, str] = field(default_factory=dict)
     name: str = ""
+    public: bool = False  # launch permission "all"
+    deprecation: datetime | None = None  # EC2's DeprecationTime, when one is set
 
     @property
     def broken(self) -> bool:
@@ -143,6 +145,10 @@ class AmiFacts:
             compose_type=compose_type(self.tags.get(tags.COMPOSE_ID, "")),
         )
 
+    def deprecated(self, now: datetime) -> bool:
+        """EC2 deprecates the image at ``DeprecationTime``: from then on it is not audited."""
+        return self.deprecation is not None and self.deprecation <= aware(now)
+
     @classmethod
     def from_aws(cls, described: Mapping[str, Any]) -> AmiFacts:
         return cls(
@@ -157,6 +163,8 @@ class AmiFacts:
             ),
             tags=tags.as_dict(described.get("Tags")),
             name=str(described.get("Name") or ""),
+            public=bool(described.get("Public")),
+            deprecation=parse_when(described.get("DeprecationTime")),
         )
 
 

@@ -147,6 +147,7 @@ IMAGE_TEST = _published("fedimg", "image.test", schemas.IMAGE_TEST)
 IMAGE_COPY = _published("fedimg", "image.copy", schemas.IMAGE_COPY)
 IMAGE_PUBLISH = _published("fedimg", "image.publish", schemas.IMAGE_PUBLISH)
 IMAGE_RELEASE = _published("fedimg", "image.release", schemas.IMAGE_RELEASE)
+IMAGE_DELETE = _published("fedimg", "image.delete", schemas.IMAGE_DELETE)
 AMI_QUEUED = _published("autocloud", "ami.queued", schemas.AMI_QUEUED)
 AMI_RUNNING = _published("autocloud", "ami.running", schemas.AMI_RUNNING)
 AMI_SUCCESS = _published("autocloud", "ami.success", schemas.AMI_SUCCESS)
@@ -210,6 +211,7 @@ ALL_TYPES: Final = (
     IMAGE_COPY,
     IMAGE_PUBLISH,
     IMAGE_RELEASE,
+    IMAGE_DELETE,
     AMI_QUEUED,
     AMI_RUNNING,
     AMI_SUCCESS,
@@ -623,6 +625,32 @@ def release_event(
             }
             for w in waivers
         ]
+    return body
+
+
+def delete_event(
+    *,
+    compose_id: str,
+    image_name: str,
+    architecture: str,
+    region: str,
+    ami_id: str,
+    vol_type: str,
+    reason: str,
+    snapshots: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """Body of ``fedimg.image.delete``: one AMI removed in one region (``fedimg prune``)."""
+    body: dict[str, Any] = {
+        "compose_id": compose_id,
+        "image_name": image_name,
+        "destination": region,
+        "service": SERVICE,
+        "reason": reason[:2000],
+        "snapshots": list(snapshots)[:64],
+        "extra": {"id": ami_id, "virt_type": VIRT_TYPE, "vol_type": vol_type[:16]},
+    }
+    if architecture in ARCHES:
+        body["architecture"] = architecture
     return body
 
 

@@ -7,6 +7,7 @@ errors propagate (the engine logs them and the next pass looks again).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
@@ -17,10 +18,11 @@ from botocore.exceptions import BotoCoreError, ClientError
 from fedimg import ami, tags
 from fedimg.aws import error_code
 from fedimg.compose import CloudImage
-from fedimg.copies import describe_error
+from fedimg.copies import Ec2Factory, describe_error, snapshot_is_public
 from fedimg.facts import AmiFacts, AmiLife, ImageFacts, Results, SnapshotFacts
 from fedimg.messages import ARCHES, RESULTSDB_ITEM_TYPE, SHA256_RE, InvalidMessage, check_http_url
 from fedimg.preflight import DEFAULT_PUBLIC_AMI_QUOTA, PUBLIC_AMI_QUOTA_CODE, RegionFacts
+from fedimg.prune import PRUNING, Fleet, MarkedSnapshot, RegionalAmi
 from fedimg.results import ResultsSource, ResultsUnavailable
 from fedimg.tags import State
 from fedimg.waivers import NoWaivers, WaiverSource, WaiversUnavailable
@@ -217,3 +219,72 @@ def image_from_tags(
         type="raw-xz",
         release=snapshot_tags.get(tags.RELEASE, ""),
     )
+
+
+# -- after release: every fedimg AMI in every region ----------------------------------------
+
+_OURS: Final = [{"Name": "tag-key", "Values": [tags.COMPOSE_ID]}]
+
+
+def _backing(facts: AmiFacts, snapshots: Mapping[str, Mapping[str, str]]) -> tuple[str, ...]:
+    """The snapshots of ours behind an AMI: its block device mappings, else by tags.
+
+    EC2 always names the real snapshots; a mapping naming one that does not exist
+    (moto's copies) falls back to the snapshots tagged as this AMI's: a copy's by
+    ``fedimg:source-ami``, a staging AMI's by compose, image name and sha256.
+    """
+    named = tuple(s for s in facts.snapshots if s in snapshots)
+    if named:
+        return named
+    if tags.SOURCE_AMI in facts.tags:
+        wanted = {tags.SOURCE_AMI: facts.tags[tags.SOURCE_AMI]}
+    else:
+        keys = (tags.COMPOSE_ID, tags.IMAGE_NAME, tags.SHA256)
+        wanted = {k: facts.tags.get(k, "") for k in keys}
+    return tuple(
+        sorted(
+            snap
+            for snap, values in snapshots.items()
+            if all(values.get(k) == v for k, v in wanted.items())
+            and (tags.SOURCE_AMI in wanted or tags.SOURCE_AMI not in values)
+        )
+    )
+
+
+def region_fleet(ec2: Any, region: str) -> Fleet:
+    """Every AMI and snapshot carrying fedimg's tags in one region (tag-less ones are unseen)."""
+    snapshots: dict[str, dict[str, str]] = {}
+    for page in ec2.get_paginator("describe_snapshots").paginate(OwnerIds=["self"], Filters=_OURS):
+        for snap in page.get("Snapshots", []):
+            snapshots[str(snap["SnapshotId"])] = tags.as_dict(snap.get("Tags"))
+    amis = []
+    for page in ec2.get_paginator("describe_images").paginate(Owners=["self"], Filters=_OURS):
+        for described in page.get("Images", []):
+            facts = AmiFacts.from_aws(described)
+            backed = dataclasses.replace(facts, snapshots=_backing(facts, snapshots))
+            amis.append(RegionalAmi(region, backed))
+    marked = tuple(
+        MarkedSnapshot(region, snap, values[PRUNING])
+        for snap, values in sorted(snapshots.items())
+        if values.get(PRUNING)
+    )
+    return Fleet(tuple(sorted(amis, key=lambda a: a.ami_id)), marked, (region,))
+
+
+def observe_fleet(aws: Ec2Factory, regions: Sequence[str]) -> Fleet:
+    """``region_fleet`` of every region, as one fleet (AWS errors propagate)."""
+    parts = [region_fleet(aws.ec2(region), region) for region in regions]
+    return Fleet(
+        tuple(a for p in parts for a in p.amis),
+        tuple(m for p in parts for m in p.marked),
+        tuple(regions),
+    )
+
+
+def snapshot_permissions(aws: Ec2Factory, amis: Iterable[RegionalAmi]) -> dict[str, bool]:
+    """Snapshot id -> whether it is public, for every snapshot behind ``amis``."""
+    return {
+        snap: snapshot_is_public(aws.ec2(placed.region), snap)
+        for placed in amis
+        for snap in placed.ami.snapshots
+    }

@@ -1,5 +1,7 @@
 """``fedimg status``: every staged AMI, its state, its test outcomes and its copies.
 
+``fedimg status --stream``: what ``fedimg prune`` would keep and remove, by stream.
+
 Read-only. AWS (the staging region's fedimg tags, and the copies in every
 target region found by their ``fedimg:source-ami`` tag), ResultsDB and
 WaiverDB are the only sources; a ResultsDB or WaiverDB outage shows as ``?``
@@ -16,6 +18,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -29,6 +32,7 @@ from fedimg.intents import IntentError, IntentStore
 from fedimg.messages import RESULTSDB_ITEM_TYPE
 from fedimg.observe import staged_amis
 from fedimg.plan import compose_progress
+from fedimg.prune import PolicyRefused, PrunePlan
 from fedimg.regions import target_regions
 from fedimg.results import ResultsSource, ResultsUnavailable
 from fedimg.waivers import (
@@ -223,21 +227,67 @@ def _copies(
         return [pair for found in pool.map(in_region, regions) for pair in found]
 
 
+def render_plan(plan: PrunePlan, *, removals: bool = False) -> str:
+    """A prune plan by stream: every lineage kept or removed, newest first, and why.
+
+    ``removals``: then every AMI to remove, region by region, in the order of removal.
+    """
+    lines: list[str] = []
+    stream = None
+    for v in plan.verdicts:
+        if v.stream != stream:
+            stream = v.stream
+            lines.append(f"{'' if not lines else chr(10)}stream {stream.label}")
+        verdict = "remove" if v.remove else "keep"
+        lines.append(
+            f"  {verdict:<6} {v.compose_id}  {v.source}  {v.state}  "
+            f"{len(v.amis)} region(s)  {v.reason}"
+        )
+    if removals and plan.removals:
+        lines += ["", "to remove, in this order:"]
+        for r in plan.removals:
+            snaps = " ".join(r.snapshots) or "-"
+            lines.append(f"  {r.region:<16} {r.ami_id}  {r.compose_id}  snapshots: {snaps}")
+    if plan.leftovers:
+        lines += ["", "snapshots a stopped prune left:"]
+        lines += [f"  {x.region:<16} {x.snapshot_id}  (of {x.ami_id})" for x in plan.leftovers]
+    return "\n".join(lines) if lines else "no fedimg AMI in any region"
+
+
 def cli_status(
     cfg: FedimgConfig,
     compose_id: str | None = None,
     *,
+    by_stream: bool = False,
     out: TextIO | None = None,
     aws: Ec2Factory | None = None,
     results: ResultsSource | None = None,
     waivers: WaiverSource | None = None,
     ami_id: str | None = None,
+    now: datetime | None = None,
 ) -> int:
-    """``fedimg status [--compose ID] [AMI]``: print the table; 1 if AWS could not be read."""
+    """``fedimg status [--compose ID] [AMI] [--stream]``: print the table; 1 if AWS could
+    not be read.
+
+    ``by_stream``: what ``fedimg prune`` would keep and remove, stream by stream, instead.
+    """
     import sys
 
     if aws is None:
         aws = AwsClients(max_attempts=cfg.aws_max_attempts)
+    if by_stream:
+        from fedimg.upkeep import prune_plan
+
+        try:
+            plan = prune_plan(cfg, aws, now or datetime.now(UTC))
+        except (ClientError, BotoCoreError) as exc:
+            log.error("cannot read AMIs from AWS: %s", describe_error(exc))
+            return 1
+        except PolicyRefused as exc:
+            log.error("the prune policy is refused: %s", exc)
+            return 1
+        print(render_plan(plan), file=out or sys.stdout)
+        return 0
     if results is None:
         from fedimg.results import ResultsDBSource
 
@@ -293,4 +343,13 @@ def pending_composes(intents: IntentStore, compose_id: str | None = None) -> lis
     return lines
 
 
-__all__ = ["Copy", "Row", "cli_status", "collect", "pending_composes", "render", "tests_cell"]
+__all__ = [
+    "Copy",
+    "Row",
+    "cli_status",
+    "collect",
+    "pending_composes",
+    "render",
+    "render_plan",
+    "tests_cell",
+]

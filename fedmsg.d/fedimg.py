@@ -141,6 +141,30 @@ config = {
     # staging region (a snapshot without an AMI, an AMI without fedimg tags):
     # longer than any upload may take (uploads give up after 90 minutes).
     "fedimg.reconcile.orphan_grace": 2 * 3600.0,
+    # -- after release: pruning -----------------------------------------------------
+    # Seconds between prune runs in the hub (and the fedora-messaging consumer)
+    # with fedimg.promote.enabled; 0 (the default): never, only `fedimg prune --apply`.
+    # A run removes what `fedimg prune` (a dry run) lists: in every region, the AMIs
+    # and snapshots of old composes. Only AMIs carrying fedimg's tags are ever seen.
+    "fedimg.prune.interval": 0.0,
+    # Per stream (release, subvariant, arch, compose type, volume type), the newest
+    # released AMIs always kept, whatever their age. At least 1: the newest of a
+    # stream is never removed.
+    "fedimg.prune.keep": 3,
+    # Days after staging before an older released nightly (or test/ci) compose's
+    # AMIs are removed in every region.
+    "fedimg.prune.nightly_days": 14.0,
+    # Release -> its EOL date (YYYY-MM-DD, UTC): from that day an older released
+    # production compose of the release is removed. A release not listed is kept.
+    # Rejected AMIs go only with fedimg.gate.delete_rejected.
+    "fedimg.prune.eol": {"38": "2024-05-21", "39": "2024-11-26"},
+    # -- after release: the public-access audit ----------------------------------------
+    # Seconds between checks that every released, not deprecated AMI and its
+    # snapshots are still public in every region (AWS can make them private); 0
+    # (the default): never, only `fedimg audit`. What is private is logged at ERROR.
+    "fedimg.audit.interval": 0.0,
+    # Make what the audit finds private public again (as `fedimg audit --fix`).
+    "fedimg.audit.fix": False,
     # -- durable state -------------------------------------------------------------
     # Where accepted composes are remembered until every image is staged (one JSON
     # file per compose, written atomically) and where workers lock images and AMIs

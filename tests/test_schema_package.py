@@ -37,6 +37,7 @@ PUBLISHED = (
     m.IMAGE_COPY,
     m.IMAGE_PUBLISH,
     m.IMAGE_RELEASE,
+    m.IMAGE_DELETE,
     m.AMI_QUEUED,
     m.AMI_RUNNING,
     m.AMI_SUCCESS,
@@ -71,6 +72,19 @@ def built_bodies() -> list[tuple[m.MessageType, dict[str, Any]]]:
         (
             m.IMAGE_RELEASE,
             m.release_event(image, {"us-east-1": AMI}, {"ap-south-1": "copy failed"}),
+        ),
+        (
+            m.IMAGE_DELETE,
+            m.delete_event(
+                compose_id=image.compose_id,
+                image_name=image.image_name,
+                architecture=image.architecture,
+                region="eu-west-1",
+                ami_id=COPY_AMI,
+                vol_type="gp3",
+                reason="nightly compose 30 days old (limit 14)",
+                snapshots=("snap-0123456789abcdef0",),
+            ),
         ),
         (m.AMI_QUEUED, m.AmiTestEvent(image.compose_id, AMI, "us-east-1", "j").body("queued")),
         (m.AMI_RUNNING, event.body("running")),

@@ -86,6 +86,16 @@ _IMAGE_FIELDS = (
 )
 
 
+# An AMI in one region, named by compose id (copies, removals).
+_REGIONAL_FIELDS = (
+    ("Compose ID", "compose_id"),
+    ("Image", "image_name"),
+    ("Architecture", "architecture"),
+    ("Region", "destination"),
+    ("AMI", "extra.id"),
+)
+
+
 class HubPingV1(_FedimgMessage):
     """Asks every fedimg consumer to answer with ``fedimg.hub.pong``."""
 
@@ -147,14 +157,7 @@ class ImageCopyV1(_FedimgMessage):
 
     topic = "fedimg.image.copy"
     body_schema = schemas.IMAGE_COPY
-    _fields = (
-        ("Compose ID", "compose_id"),
-        ("Image", "image_name"),
-        ("Architecture", "architecture"),
-        ("Region", "destination"),
-        ("AMI", "extra.id"),
-        ("Source AMI", "extra.source_image_id"),
-    )
+    _fields = (*_REGIONAL_FIELDS, ("Source AMI", "extra.source_image_id"))
 
     @property
     def summary(self) -> str:
@@ -220,6 +223,21 @@ class ImageReleaseV1(_FedimgMessage):
         return "\n".join(lines) + "\n"
 
 
+class ImageDeleteV1(_FedimgMessage):
+    """An AMI (a staging AMI or a copy) was deregistered in one region, its snapshots deleted."""
+
+    topic = "fedimg.image.delete"
+    body_schema = schemas.IMAGE_DELETE
+    _fields = (*_REGIONAL_FIELDS, ("Reason", "reason"))
+
+    @property
+    def summary(self) -> str:
+        return (
+            f"fedimg removed {self.ami_id} ({self._get('image_name')}) "
+            f"in {self._get('destination')}"
+        )
+
+
 class AmiQueuedV1(_AutocloudMessage):
     """An AMI test request waits for a free test slot."""
 
@@ -260,6 +278,7 @@ ALL: tuple[type[Message], ...] = (
     ImageCopyV1,
     ImagePublishV1,
     ImageReleaseV1,
+    ImageDeleteV1,
     AmiQueuedV1,
     AmiRunningV1,
     AmiSuccessV1,

@@ -146,6 +146,21 @@ IMAGE_RELEASE: Final = body_schema(
     ),
 )
 
+IMAGE_DELETE: Final = body_schema(
+    "fedimg removed an AMI and its snapshots in one region (pruning)",
+    obj(
+        ["compose_id", "image_name", "destination", "service", "reason", "extra"],
+        compose_id=COMPOSE,
+        image_name=IMAGE,
+        architecture=ARCH,
+        destination=REGION,
+        service={"const": SERVICE},
+        reason=TEXT,
+        snapshots={"type": "array", "items": NAME, "maxItems": 64},
+        extra=EXTRA,
+    ),
+)
+
 # -- autocloud_ami ----------------------------------------------------------------------
 
 _AMI_EVENT: Final = obj(
