@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint typecheck unit demo stack bench clean
+.PHONY: venv test tests lint typecheck unit demo stack bench clean
 
 venv: $(STAMP)
 
@@ -32,8 +32,12 @@ typecheck: $(STAMP)
 # The integration tests mostly wait on their processes: more workers than cores
 # pays. Tests that share a stack or the RabbitMQ node stay in one worker
 # (tests/conftest.py groups them for --dist loadgroup).
+# mypy (one core for half a minute) runs beside them; either failing fails `make test`.
 TEST_WORKERS ?= 4
-test: lint typecheck
+test: lint
+	$(MAKE) --no-print-directory -j2 typecheck tests
+
+tests: $(STAMP)
 	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup
 
 unit: $(STAMP)

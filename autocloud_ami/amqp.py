@@ -21,8 +21,9 @@ processes on the queue to test more AMIs at once. RabbitMQ's
   still testing it, or to another one; runners on several hosts share the
   spool directory on a filesystem with working flock, or may test such an
   AMI twice;
-- a request for an AMI whose summary result is already in ResultsDB is acked
-  without a test: a delivery taken back after the job finished is
+- a request for an AMI whose summary result is already in ResultsDB (for a
+  retest: submitted after ``extra.retest_since``) is acked without a test: a
+  delivery taken back after the job finished is
   redelivered, and fedimg asks again only while the summary is missing (if
   ResultsDB cannot be asked, the test runs);
 - a malformed request, or one this runner refuses (a region or architecture
@@ -40,6 +41,7 @@ the settings loader and the callback base are shared with fedimg.
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 from typing import Any
 
 import requests
@@ -55,6 +57,7 @@ from fedimg.messages import (
     MessageType,
     Publisher,
     amqp_publisher,
+    retest_since,
 )
 from fedimg.settings import ConfigError
 
@@ -126,7 +129,7 @@ class AmiTestConsumer(Callback):
         with self.guard.hold(f"ami-{image.ami_id}") as mine:
             if not mine:
                 raise Transient(f"{image.compose_id} {image.ami_id}: being tested by another run")
-            if self._tested(image.compose_id, str(image.ami_id)):
+            if self._tested(image.compose_id, str(image.ami_id), retest_since(body)):
                 return
             try:
                 result = test_ami(image, self.deps)
@@ -145,11 +148,11 @@ class AmiTestConsumer(Callback):
             )
         log_finished(image, result)
 
-    def _tested(self, compose_id: str, ami_id: str) -> bool:
+    def _tested(self, compose_id: str, ami_id: str, since: datetime | None) -> bool:
         from autocloud_ami.report import summary_posted
 
         try:
-            posted = summary_posted(self.reporter.api, ami_id)
+            posted = summary_posted(self.reporter.api, ami_id, since)
         except (ResultsDBapiException, requests.RequestException, ValueError) as exc:
             # ResultsDB cannot be asked: testing again is the safe side.
             log.warning("%s %s: cannot ask ResultsDB (%s); testing", compose_id, ami_id, exc)

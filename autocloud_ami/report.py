@@ -53,6 +53,7 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -516,12 +517,17 @@ def make_api(url: str, retries: int = 3, backoff: float = 1.0, timeout: float = 
     return api
 
 
-def summary_posted(api: Any, ami_id: str) -> bool:
-    """Whether ResultsDB already holds a summary (``autocloud.ami.all``) for ``ami_id``.
+def summary_posted(api: Any, ami_id: str, since: datetime | None = None) -> bool:
+    """Whether ResultsDB already holds a summary (``autocloud.ami.all``) for ``ami_id``,
+    submitted after ``since`` when given (a retest: older runs do not count).
 
     Raises what the client raises when ResultsDB cannot be asked.
     """
-    found = api.get_results(item=ami_id, type=ITEM_TYPE, testcases=SUMMARY_TESTCASE, limit=1)
+    query: dict[str, Any] = {"item": ami_id, "type": ITEM_TYPE, "testcases": SUMMARY_TESTCASE}
+    if since is not None:
+        # ResultsDB compares naive UTC times (it drops a zone instead of converting).
+        query["since"] = since.astimezone(UTC).replace(tzinfo=None).isoformat()
+    found = api.get_results(limit=1, **query)
     return bool(found.get("data")) if isinstance(found, dict) else False
 
 

@@ -60,6 +60,9 @@ class MotoServer:
         # Its account has a raised public-AMI quota (AWS's default is 5 per region): a
         # stack or a module of tests releases more images than that into one server.
         env.setdefault("FEDIMG_DEVEL_PUBLIC_AMI_QUOTA", str(DEVEL_PUBLIC_AMI_QUOTA))
+        # Without moto's hundreds of public AMIs per region (CPU at every region's first
+        # call, and noise in every listing): the stack only runs the images it staged.
+        env.setdefault("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         self._proc = ManagedProcess(
             name="moto_server",

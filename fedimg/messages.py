@@ -24,6 +24,7 @@ import re
 import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
@@ -550,6 +551,23 @@ def parse_image_event(body: Any, mtype: MessageType = IMAGE_TEST) -> tuple[str, 
         sha256=body.get("image_sha256", ""),
     )
     return body["status"], image
+
+
+def retest_since(body: Any) -> datetime | None:
+    """When ``fedimg retest`` moved the AMI back to testing (a retest request's
+    ``extra.retest_since``, UTC); None for a first request.
+
+    Results of the AMI from before that moment do not answer this request.
+    """
+    extra = body.get("extra") if isinstance(body, Mapping) else None
+    value = extra.get("retest_since") if isinstance(extra, Mapping) else None
+    if value is None:
+        return None
+    try:
+        when = datetime.fromisoformat(str(value))
+    except ValueError:
+        raise InvalidMessage(f"extra.retest_since {str(value)[:40]!r} is not a time") from None
+    return when.astimezone(UTC) if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def parse_test_request(body: Any) -> StagedImage:

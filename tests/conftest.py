@@ -24,6 +24,10 @@ os.environ.setdefault("AWS_SECURITY_TOKEN", "testing")
 os.environ.setdefault("AWS_SESSION_TOKEN", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.pop("AWS_PROFILE", None)
+# moto registers hundreds of public AMIs in every region it creates (about a second of
+# CPU each time, in process and in every moto_server the tests start); no test uses them,
+# and a test that counts the images of an account must see only its own.
+os.environ.setdefault("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")
 
 
 @pytest.hookimpl(tryfirst=True)

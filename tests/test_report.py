@@ -8,6 +8,7 @@ import socket
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +29,11 @@ from autocloud_ami.report import (
     make_api,
     one_line,
     summary_of,
+    summary_posted,
 )
 from devel.bus import free_port
 from devel.resultsdb import ResultsDBServer
-from fedimg.messages import StagedImage
+from fedimg.messages import InvalidMessage, StagedImage, retest_since
 
 AMI = "ami-0123456789abcdef0"
 IMAGE = StagedImage(
@@ -420,3 +422,35 @@ def test_output_store_keeps_output_and_builds_urls(tmp_path: Path) -> None:
     # Ids cannot escape the store.
     store.write("../../etc", "..", "../passwd", "no")
     assert all(tmp_path in p.parents for p in tmp_path.rglob("*"))
+
+
+def test_a_summary_counts_as_done_only_when_posted_after_a_retest(
+    rdb: ResultsDBServer, reporter: ResultsReporter
+) -> None:
+    api = ResultsDBapi(rdb.url)
+    before = datetime.now(UTC)
+    assert not summary_posted(api, AMI)
+    reporter.report(results_for(HEALTHY))
+    assert summary_posted(api, AMI)
+    assert summary_posted(api, AMI, since=before - timedelta(minutes=1))
+    # fedimg retest moved the AMI back to testing after that run: it answers no retest.
+    assert not summary_posted(api, AMI, since=datetime.now(UTC) + timedelta(seconds=1))
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ({}, None),
+        ({"retest_since": "2026-11-27T10:00:00+00:00"}, datetime(2026, 11, 27, 10, tzinfo=UTC)),
+        ({"retest_since": "2026-11-27T11:00:00+01:00"}, datetime(2026, 11, 27, 10, tzinfo=UTC)),
+        ({"retest_since": "2026-11-27T10:00:00"}, datetime(2026, 11, 27, 10, tzinfo=UTC)),
+    ],
+)
+def test_retest_since_is_read_from_a_request(extra: dict[str, str], expected: Any) -> None:
+    assert retest_since({"extra": extra}) == expected
+
+
+@pytest.mark.parametrize("value", ["yesterday", "", "2026-13-01T00:00:00", 7])
+def test_a_bad_retest_since_is_an_invalid_message(value: Any) -> None:
+    with pytest.raises(InvalidMessage, match="retest_since"):
+        retest_since({"extra": {"retest_since": value}})
