@@ -93,7 +93,6 @@ from fedimg.stage import (
     TerminalBoard,
     failure_reason,
 )
-from fedimg.tags import COMPOSE_ID as COMPOSE_ID_TAG
 from fedimg.tags import State
 from fedimg.upkeep import (
     AuditRun,
@@ -669,7 +668,7 @@ class Engine:
         found = ami_results(self.results, ami_id, self.policy.testcases, self.waivers)
         if not found.known:
             return f"cannot decide now: {found.unavailable}"
-        life = AmiLife(facts, facts.tags.get(COMPOSE_ID_TAG, "?"), found)
+        life = AmiLife(facts, facts.tags.get(tags.COMPOSE_ID, "?"), found)
         return facts, gate_decision(life, self.policy, self.now())
 
     # -- everything ------------------------------------------------------------------
