@@ -71,6 +71,7 @@ from fedimg.messages import (
     PASSED,
     RESULTSDB_ITEM_TYPE,
     RESULTSDB_SOURCE,
+    RUN_SCENARIOS_KEY,
     SCENARIO_KEY,
     SKIPPED_KEY,
     SUMMARY_TESTCASE,
@@ -83,7 +84,6 @@ log = logging.getLogger(__name__)
 ITEM_TYPE = RESULTSDB_ITEM_TYPE
 SOURCE = RESULTSDB_SOURCE
 SKIPPED = "SKIPPED"
-RUN_SCENARIOS_KEY = "scenarios"  # on each summary: every scenario of its run
 IMAGE_TYPE = "raw-xz"  # the productmd type of the raw.xz disk images fedimg stages
 RAW_XZ = "raw.xz"
 REJECTED_STATUSES = frozenset({400, 413, 422})

@@ -35,13 +35,13 @@ that have no policy.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Literal, Protocol
 
-from fedimg.messages import INFO, PASSED, RESULTSDB_ITEM_TYPE, SKIPPED_KEY
+from fedimg.messages import INFO, PASSED, RESULTSDB_ITEM_TYPE, RUN_SCENARIOS_KEY, SKIPPED_KEY
 from fedimg.policy import GatePolicy, Rule, Subject, default_policy
 
 RELEASE: Literal["release"] = "release"
@@ -239,6 +239,17 @@ def _check(
     return _Check(testcase, scenario, "missing", outcome, f"latest outcome {outcome}")
 
 
+def announced_scenarios(results: Iterable[ResultLike]) -> frozenset[str]:
+    """Every scenario the summaries of a run list (``RUN_SCENARIOS_KEY``)."""
+    return frozenset(
+        name.strip()
+        for result in results
+        for listed in result.data.get(RUN_SCENARIOS_KEY, ())
+        for name in listed.split(",")
+        if name.strip()
+    )
+
+
 def _requirements(
     rule: Rule, arch: str, present: Collection[tuple[str, str]]
 ) -> list[tuple[str, str]]:
@@ -338,8 +349,11 @@ def evaluate(
     rejecting = frozenset(o.upper() for o in reject_outcomes)
     usable = usable_waivers(waivers, ami_id)
     tally = _Tally()
+    announced = announced_scenarios(latest.values())
     for rule in rules:
-        present = {*latest, *retracted}
+        # A scenario counts as present once any result names it, or a summary
+        # lists it among its run's: the gate then waits for its results too.
+        present = {*latest, *retracted, *((t, s) for t in rule.testcases for s in announced)}
         for testcase, scenario in _requirements(rule, subject.arch, present):
             result = latest.get((testcase, scenario))
             tally.add(rule, _check(rule, testcase, scenario, result, rejecting), usable)

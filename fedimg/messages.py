@@ -882,6 +882,10 @@ SCENARIO_KEY: Final = "scenario"
 # posted with outcome INFO and the reason under SKIPPED_KEY: a rule that
 # requires it is then visibly inapplicable instead of waiting for a result.
 SKIPPED_KEY: Final = "skipped"
+# On each summary: every scenario of its test run, comma-separated. The gate
+# waits for a summary in each of them (one scenario's PASSED may be posted a
+# moment before another's FAILED).
+RUN_SCENARIOS_KEY: Final = "scenarios"
 
 
 def scenario_name(arch: str, instance_type: str) -> str:

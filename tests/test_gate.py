@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedimg.gate import Decision, decide, evaluate
+from fedimg.gate import Decision, announced_scenarios, decide, evaluate
 from fedimg.policy import Subject, default_policy, parse_policy
 
 REJECT_OUTCOMES = ("FAILED", "NEEDS_INSPECTION")
@@ -533,3 +533,49 @@ def test_a_retracted_scenario_stays_required_in_the_default_policy() -> None:
         retracted=[(SUMMARY, XEN)],
     )
     assert decision.verdict == "wait" and decision.missing == (f"{SUMMARY} [{XEN}]",)
+
+
+def _summary(outcome: str, scenario: str, run: tuple[str, ...]) -> SR:
+    return dataclasses.replace(
+        res(outcome, scenario), data={"scenario": (scenario,), "scenarios": (",".join(run),)}
+    )
+
+
+@pytest.mark.parametrize(
+    ("latest", "verdict"),
+    [
+        # The first summary of a two-scenario run is in, the other not yet: never a release.
+        ({(SUMMARY, NITRO): _summary("PASSED", NITRO, (NITRO, XEN))}, "wait"),
+        ({(SUMMARY, XEN): _summary("PASSED", XEN, (NITRO, XEN))}, "wait"),
+        ({(SUMMARY, NITRO): _summary("FAILED", NITRO, (NITRO, XEN))}, "reject"),
+        (
+            {
+                (SUMMARY, NITRO): _summary("PASSED", NITRO, (NITRO, XEN)),
+                (SUMMARY, XEN): _summary("PASSED", XEN, (NITRO, XEN)),
+            },
+            "release",
+        ),
+        (
+            {
+                (SUMMARY, NITRO): _summary("PASSED", NITRO, (NITRO, XEN)),
+                (SUMMARY, XEN): _summary("FAILED", XEN, (NITRO, XEN)),
+            },
+            "reject",
+        ),
+        # A run of one scenario lists only itself.
+        ({(SUMMARY, NITRO): _summary("PASSED", NITRO, (NITRO,))}, "release"),
+    ],
+)
+def test_the_default_policy_waits_for_every_scenario_a_run_announced(
+    latest: dict[tuple[str, str], SR], verdict: str
+) -> None:
+    assert judge(latest, policy=default_policy([SUMMARY])).verdict == verdict
+
+
+def test_announced_scenarios_are_read_from_every_summary() -> None:
+    results = [
+        _summary("PASSED", NITRO, (NITRO, XEN)),
+        res("PASSED", XEN),
+        SR("PASSED", data={"scenarios": (" x86_64:m5.large , ,",)}),
+    ]
+    assert announced_scenarios(results) == {NITRO, XEN, "x86_64:m5.large"}
