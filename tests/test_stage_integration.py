@@ -19,7 +19,7 @@ from typing import Any
 import boto3
 import pytest
 
-from devel.bus import BIN, LocalBus, ManagedProcess, Seen, wait_until
+from devel.bus import BIN, LocalBus, ManagedProcess, Seen, WaitTimeout, wait_until
 from devel.compose import ComposeServer, ComposeTree, build_compose, compose_message
 from devel.motoserver import MotoServer
 from fedimg.messages import IMAGE_UPLOAD, parse_test_request
@@ -74,8 +74,12 @@ class Stack:
             if m.at >= t0 and m.body.get("status") == status
         ]
 
-    def wait(self, t0: float, suffix: str, status: str, name: str, timeout: float = 60) -> Seen:
-        """The first ``suffix`` message with ``status`` for image ``name`` seen since ``t0``."""
+    def wait(self, t0: float, suffix: str, status: str, name: str, timeout: float = 180) -> Seen:
+        """The first ``suffix`` message with ``status`` for image ``name`` seen since ``t0``.
+
+        The deadline is generous (a hub on a machine running four test workers is
+        slow, not stuck); when it passes, the hub's last lines say why.
+        """
 
         def found() -> Seen | None:
             for m in self.since(t0, suffix, status):
@@ -83,7 +87,11 @@ class Stack:
                     return m
             return None
 
-        seen: Seen = wait_until(found, timeout, f"{suffix} {status} for {name}")
+        try:
+            seen: Seen = wait_until(found, timeout, f"{suffix} {status} for {name}")
+        except WaitTimeout as exc:
+            tail = "\n".join(self.hub.output().splitlines()[-40:])
+            raise WaitTimeout(f"{exc}; the hub's last lines:\n{tail}") from None
         return seen
 
     def argv(self, *args: str, location: str | None = None) -> list[str]:
