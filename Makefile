@@ -29,11 +29,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-# The integration tests mostly wait on their processes: more workers than cores
-# pays. Tests that share a stack or the RabbitMQ node stay in one worker
-# (tests/conftest.py groups them for --dist loadgroup).
+# One worker per core: the suite is CPU-bound (docs/performance.md), and with
+# four workers on two cores the hubs of integration tests were starved past
+# their deadlines. Tests that share a stack or the RabbitMQ node stay in one
+# worker (tests/conftest.py groups them for --dist loadgroup).
 # mypy (one core for half a minute) runs beside them; either failing fails `make test`.
-TEST_WORKERS ?= 4
+TEST_WORKERS ?= 2
 test: lint
 	$(MAKE) --no-print-directory -j2 typecheck tests
 
