@@ -18,34 +18,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Final
 
 from fedimg import tags
 from fedimg.compose import CloudImage
+from fedimg.messages import aware, parse_when
 from fedimg.policy import Subject, compose_type
 from fedimg.tags import State
 
 BROKEN_STATES: Final = frozenset({"failed", "error", "invalid"})
 RESUMED_MAX: Final = 3  # restages from one trusted snapshot before it is given up
 RETESTS_MAX: Final = 1  # "re-request the test once"
-
-
-def aware(moment: datetime) -> datetime:
-    """Naive datetimes are UTC (AWS and ResultsDB both speak UTC)."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
-
-
-def parse_when(value: Any) -> datetime | None:
-    """A datetime from boto3 (datetime) or a tag/ISO string; None if unreadable."""
-    if isinstance(value, datetime):
-        return aware(value)
-    if isinstance(value, str) and value:
-        try:
-            return aware(datetime.fromisoformat(value.replace("Z", "+00:00")))
-        except ValueError:
-            return None
-    return None
 
 
 def counter(values: Mapping[str, str], key: str) -> int:

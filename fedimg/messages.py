@@ -553,6 +553,23 @@ def parse_image_event(body: Any, mtype: MessageType = IMAGE_TEST) -> tuple[str, 
     return body["status"], image
 
 
+def aware(moment: datetime) -> datetime:
+    """Naive datetimes are UTC (AWS and ResultsDB both speak UTC)."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def parse_when(value: Any) -> datetime | None:
+    """A datetime from boto3 (datetime) or a tag/ISO string; None if unreadable."""
+    if isinstance(value, datetime):
+        return aware(value)
+    if isinstance(value, str) and value:
+        try:
+            return aware(datetime.fromisoformat(value.replace("Z", "+00:00")))
+        except ValueError:
+            return None
+    return None
+
+
 def retest_since(body: Any) -> datetime | None:
     """When ``fedimg retest`` moved the AMI back to testing (a retest request's
     ``extra.retest_since``, UTC); None for a first request.
@@ -563,11 +580,10 @@ def retest_since(body: Any) -> datetime | None:
     value = extra.get("retest_since") if isinstance(extra, Mapping) else None
     if value is None:
         return None
-    try:
-        when = datetime.fromisoformat(str(value))
-    except ValueError:
-        raise InvalidMessage(f"extra.retest_since {str(value)[:40]!r} is not a time") from None
-    return when.astimezone(UTC) if when.tzinfo else when.replace(tzinfo=UTC)
+    when = parse_when(value)
+    if when is None:
+        raise InvalidMessage(f"extra.retest_since {str(value)[:40]!r} is not a time")
+    return when.astimezone(UTC)
 
 
 def parse_test_request(body: Any) -> StagedImage:
