@@ -35,14 +35,15 @@ typecheck: $(STAMP)
 # worker (tests/conftest.py groups them for --dist loadgroup).
 # mypy (one core for half a minute) runs beside them; either failing fails `make test`.
 TEST_WORKERS ?= 2
+PYTEST = $(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup
 test: lint
 	$(MAKE) --no-print-directory -j2 typecheck tests
 
 tests: $(STAMP)
-	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(PYTEST)
 
 unit: $(STAMP)
-	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup -m "not integration"
+	$(PYTEST) -m "not integration"
 
 # BUS=amqp: over a private RabbitMQ node, two fedora-messaging consumer processes per app.
 BUS ?= fedmsg
