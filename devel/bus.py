@@ -379,6 +379,16 @@ class LocalBus(Spawner):
 
     # -- lifecycle --------------------------------------------------------
     def __enter__(self) -> LocalBus:
+        self.launch()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def launch(self) -> LocalBus:
+        """Start the relay without waiting for it to relay (``wait_ready`` waits)."""
         if self.workdir is None:
             self.workdir = Path(tempfile.mkdtemp(prefix="fedimg-bus-"))
             self._own_workdir = True
@@ -388,7 +398,6 @@ class LocalBus(Spawner):
         try:
             self.spawn("relay", [str(BIN / "fedmsg-relay")], env=self.env(relay_dir), cwd=relay_dir)
             self.tap = Tap(self.outbound)
-            self._wait_relay()
         except BaseException:
             self.close()
             raise
@@ -435,7 +444,8 @@ class LocalBus(Spawner):
                         f"{hub.name} did not answer within {timeout:.0f}s:\n{hub.output()[-4000:]}"
                     ) from None
 
-    def _wait_relay(self, timeout: float = 30.0) -> None:
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait until a message published now comes back through the relay."""
         token = uuid.uuid4().hex
         assert self.tap is not None
         tap = self.tap

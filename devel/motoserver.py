@@ -50,6 +50,12 @@ class MotoServer:
         return {**FAKE_CREDENTIALS, "AWS_ENDPOINT_URL": self.url}
 
     def start(self, timeout: float = 60.0) -> MotoServer:
+        """Start moto_server and wait until it answers."""
+        return self.launch().wait_ready(timeout)
+
+    def launch(self) -> MotoServer:
+        """Start moto_server without waiting for it (``wait_ready`` waits): a stack starts
+        its other processes while moto_server imports."""
         self._dir = Path(tempfile.mkdtemp(prefix="fedimg-moto-"))
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         env.update(FAKE_CREDENTIALS)
@@ -79,6 +85,10 @@ class MotoServer:
             env=env,
             log_path=self._dir / "moto_server.log",
         ).start()
+        return self
+
+    def wait_ready(self, timeout: float = 60.0) -> MotoServer:
+        """Wait until the launched moto_server answers (WaitTimeout after ``timeout``)."""
         wait_until(self._healthy, timeout, f"moto_server on {self.url}", interval=0.1)
         return self
 

@@ -284,8 +284,11 @@ class Stack:
         self.workdir = workdir
         self._exit.callback(shutil.rmtree, workdir, ignore_errors=True)
 
-        self.moto = self._exit.enter_context(MotoServer(LOOPBACK, record=opts.record_aws))
-        log.info("moto_server on %s", self.moto.url)
+        # Every process of the stack starts at once (each spends its first seconds importing);
+        # each is waited for just before something needs it.
+        self.moto = MotoServer(LOOPBACK, record=opts.record_aws)
+        self._exit.callback(self.moto.stop)
+        self.moto.launch()
 
         self.tree = build_compose(workdir / "compose-root", opts.compose_id, opts.images)
         self.compose_server = self._exit.enter_context(ComposeServer(self.tree.root))
@@ -327,13 +330,13 @@ class Stack:
             )
             resultsdb_bus = ["--no-bus", "--amqp-conf", str(self.bus.publisher_config)]
         elif opts.bus == "fedmsg":
-            self.bus = self._exit.enter_context(
-                LocalBus(
-                    settings={**settings, **HUB_SETTINGS},
-                    workdir=workdir / "bus",
-                    extra_env=extra_env,
-                )
+            local = LocalBus(
+                settings={**settings, **HUB_SETTINGS},
+                workdir=workdir / "bus",
+                extra_env=extra_env,
             )
+            self._exit.callback(local.close)
+            self.bus = local.launch()  # waited for below, with the others
             self.datagrepper.record(self.bus.outbound)
         else:
             raise StackError(f"unknown bus {opts.bus!r}: fedmsg or amqp")
@@ -370,6 +373,13 @@ class Stack:
                 *[arg for text in opts.fail for arg in ("--fail", text)],
             ],
         )
+        try:
+            if isinstance(self.bus, LocalBus):
+                self.bus.wait_ready()
+            self.moto.wait_ready(60.0)
+        except (WaitTimeout, RuntimeError) as exc:
+            raise StackError(str(exc)) from exc
+        log.info("moto_server on %s", self.moto.url)
         self._wait_ready(self.resultsdb, "ResultsDB stand-in listening on", 60.0)
         self._wait_ready(self.instancehost, "listening on", 60.0)
         if isinstance(self.bus, AmqpBus):

@@ -266,8 +266,8 @@ class GatedMoto(MotoServer):
 
     current: GatedMoto | None = None
 
-    def start(self, timeout: float = 60.0) -> MotoServer:
-        super().start(timeout)
+    def launch(self) -> MotoServer:
+        super().launch()
         self.gate = AwsGate(self.url)
         GatedMoto.current = self
         return self
