@@ -314,32 +314,7 @@ class Stack:
             datagrepper_url=f"{self.datagrepper.url}/raw",
             output_url=self.outputs.url,
         )
-        extra_env = {**self._aws_env(), **opts.extra_env}
-        resultsdb_bus: list[str] = []
-        if opts.bus == "amqp":
-            node = opts.rabbitmq or self._exit.enter_context(RabbitMQ())
-            self.bus = self._exit.enter_context(
-                AmqpBus(
-                    node,
-                    settings=settings,
-                    per_app=opts.per_app,
-                    queue_suffix=opts.queue_suffix,
-                    workdir=workdir / "bus",
-                    extra_env=extra_env,
-                )
-            )
-            resultsdb_bus = ["--no-bus", "--amqp-conf", str(self.bus.publisher_config)]
-        elif opts.bus == "fedmsg":
-            local = LocalBus(
-                settings={**settings, **HUB_SETTINGS},
-                workdir=workdir / "bus",
-                extra_env=extra_env,
-            )
-            self._exit.callback(local.close)
-            self.bus = local.launch()  # waited for below, with the others
-            self.datagrepper.record(self.bus.outbound)
-        else:
-            raise StackError(f"unknown bus {opts.bus!r}: fedmsg or amqp")
+        resultsdb_bus = self._start_bus(settings, workdir)
 
         self.resultsdb = self._spawn_devel(
             "resultsdb",
@@ -387,10 +362,40 @@ class Stack:
                 self.workers = self.bus.start_consumers(timeout=opts.hub_timeout)
             except (WaitTimeout, RuntimeError) as exc:
                 raise StackError(str(exc)) from exc
-        else:
+        elif isinstance(self.bus, LocalBus):
             self.hub = self.bus.start_hub(timeout=opts.hub_timeout)
             self.workers = [self.hub]
         log.info("stack up in %.1fs", time.monotonic() - self.started_at)
+
+    def _start_bus(self, settings: dict[str, Any], workdir: Path) -> list[str]:
+        """Start the bus (the relay is waited for later); ResultsDB's arguments for it."""
+        opts = self.options
+        assert self.datagrepper is not None
+        extra_env = {**self._aws_env(), **opts.extra_env}
+        if opts.bus == "amqp":
+            node = opts.rabbitmq or self._exit.enter_context(RabbitMQ())
+            self.bus = self._exit.enter_context(
+                AmqpBus(
+                    node,
+                    settings=settings,
+                    per_app=opts.per_app,
+                    queue_suffix=opts.queue_suffix,
+                    workdir=workdir / "bus",
+                    extra_env=extra_env,
+                )
+            )
+            return ["--no-bus", "--amqp-conf", str(self.bus.publisher_config)]
+        if opts.bus == "fedmsg":
+            local = LocalBus(
+                settings={**settings, **HUB_SETTINGS},
+                workdir=workdir / "bus",
+                extra_env=extra_env,
+            )
+            self._exit.callback(local.close)
+            self.bus = local.launch()  # waited for below, with the others
+            self.datagrepper.record(self.bus.outbound)
+            return []
+        raise StackError(f"unknown bus {opts.bus!r}: fedmsg or amqp")
 
     def _aws_env(self) -> dict[str, str]:
         assert self.moto is not None
