@@ -129,7 +129,7 @@ def upload(aws: Aws, raw: Any, raw_size: int, **kwargs: Any) -> snapshot.Snapsho
 
 def stream(
     server: ImageServer, facts: ImageFacts, sha256: str | None = None
-) -> Iterator[bytes] | ParallelRaw:
+) -> Iterator[bytes] | snapshot.BlockSource:
     url = server.add(facts.path.name, Route(facts.path))
     session = make_session(retries=0, timeout=5.0)
     raw_size = probe_raw_size(session, url)
