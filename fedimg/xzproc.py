@@ -47,7 +47,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -122,7 +122,12 @@ class ChildRaw:
             return source.raw_done
         return self._raw
 
-    def blocks(self) -> Iterator[tuple[int, bytes] | None]:
+    @property
+    def returncode(self) -> int | None:
+        """The child's exit status once reaped (negative: killed by that signal)."""
+        return None if self._proc is None else self._proc.returncode
+
+    def blocks(self) -> Generator[tuple[int, bytes] | None, None, None]:
         """Non-zero (index, block) pairs in disk order; None while waiting."""
         try:
             if self._start():
