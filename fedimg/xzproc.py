@@ -287,13 +287,10 @@ class ChildRaw:
                     return
                 digest.update(piece)
                 self._compressed += len(piece)
-                view = memoryview(piece)
-                while view:
-                    view = view[stdin.write(view) or 0 :]
+                if not _write_all(stdin, piece):
+                    return  # the child is gone: its frames (or their absence) say why
             self._digest = digest.hexdigest()
             stdin.close()
-        except (BrokenPipeError, ValueError):
-            pass  # the child is gone (its frames, or their absence, say why) or was closed
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
             self._error = exc
         finally:
@@ -410,6 +407,17 @@ def _grow_pipe(pipe: IO[bytes] | None) -> None:
         fcntl.fcntl(pipe.fileno(), set_size, PIPE_SIZE)
     except OSError:
         pass
+
+
+def _write_all(pipe: IO[bytes], data: bytes) -> bool:
+    """Write all of ``data`` to an unbuffered pipe; False if its reader is gone or it was closed."""
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[pipe.write(view) :]
+    except (BrokenPipeError, ValueError):  # ValueError: close() closed it meanwhile
+        return False
+    return True
 
 
 def _close_quietly(pipe: IO[bytes] | None) -> None:

@@ -409,6 +409,8 @@ def test_a_child_that_cannot_run_falls_back_to_this_process(
     )
     assert digests(drain(raw)) == image.block_digests
     assert raw.raw_done == image.raw_size
+    if raw.pid:  # it started, and never said HELLO
+        assert_reaped(raw.pid)
 
 
 @pytest.mark.integration
