@@ -113,7 +113,6 @@ class ChildRaw:
         self._digest = ""  # of the compressed file, once fed whole
         self._compressed = 0
         self._error: BaseException | None = None  # the feeder's
-        self._closed = False
 
     @property
     def raw_done(self) -> int:
@@ -139,9 +138,8 @@ class ChildRaw:
 
     def close(self) -> None:
         """Stop the child (killed if still running, always reaped) and the feeder; idempotent."""
-        if self._closed:
+        if self._stop.is_set():  # set only here
             return
-        self._closed = True
         self._stop.set()
         proc = self._proc
         if proc is not None:

@@ -319,17 +319,19 @@ def test_checksum_mismatch_deletes_the_snapshot(
     assert_child_reaped(raw)
 
 
+def refuse_block_7(params: dict[str, Any], **_: Any) -> None:
+    """A botocore hook: EBS refuses block 7."""
+    if params.get("BlockIndex") == 7:
+        raise ClientError(
+            {"Error": {"Code": "ValidationException", "Message": "bad block"}},
+            "PutSnapshotBlock",
+        )
+
+
 @pytest.mark.integration
 def test_aws_error_mid_upload_stops_the_decoder_process(
     aws: Aws, server: ImageServer, image: ImageFacts
 ) -> None:
-    def refuse_block_7(params: dict[str, Any], **_: Any) -> None:
-        if params.get("BlockIndex") == 7:
-            raise ClientError(
-                {"Error": {"Code": "ValidationException", "Message": "bad block"}},
-                "PutSnapshotBlock",
-            )
-
     aws.ebs.meta.events.register("before-parameter-build.ebs.PutSnapshotBlock", refuse_block_7)
     raw = stream(server, image, child_min_raw=0)
     assert isinstance(raw, ChildRaw)
@@ -353,13 +355,6 @@ def test_cut_download_deletes_the_snapshot(
 
 
 def test_aws_error_mid_upload_deletes_the_snapshot(aws: Aws, image: ImageFacts) -> None:
-    def refuse_block_7(params: dict[str, Any], **_: Any) -> None:
-        if params.get("BlockIndex") == 7:
-            raise ClientError(
-                {"Error": {"Code": "ValidationException", "Message": "bad block"}},
-                "PutSnapshotBlock",
-            )
-
     aws.ebs.meta.events.register("before-parameter-build.ebs.PutSnapshotBlock", refuse_block_7)
     raw = lzma.decompress(image.path.read_bytes())
     with pytest.raises(SnapshotError) as info:
