@@ -42,6 +42,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import queue
 import select
 import subprocess
 import sys
@@ -53,6 +54,7 @@ from typing import IO
 
 from fedimg.ebsblocks import BLOCK_SIZE, Reblocker
 from fedimg.rawio import ChecksumMismatch, CorruptImage, DownloadError, Spool, check_sha256
+from fedimg.readahead import drain
 from fedimg.snapshot import BlockSource
 from fedimg.xzdecoder import BLOCK, END, ERROR, HEADER, HELLO, MODULE, PROTOCOL, RAW
 
@@ -63,6 +65,9 @@ POLL = 0.5  # seconds between checks for a failure (and a None for the caller) w
 STOP_SECONDS = 30.0  # how long close() waits for the child and the feeder
 PIPE_SIZE = 1 << 20  # asked for both pipes (Linux; fewer wake-ups per 512 KiB block)
 MAX_MESSAGE = 4096  # bytes of an ERROR frame's message read, at most
+FRAMES_AHEAD = 8  # frames read from the child and not yet taken, at most (4 MiB of blocks)
+
+_Frame = tuple[bytes, int, int, bytes]  # kind, a, b, payload
 
 
 class _ChildGone(Exception):
@@ -108,6 +113,8 @@ class ChildRaw:
         self._fallback_source: Iterable[bytes] | BlockSource | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._feeder: threading.Thread | None = None
+        self._reader: threading.Thread | None = None
+        self._frames: queue.Queue[_Frame | BaseException] = queue.Queue(maxsize=FRAMES_AHEAD)
         self._stop = threading.Event()
         self._raw = 0
         self._digest = ""  # of the compressed file, once fed whole
@@ -155,10 +162,12 @@ class ChildRaw:
                     proc.pid,
                     STOP_SECONDS,
                 )
-        if self._feeder is not None:
-            self._feeder.join(timeout=STOP_SECONDS)
-            if self._feeder.is_alive():
-                log.warning("%s: %s: the xz feeder is still busy", self.log_context, self.url)
+        drain(self._frames)  # so a reader blocked on a full queue sees the stop
+        for thread in (self._feeder, self._reader):
+            if thread is not None:
+                thread.join(timeout=STOP_SECONDS)
+                if thread.is_alive():
+                    log.warning("%s: %s: %s still busy", self.log_context, self.url, thread.name)
         if proc is not None:
             for pipe in (proc.stdin, proc.stdout):
                 _close_quietly(pipe)
@@ -244,20 +253,25 @@ class ChildRaw:
 
     def _from_child(self) -> Iterator[tuple[int, bytes] | None]:
         self._feeder = threading.Thread(target=self._feed, name="xz-feeder", daemon=True)
+        self._reader = threading.Thread(target=self._read_frames, name="xz-frames", daemon=True)
         self._feeder.start()
+        self._reader.start()
         held: tuple[int, bytes] | None = None
         while True:
             self._raise_if_feeder_failed()
-            if not self._readable(POLL):
+            try:
+                frame = self._frames.get(timeout=POLL)
+            except queue.Empty:
                 yield None
                 continue
-            kind, a, b = self._frame_header()
+            if isinstance(frame, BaseException):
+                raise frame
+            kind, a, b, payload = frame
             if kind == BLOCK:
-                block = self._read(BLOCK_SIZE)
                 self._raw = b
                 if held is not None:
                     yield held
-                held = (a, block)
+                held = (a, payload)
             elif kind == RAW:
                 self._raw = b
                 yield None
@@ -265,12 +279,39 @@ class ChildRaw:
                 self._raw = b
                 break
             elif kind == ERROR:
-                self._fail(at_end=bool(a), message=self._read(min(b, MAX_MESSAGE)))
+                self._fail(at_end=bool(a), message=payload)
             else:
                 raise DownloadError(self.url, f"xz decoder process sent a frame {kind!r}")
         self._verify()
         if held is not None:
             yield held
+
+    def _read_frames(self) -> None:
+        """The reader thread: the child's frames into a bounded queue, until END or ERROR.
+
+        It keeps the pipe drained while the calling thread waits for the GIL
+        or for a writer, so the child seldom waits to write.
+        """
+        try:
+            while not self._stop.is_set():
+                kind, a, b = self._frame_header()
+                size = BLOCK_SIZE if kind == BLOCK else min(b, MAX_MESSAGE) if kind == ERROR else 0
+                if not self._put((kind, a, b, self._read(size) if size else b"")):
+                    return
+                if kind not in (BLOCK, RAW):
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            self._put(exc)
+
+    def _put(self, frame: _Frame | BaseException) -> bool:
+        """Queue ``frame`` for the calling thread; False once stopped."""
+        while not self._stop.is_set():
+            try:
+                self._frames.put(frame, timeout=POLL)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def _feed(self) -> None:
         """The feeder thread: the compressed file, hashed in order, into the child's stdin."""
