@@ -1,11 +1,11 @@
 """Decode a single-block xz image in a child process, out of the uploading process's GIL.
 
 ``stream_raw`` returns a ``ChildRaw`` for an image of one xz block (the
-output of any single-threaded xz) of at least ``fedimg.download.CHILD_MIN_RAW`` raw bytes;
-``upload_snapshot`` consumes it as a ``BlockSource``. Decoding such a file is
-one thread's work whatever the number of cores; in the uploading process
-that thread had to win the GIL back from the re-blocking thread and 16
-botocore writers each time it came back from ``lzma``. Here:
+output of any single-threaded xz) of at least ``fedimg.download.CHILD_MIN_RAW``
+raw bytes; ``upload_snapshot`` consumes it as a ``BlockSource``. Decoding
+such a file is one thread's work whatever the number of cores; in the
+uploading process that thread had to win the GIL back from the re-blocking
+thread and 16 botocore writers each time it came back from ``lzma``. Here:
 
 - a feeder thread downloads the file once (the caller's ``pieces``: the
   HTTP stream with its resumes, or the spool of a server that ignored
@@ -15,20 +15,23 @@ botocore writers each time it came back from ``lzma``. Here:
   process) decodes it and writes back only the non-zero 512 KiB EBS blocks
   with their index, and its end report (``fedimg.xzdecoder`` describes the
   frames);
-- the consumer reads the frames (waiting at most ``POLL`` seconds at a time,
-  yielding None meanwhile, so ``upload_snapshot`` reports progress and
-  checks its deadline) and hands the blocks on. The last block is held back
-  until the child reported the exact raw size and the sha256 matched (else
-  ``ChecksumMismatch``): an upload can never complete on a bad download.
+- a reader thread takes the frames off the pipe into a bounded queue
+  (``FRAMES_AHEAD``), and the calling thread hands the blocks on, waiting at
+  most ``POLL`` seconds at a time (yielding None meanwhile, so
+  ``upload_snapshot`` reports progress and checks its deadline). The last
+  block is held back until the child reported the exact raw size and the
+  sha256 matched (else ``ChecksumMismatch``): an upload can never complete
+  on a bad download.
 
 Feeding and reading are different threads, so neither pipe can fill up
-against the other; both are bounded by the pipes' own buffers, so memory is
-one download piece, one block and the child's decoder (its dictionary and one
-step of ``STEP`` raw bytes), whatever the image. The child is always reaped:
-it exits at the end of its input; ``close()`` (which ``upload_snapshot`` calls
-on any failure, and the ``blocks()`` generator on its way out) kills it if it
-still runs and waits for it. If this process dies instead, the child sees its
-input end or its output closed, and exits.
+against the other. Memory, whatever the image: one download piece, the
+pipes (``PIPE_SIZE`` each), ``FRAMES_AHEAD`` blocks, and in the child its
+decoder (the dictionary, 8 MiB at ``xz -6``), one step and 8 MiB of input
+read ahead. The child is always reaped: it exits at the end of its input;
+``close()`` (which ``upload_snapshot`` calls on any failure, and the
+``blocks()`` generator on its way out) kills it if it still runs and waits
+for it. If this process dies instead, the child sees its input end or its
+output closed, and exits.
 
 A child that cannot start (no interpreter, no ``HELLO`` within
 ``START_SECONDS``) costs one warning: ``fallback`` (the in-process path) is
