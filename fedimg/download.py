@@ -85,9 +85,10 @@ MAX_PLANNED_BLOCKS = 65536
 # most this many bytes (a Fedora cloud raw.xz is well under 1 GiB).
 SPOOL_LIMIT = 8 << 30
 # A single-stream image of at least this many raw bytes is decoded in a child
-# process (fedimg.xzproc); a smaller one in this process, where the child's
-# start-up (about 0.1 s of CPU) would cost more than it saves (docs/performance.md).
-CHILD_MIN_RAW = 64 << 20
+# process (fedimg.xzproc); a smaller one in this process. Measured (single-block
+# uploads, docs/performance.md): the child is slower at 16 MiB (its start-up),
+# as fast at 64 and 256 MiB, 13% faster at 1 GiB and more so at 4 GiB.
+CHILD_MIN_RAW = 256 << 20
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
 _sleep = time.sleep  # the backoff between resumes; a test may record it instead
 _IDENTITY = {"Accept-Encoding": "identity"}
