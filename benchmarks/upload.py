@@ -63,11 +63,6 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def children_peak_rss_mib() -> float:
-    """The largest peak RSS of a reaped child: an xz run or a decoder child."""
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-
-
 def rss_mib() -> float:
     return float(psutil.Process().memory_info().rss) / MIB
 
@@ -400,10 +395,7 @@ def report(
                 f"    = {ratio:.2f} x the {base} rate (target >= {least}): "
                 f"{'met' if ok else 'MISSED'}; blocks: {blocks}"
             )
-    print(
-        f"peak RSS: {peak:.0f} MiB (before the uploads {rss_before:.0f} MiB; target < 300); "
-        f"largest child (xz, decoder child): {children_peak_rss_mib():.0f} MiB"
-    )
+    print(f"peak RSS: {peak:.0f} MiB (before the uploads {rss_before:.0f} MiB; target < 300)")
     print("targets:", "met" if met else "MISSED")
     return met
 

@@ -151,29 +151,14 @@ class ChildRaw:
         if self._stop.is_set():  # set only here
             return
         self._stop.set()
-        proc = self._proc
-        if proc is not None:
-            if proc.poll() is None:
-                proc.kill()
-            try:
-                proc.wait(timeout=STOP_SECONDS)
-            except subprocess.TimeoutExpired:
-                log.error(
-                    "%s: %s: xz decoder process %d still running %.0f s after SIGKILL",
-                    self.log_context,
-                    self.url,
-                    proc.pid,
-                    STOP_SECONDS,
-                )
+        self._end_child()
         drain(self._frames)  # so a reader blocked on a full queue sees the stop
         for thread in (self._feeder, self._reader):
             if thread is not None:
                 thread.join(timeout=STOP_SECONDS)
                 if thread.is_alive():
                     log.warning("%s: %s: %s still busy", self.log_context, self.url, thread.name)
-        if proc is not None:
-            for pipe in (proc.stdin, proc.stdout):
-                _close_quietly(pipe)
+        self._close_pipes()
         source = self._fallback_source
         close = getattr(source, "close", None)
         if callable(close):
@@ -205,10 +190,10 @@ class ChildRaw:
             kind, version, _ = self._header(time.monotonic() + START_SECONDS)
         except (_ChildGone, TimeoutError) as exc:
             self._warn_fallback(f"no HELLO from process {proc.pid}: {exc}")
-            self._stop_child()
+            self._end_child()
+            self._close_pipes()
             return False
         if kind != HELLO or version != PROTOCOL:
-            self._stop_child()
             raise DownloadError(self.url, f"xz decoder process said {kind!r} {version}, not HELLO")
         log.info(
             "%s: decoding %s in xz decoder process %d (%d bytes raw)",
@@ -227,16 +212,28 @@ class ChildRaw:
             reason,
         )
 
-    def _stop_child(self) -> None:
+    def _end_child(self) -> None:
+        """Kill the child if it still runs, and reap it (a bounded wait)."""
         proc = self._proc
-        self._proc = None
         if proc is None:
             return
         if proc.poll() is None:
             proc.kill()
-        proc.wait(timeout=STOP_SECONDS)
-        for pipe in (proc.stdin, proc.stdout):
-            _close_quietly(pipe)
+        try:
+            proc.wait(timeout=STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            log.error(
+                "%s: %s: xz decoder process %d still running %.0f s after SIGKILL",
+                self.log_context,
+                self.url,
+                proc.pid,
+                STOP_SECONDS,
+            )
+
+    def _close_pipes(self) -> None:
+        if self._proc is not None:
+            for pipe in (self._proc.stdin, self._proc.stdout):
+                _close_quietly(pipe)
 
     # -- the fallback -------------------------------------------------------
 
