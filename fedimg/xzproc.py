@@ -57,7 +57,7 @@ from typing import IO
 
 from fedimg.ebsblocks import BLOCK_SIZE, Reblocker
 from fedimg.rawio import ChecksumMismatch, CorruptImage, DownloadError, Spool, check_sha256
-from fedimg.readahead import drain
+from fedimg.readahead import drain, put_until
 from fedimg.snapshot import BlockSource
 from fedimg.xzdecoder import BLOCK, END, ERROR, HEADER, HELLO, MODULE, PROTOCOL, RAW
 
@@ -296,22 +296,11 @@ class ChildRaw:
             while not self._stop.is_set():
                 kind, a, b = self._frame_header()
                 size = BLOCK_SIZE if kind == BLOCK else min(b, MAX_MESSAGE) if kind == ERROR else 0
-                if not self._put((kind, a, b, self._read(size) if size else b"")):
-                    return
-                if kind not in (BLOCK, RAW):
+                frame = (kind, a, b, self._read(size) if size else b"")
+                if not put_until(self._frames, frame, self._stop) or kind not in (BLOCK, RAW):
                     return
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
-            self._put(exc)
-
-    def _put(self, frame: _Frame | BaseException) -> bool:
-        """Queue ``frame`` for the calling thread; False once stopped."""
-        while not self._stop.is_set():
-            try:
-                self._frames.put(frame, timeout=POLL)
-                return True
-            except queue.Full:
-                continue
-        return False
+            put_until(self._frames, exc, self._stop)
 
     def _feed(self) -> None:
         """The feeder thread: the compressed file, hashed in order, into the child's stdin."""
