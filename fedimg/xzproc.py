@@ -47,6 +47,7 @@ import logging
 import os
 import queue
 import select
+import site
 import subprocess
 import sys
 import threading
@@ -78,10 +79,16 @@ class _ChildGone(Exception):
 
 
 def child_env() -> dict[str, str]:
-    """The child's environment: this one, with this fedimg first on its module path."""
-    root = str(Path(__file__).resolve().parent.parent)
+    """The child's environment: this one, with this fedimg first on its module path.
+
+    Not for an installed fedimg (its directory is site-packages, which must
+    not come before the standard library): the child finds it as this process did.
+    """
+    root = Path(__file__).resolve().parent.parent
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    installed = {Path(p).resolve() for p in [*site.getsitepackages(), site.getusersitepackages()]}
+    if root not in installed:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
     return env
 
 
