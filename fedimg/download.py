@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import lzma
 import re
 import struct
 import time
@@ -65,9 +64,11 @@ from fedimg.xzblocks import (
     plan_layout,
     plan_parts,
 )
+from fedimg.xzdecoder import XzDataError, XzStreams
 
 if TYPE_CHECKING:
     from fedimg.xzparallel import ParallelRaw
+    from fedimg.xzproc import ChildRaw
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,11 @@ MAX_PLANNED_BLOCKS = 65536
 # A server that ignores Range gets its file spooled to a temporary file of at
 # most this many bytes (a Fedora cloud raw.xz is well under 1 GiB).
 SPOOL_LIMIT = 8 << 30
+# A single-stream image of at least this many raw bytes is decoded in a child
+# process (fedimg.xzproc); a smaller one in this process. Measured (single-block
+# uploads, docs/performance.md): the child is slower at 16 MiB (its start-up),
+# as fast at 64 and 256 MiB, 13% faster at 1 GiB and more so at 4 GiB.
+CHILD_MIN_RAW = 256 << 20
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
 _sleep = time.sleep  # the backoff between resumes; a test may record it instead
 _IDENTITY = {"Accept-Encoding": "identity"}
@@ -459,58 +465,56 @@ def _read_stream_backwards(reader: _RangeReader, end: int, keep: int = 0) -> Str
 # Streaming download and decompression
 
 
-class _XzStreams:
-    """Decompresses concatenated xz streams with padding, at most ``max_length`` per step."""
+class _XzStreams(XzStreams):
+    """``XzStreams`` raising ``CorruptImage`` for ``url``."""
 
     def __init__(self, url: str, max_length: int) -> None:
+        super().__init__(max_length)
         self.url = url
-        self.max_length = max_length
-        self._dec: lzma.LZMADecompressor | None = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
-        self._padding = 0  # zero bytes seen since the last stream ended
-        self.streams = 0
 
     def feed(self, data: bytes) -> Iterator[bytes]:
-        """Yield the raw output for compressed ``data`` (each piece <= max_length)."""
-        while data:
-            if self._dec is None:
-                stripped = data.lstrip(b"\0")
-                self._padding += len(data) - len(stripped)
-                if not stripped:
-                    return
-                if self._padding % 4:
-                    raise CorruptImage(self.url, "xz stream padding is not a multiple of 4")
-                self._padding = 0
-                self._dec = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
-                data = stripped
-            dec = self._dec
-            try:
-                out = dec.decompress(data, self.max_length)
-                if out:
-                    yield out
-                while not dec.eof and not dec.needs_input:
-                    out = dec.decompress(b"", self.max_length)
-                    if out:
-                        yield out
-            except lzma.LZMAError as exc:
-                raise CorruptImage(self.url, f"xz data is corrupt: {exc}") from exc
-            if not dec.eof:
-                return
-            self.streams += 1
-            data = dec.unused_data
-            self._dec = None
+        try:
+            yield from super().feed(data)
+        except XzDataError as exc:
+            raise CorruptImage(self.url, str(exc)) from exc
 
     def finish(self) -> None:
-        """Raise CorruptImage unless the input ended cleanly between streams."""
-        if self._dec is not None:
-            if self.streams == 0:
-                raise CorruptImage(self.url, "not an xz file, or it ends before its first stream")
-            raise CorruptImage(self.url, "xz stream is truncated")
-        if self._padding % 4:
-            raise CorruptImage(self.url, "xz stream padding is not a multiple of 4")
+        try:
+            super().finish()
+        except XzDataError as exc:
+            raise CorruptImage(self.url, str(exc)) from exc
+
+
+# How stream_raw reads an image (choose_reader)
+PARALLEL = "parallel"  # fedimg.xzparallel: parts fetched and decoded at once
+CHILD = "child"  # fedimg.xzproc: one download, decoded in a child process
+THREAD = "thread"  # one download, decoded in a thread of this process (ReadAhead)
+SPOOLED_THREAD = "spooled-thread"  # the spool decoded by one xzparallel worker
+
+
+def choose_reader(raw_size: int, parts: int | None, *, spooled: bool, child_min_raw: int) -> str:
+    """How ``stream_raw`` reads an image of ``raw_size`` raw bytes.
+
+    ``parts``: how many xz parts ``fedimg.xzblocks`` planned from the index
+    the probe kept, 0 if it was too large to plan, None for a plain ``int``
+    raw size (no probe: the caller gets the chunk iterator it was promised).
+    ``spooled``: the probe spooled the file. Several parts decode in
+    parallel; one stream of at least ``child_min_raw`` raw bytes in a child
+    process; anything smaller in this process.
+    """
+    if parts is None:
+        return THREAD
+    if parts > 1:
+        return PARALLEL
+    if raw_size >= child_min_raw:
+        return CHILD
+    if spooled:
+        return SPOOLED_THREAD
+    return THREAD
 
 
 @overload
-def stream_raw(  # type: ignore[overload-overlap]  # a RawSize may decode in parallel
+def stream_raw(  # type: ignore[overload-overlap]  # a RawSize may come as blocks
     session: requests.Session,
     url: str,
     sha256: str,
@@ -519,7 +523,8 @@ def stream_raw(  # type: ignore[overload-overlap]  # a RawSize may decode in par
     *,
     log_context: str = ...,
     blocks_in_flight: int = ...,
-) -> Iterator[bytes] | ParallelRaw: ...
+    child_min_raw: int = ...,
+) -> Iterator[bytes] | ParallelRaw | ChildRaw: ...
 
 
 @overload
@@ -532,6 +537,7 @@ def stream_raw(
     *,
     log_context: str = ...,
     blocks_in_flight: int = ...,
+    child_min_raw: int = ...,
 ) -> Iterator[bytes]: ...
 
 
@@ -544,45 +550,82 @@ def stream_raw(
     *,
     log_context: str = "",
     blocks_in_flight: int = BLOCKS_IN_FLIGHT,
-) -> Iterator[bytes] | ParallelRaw:
+    child_min_raw: int = CHILD_MIN_RAW,
+) -> Iterator[bytes] | ParallelRaw | ChildRaw:
     """The raw image at ``url``, checked against ``sha256``, for ``upload_snapshot``.
 
-    Given the ``RawSize`` of ``probe_raw_size``: a file of several xz parts
-    (``fedimg.xzblocks``), or one the probe spooled, becomes a
+    Given the ``RawSize`` of ``probe_raw_size`` (``choose_reader`` decides):
+    a file of several xz parts (``fedimg.xzblocks``) becomes a
     ``fedimg.xzparallel.ParallelRaw``: ``blocks_in_flight`` parts fetched
     (one Range request each) and decoded at once, straight into EBS blocks.
-    Anything else (one xz block, a plain ``int``, an index too large to plan)
-    is one streaming download decoded in a thread of its own, up to 8 MiB
-    ahead of the consumer (``ReadAhead``): an iterator of raw chunks of at most
-    ``chunk_size``, as ``_stream_http`` describes. Both raise the same errors
-    and release nothing unverified: the sha256 is checked before the last
-    chunk or block.
+    A file of one xz block (or an index too large to plan) of at least
+    ``child_min_raw`` raw bytes becomes a ``fedimg.xzproc.ChildRaw``: one
+    streaming download (or the spool) decoded by a child process into EBS
+    blocks. Anything smaller (or a plain ``int``) is one streaming download
+    decoded in a thread of its own, up to 8 MiB ahead of the consumer
+    (``ReadAhead``): an iterator of raw chunks of at most ``chunk_size``, as
+    ``_stream_http`` describes; a smaller spooled file is decoded by one
+    ``ParallelRaw`` worker. All raise the same errors and release nothing
+    unverified: the sha256 is checked before the last chunk or block.
     """
     if blocks_in_flight < 1:
         raise ValueError(f"blocks_in_flight must be at least 1, not {blocks_in_flight}")
-    if isinstance(raw_size, RawSize) and raw_size.spool is not None and raw_size.layout is None:
-        raw_size.spool.close()
+    layout = raw_size.layout if isinstance(raw_size, RawSize) else None
+    spool = raw_size.spool if isinstance(raw_size, RawSize) else None
+    if spool is not None and layout is None:
+        spool.close()
         raise DownloadError(url, "too many xz blocks to decode from a spooled download")
-    if isinstance(raw_size, RawSize) and raw_size.layout is not None:
-        parts = plan_parts(raw_size.layout)
-        if len(parts) > 1 or raw_size.spool is not None:
-            from fedimg.xzparallel import ParallelRaw  # it builds on this module
-
-            return ParallelRaw(
-                session,
-                url,
-                sha256,
-                raw_size.layout,
-                parts,
-                spool=raw_size.spool,
-                in_flight=blocks_in_flight,
-                step=chunk_size,
-                log_context=log_context,
-            )
-    return ReadAhead(
-        _stream_http(session, url, sha256, raw_size, chunk_size, log_context=log_context),
-        name="xz-stream",
+    parts = plan_parts(layout) if layout is not None else ()
+    how = choose_reader(
+        raw_size,
+        len(parts) if isinstance(raw_size, RawSize) else None,
+        spooled=spool is not None,
+        child_min_raw=child_min_raw,
     )
+
+    def in_thread() -> ReadAhead:
+        return ReadAhead(
+            _stream_http(session, url, sha256, raw_size, chunk_size, log_context=log_context),
+            name="xz-stream",
+        )
+
+    def in_workers() -> ParallelRaw:
+        from fedimg.xzparallel import ParallelRaw  # it builds on this module
+
+        assert layout is not None
+        return ParallelRaw(
+            session,
+            url,
+            sha256,
+            layout,
+            parts,
+            spool=spool,
+            in_flight=blocks_in_flight,
+            step=chunk_size,
+            log_context=log_context,
+        )
+
+    if how == CHILD:
+        from fedimg.xzproc import ChildRaw, spool_pieces
+
+        def pieces() -> Iterator[bytes]:
+            if spool is not None:
+                return spool_pieces(spool)
+            return _compressed(session, url, chunk_size, log_context)
+
+        return ChildRaw(
+            url,
+            sha256,
+            raw_size,
+            pieces,
+            fallback=in_workers if spool is not None else in_thread,
+            step=chunk_size,
+            spool=spool,
+            log_context=log_context,
+        )
+    if how in (PARALLEL, SPOOLED_THREAD):
+        return in_workers()
+    return in_thread()
 
 
 def _stream_http(

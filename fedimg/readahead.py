@@ -36,6 +36,17 @@ def drain(items: queue.Queue[Any]) -> None:
             return
 
 
+def put_until(items: queue.Queue[Any], item: Any, stop: threading.Event) -> bool:
+    """Queue ``item``, waiting for room; False if ``stop`` was set first."""
+    while not stop.is_set():
+        try:
+            items.put(item, timeout=POLL)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
 class _End:
     """Queue sentinel: the producer is exhausted."""
 
@@ -107,13 +118,7 @@ class ReadAhead(Iterator[bytes]):
 
     def _put(self, item: _Item) -> bool:
         """Queue ``item``; False if the consumer closed first."""
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=POLL)
-                return True
-            except queue.Full:
-                continue
-        return False
+        return put_until(self._queue, item, self._stop)
 
     def _run(self) -> None:
         batch: list[bytes] = []

@@ -43,6 +43,7 @@ from typing import Protocol
 import requests
 import urllib3.exceptions
 
+from fedimg.ebsblocks import BLOCK_SIZE, ZERO_BLOCK, Reblocker
 from fedimg.rawio import (
     DEFAULT_CHUNK,
     ChecksumMismatch,
@@ -53,7 +54,6 @@ from fedimg.rawio import (
     raise_for_status,
 )
 from fedimg.readahead import drain
-from fedimg.snapshot import BLOCK_SIZE, ZERO_BLOCK, Reblocker
 from fedimg.xzblocks import (
     BLOCKS_IN_FLIGHT,
     Part,

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import lzma
+import os
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -26,7 +27,13 @@ from devel.bus import wait_until
 from devel.images import BLOCK, ImageFacts, ImageServer, Route, build_raw_xz
 from fedimg import snapshot
 from fedimg.aws import AwsClients, error_code
-from fedimg.download import ChecksumMismatch, DownloadError, probe_raw_size, stream_raw
+from fedimg.download import (
+    CHILD_MIN_RAW,
+    ChecksumMismatch,
+    DownloadError,
+    probe_raw_size,
+    stream_raw,
+)
 from fedimg.http import make_session
 from fedimg.snapshot import (
     BLOCK_SIZE,
@@ -41,6 +48,7 @@ from fedimg.snapshot import (
     volume_size_gib,
 )
 from fedimg.xzparallel import ParallelRaw
+from fedimg.xzproc import ChildRaw
 
 REGION = "us-east-1"
 TOKEN = "fedimg-test-token"
@@ -128,12 +136,37 @@ def upload(aws: Aws, raw: Any, raw_size: int, **kwargs: Any) -> snapshot.Snapsho
 
 
 def stream(
-    server: ImageServer, facts: ImageFacts, sha256: str | None = None
-) -> Iterator[bytes] | ParallelRaw:
+    server: ImageServer,
+    facts: ImageFacts,
+    sha256: str | None = None,
+    child_min_raw: int = CHILD_MIN_RAW,
+) -> Iterator[bytes] | snapshot.BlockSource:
     url = server.add(facts.path.name, Route(facts.path))
     session = make_session(retries=0, timeout=5.0)
     raw_size = probe_raw_size(session, url)
-    return stream_raw(session, url, sha256 or facts.sha256, raw_size, chunk_size=300_000)
+    return stream_raw(
+        session,
+        url,
+        sha256 or facts.sha256,
+        raw_size,
+        chunk_size=300_000,
+        child_min_raw=child_min_raw,
+    )
+
+
+# How a one-block image is decoded: in this process (it is small), or in a child
+# process (fedimg.xzproc) as an image of CHILD_MIN_RAW or more would be.
+DECODERS = pytest.mark.parametrize(
+    "child_min_raw", [CHILD_MIN_RAW, 0], ids=["in-process", "child-process"]
+)
+
+
+def assert_child_reaped(raw: object) -> None:
+    """A ChildRaw's decoder process, if it had one, is no longer running nor ours."""
+    if isinstance(raw, ChildRaw):
+        assert raw.returncode is not None
+        with pytest.raises(ChildProcessError):
+            os.waitpid(raw.pid, os.WNOHANG)
 
 
 def b64sha(data: bytes) -> str:
@@ -190,9 +223,15 @@ def test_aggregate_checksum_is_in_index_order() -> None:
 
 
 @pytest.mark.integration
-def test_upload_from_a_download(aws: Aws, server: ImageServer, image: ImageFacts) -> None:
+@DECODERS
+def test_upload_from_a_download(
+    aws: Aws, server: ImageServer, image: ImageFacts, child_min_raw: int
+) -> None:
     seen: list[int] = []
-    result = upload(aws, stream(server, image), image.raw_size, progress=seen.append)
+    raw = stream(server, image, child_min_raw=child_min_raw)
+    assert isinstance(raw, ChildRaw) == (child_min_raw == 0)
+    result = upload(aws, raw, image.raw_size, progress=seen.append)
+    assert_child_reaped(raw)
 
     assert result.blocks_sent == len(image.nonzero_blocks) == 5
     assert result.blocks_total == 21
@@ -209,8 +248,11 @@ def test_upload_from_a_download(aws: Aws, server: ImageServer, image: ImageFacts
 
 
 @pytest.mark.integration
-def test_what_is_sent(aws: Aws, server: ImageServer, image: ImageFacts) -> None:
-    result = upload(aws, stream(server, image), image.raw_size, workers=3)
+@DECODERS
+def test_what_is_sent(aws: Aws, server: ImageServer, image: ImageFacts, child_min_raw: int) -> None:
+    result = upload(
+        aws, stream(server, image, child_min_raw=child_min_raw), image.raw_size, workers=3
+    )
 
     (start,) = aws.calls("StartSnapshot")
     assert start["VolumeSize"] == 1
@@ -263,14 +305,41 @@ def assert_abandoned(aws: Aws) -> None:
 
 
 @pytest.mark.integration
+@DECODERS
 def test_checksum_mismatch_deletes_the_snapshot(
-    aws: Aws, server: ImageServer, image: ImageFacts
+    aws: Aws, server: ImageServer, image: ImageFacts, child_min_raw: int
 ) -> None:
     wrong = hashlib.sha256(b"not this image").hexdigest()
+    raw = stream(server, image, sha256=wrong, child_min_raw=child_min_raw)
     with pytest.raises(ChecksumMismatch):
-        upload(aws, stream(server, image, sha256=wrong), image.raw_size)
+        upload(aws, raw, image.raw_size)
     assert aws.calls("PutSnapshotBlock"), "blocks were written before the checksum was known"
+    assert len(aws.calls("PutSnapshotBlock")) < len(image.nonzero_blocks)
     assert_abandoned(aws)
+    assert_child_reaped(raw)
+
+
+def refuse_block_7(params: dict[str, Any], **_: Any) -> None:
+    """A botocore hook: EBS refuses block 7."""
+    if params.get("BlockIndex") == 7:
+        raise ClientError(
+            {"Error": {"Code": "ValidationException", "Message": "bad block"}},
+            "PutSnapshotBlock",
+        )
+
+
+@pytest.mark.integration
+def test_aws_error_mid_upload_stops_the_decoder_process(
+    aws: Aws, server: ImageServer, image: ImageFacts
+) -> None:
+    aws.ebs.meta.events.register("before-parameter-build.ebs.PutSnapshotBlock", refuse_block_7)
+    raw = stream(server, image, child_min_raw=0)
+    assert isinstance(raw, ChildRaw)
+    with pytest.raises(SnapshotError) as info:
+        upload(aws, raw, image.raw_size, workers=1)
+    assert info.value.code == "ValidationException"
+    assert_abandoned(aws)
+    assert_child_reaped(raw)
 
 
 @pytest.mark.integration
@@ -286,13 +355,6 @@ def test_cut_download_deletes_the_snapshot(
 
 
 def test_aws_error_mid_upload_deletes_the_snapshot(aws: Aws, image: ImageFacts) -> None:
-    def refuse_block_7(params: dict[str, Any], **_: Any) -> None:
-        if params.get("BlockIndex") == 7:
-            raise ClientError(
-                {"Error": {"Code": "ValidationException", "Message": "bad block"}},
-                "PutSnapshotBlock",
-            )
-
     aws.ebs.meta.events.register("before-parameter-build.ebs.PutSnapshotBlock", refuse_block_7)
     raw = lzma.decompress(image.path.read_bytes())
     with pytest.raises(SnapshotError) as info:
