@@ -3,7 +3,8 @@
 moto 5.2.5 answers HTTP 500 for ``EnableImageDeprecation`` and
 ``GetImageBlockPublicAccessState`` and knows no ``ec2`` quota in Service
 Quotas (``L-0E3CBAB9``, public AMIs per region, answers NoSuchResource).
-``install()`` teaches moto exactly these, nothing else:
+``install()`` teaches moto exactly these, and in process answers one call at
+a time (moto's backends are not thread-safe), nothing else:
 
 * ``EnableImageDeprecation`` keeps ``DeprecateAt`` on the AMI (DescribeImages
   shows it as ``DeprecationTime``); AWS also refuses a time in the past, which
@@ -72,10 +73,25 @@ def install() -> None:
         if _installed:
             return
         _installed.add("moto")
+    from moto.core.botocore_stubber import BotocoreStubber
     from moto.core.responses import ActionResult
     from moto.ec2.exceptions import InvalidParameterValueError
     from moto.ec2.responses import EC2Response
     from moto.servicequotas.models import ServiceQuotasBackend
+
+    # moto in process answers in the calling thread, and its backends are plain dicts: two
+    # threads of the code under test (staging workers, copy fan-out) calling at once made
+    # moto raise "dictionary changed size during iteration" (AWS answers both). One call
+    # at a time. (moto_server's threads race the same way; there it is an HTTP 500, which
+    # botocore retries.)
+    serial = threading.RLock()
+    process_request = BotocoreStubber.process_request
+
+    def serialized(self: Any, request: Any) -> Any:
+        with serial:
+            return process_request(self, request)
+
+    BotocoreStubber.process_request = serialized  # type: ignore[method-assign]
 
     def enable_image_deprecation(self: Any) -> Any:
         ami_id = self._get_param("ImageId")
