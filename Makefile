@@ -54,8 +54,11 @@ test: lint
 tests: $(STAMP)
 	$(PYTEST)
 
+# Integration tests spend much of their time waiting on the processes they
+# started: three workers keep the two cores busy (the niced unit tests take what is left).
+INTEGRATION_WORKERS ?= 3
 integration: $(STAMP)
-	$(PYTEST) -m integration
+	$(BIN)/pytest -n $(INTEGRATION_WORKERS) --dist loadgroup -m integration
 
 unit: $(STAMP)
 	$(PYTEST) -m "not integration"
