@@ -91,7 +91,7 @@ def install() -> None:
         with serial:
             return process_request(self, request)
 
-    BotocoreStubber.process_request = serialized  # type: ignore[method-assign]
+    BotocoreStubber.process_request = serialized
 
     def enable_image_deprecation(self: Any) -> Any:
         ami_id = self._get_param("ImageId")
@@ -120,10 +120,10 @@ def install() -> None:
             _block.pop((self.current_account, self.region), None)
         return ActionResult({"ImageBlockPublicAccessState": "unblocked"})
 
-    EC2Response.enable_image_deprecation = enable_image_deprecation  # type: ignore[attr-defined]
-    EC2Response.get_image_block_public_access_state = get_image_block_public_access_state  # type: ignore[attr-defined]
-    EC2Response.enable_image_block_public_access = enable_image_block_public_access  # type: ignore[attr-defined]
-    EC2Response.disable_image_block_public_access = disable_image_block_public_access  # type: ignore[attr-defined]
+    EC2Response.enable_image_deprecation = enable_image_deprecation
+    EC2Response.get_image_block_public_access_state = get_image_block_public_access_state
+    EC2Response.enable_image_block_public_access = enable_image_block_public_access
+    EC2Response.disable_image_block_public_access = disable_image_block_public_access
 
     moto_get_service_quota = ServiceQuotasBackend.get_service_quota
 
@@ -143,7 +143,7 @@ def install() -> None:
             "GlobalQuota": False,
         }
 
-    ServiceQuotasBackend.get_service_quota = get_service_quota  # type: ignore[method-assign]
+    ServiceQuotasBackend.get_service_quota = get_service_quota
 
 
 def main() -> None:
