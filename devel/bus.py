@@ -349,6 +349,11 @@ class LocalBus(Spawner):
             "moksha.workers_per_consumer": 4,
             "fedimg.health.enabled": True,
         }
+        if self.workdir is not None:
+            # Durable intents and locks of this bus's processes, never the machine's
+            # /var/lib/fedimg (the default): tests run side by side, and a reconcile
+            # pass would stage another test's compose.
+            base["fedimg.state_dir"] = str(self.workdir / "fedimg-state")
         base.update(self.settings)
         return base
 

@@ -434,11 +434,13 @@ def test_the_fallback_may_be_a_block_source(
     assert raw.raw_done == image.raw_size
 
 
-def fake_child(*frames: bytes, then: str = "") -> list[str]:
-    """A child that writes ``frames`` and runs ``then``, reading none of its input."""
+def fake_child(first: bytes, *rest: bytes) -> list[str]:
+    """A child that writes its ``first`` frame, reads all of its input (as the real
+    one does before its end report), then writes the ``rest`` and exits."""
     script = (
         "import sys; out = sys.stdout.buffer; "
-        f"out.write({b''.join(frames)!r}); out.flush(); {then or 'pass'}"
+        f"out.write({first!r}); out.flush(); sys.stdin.buffer.read(); "
+        f"out.write({b''.join(rest)!r}); out.flush()"
     )
     return [sys.executable, "-c", script]
 
