@@ -97,7 +97,7 @@ def install() -> None:
 
     # moto lists a response class's methods (inspect.getmembers) on every request, a
     # twentieth of its CPU per call: listed once per class instead. The classes are
-    # complete by now (the methods above are added before any request).
+    # complete before any request (the methods below are added within this call).
     moto_responses.method_names_from_class = functools.cache(moto_responses.method_names_from_class)
 
     def enable_image_deprecation(self: Any) -> Any:
