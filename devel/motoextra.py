@@ -3,8 +3,10 @@
 moto 5.2.5 answers HTTP 500 for ``EnableImageDeprecation`` and
 ``GetImageBlockPublicAccessState`` and knows no ``ec2`` quota in Service
 Quotas (``L-0E3CBAB9``, public AMIs per region, answers NoSuchResource).
-``install()`` teaches moto exactly these, and in process answers one call at
-a time (moto's backends are not thread-safe), nothing else:
+``install()`` teaches moto exactly these, in process answers one call at a
+time (moto's backends are not thread-safe), and lists once what moto lists on
+every request (a response class's methods, its own package's modules: CPU
+that competes with the code under test on the same cores), nothing else:
 
 * ``EnableImageDeprecation`` keeps ``DeprecateAt`` on the AMI (DescribeImages
   shows it as ``DeprecationTime``); AWS also refuses a time in the past, which
@@ -74,6 +76,7 @@ def install() -> None:
         if _installed:
             return
         _installed.add("moto")
+    import moto.backends as moto_backends
     import moto.core.responses as moto_responses
     from moto.core.botocore_stubber import BotocoreStubber
     from moto.core.responses import ActionResult
@@ -99,6 +102,11 @@ def install() -> None:
     # twentieth of its CPU per call: listed once per class instead. The classes are
     # complete before any request (the methods below are added within this call).
     moto_responses.method_names_from_class = functools.cache(moto_responses.method_names_from_class)
+    # moto_server finds the service of every request by listing moto's package directory
+    # (a stat per module, about 170) under one lock: the package does not change while it
+    # runs, so it is listed once.
+    modules = tuple(moto_backends.list_of_moto_modules())
+    moto_backends.list_of_moto_modules = lambda: modules
 
     def enable_image_deprecation(self: Any) -> Any:
         ami_id = self._get_param("ImageId")
