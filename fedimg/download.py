@@ -64,7 +64,7 @@ from fedimg.xzblocks import (
     plan_layout,
     plan_parts,
 )
-from fedimg.xzdecoder import XzDataError, XzStreams
+from fedimg.xzlib import XzDataError, XzStreams
 
 if TYPE_CHECKING:
     from fedimg.xzparallel import ParallelRaw

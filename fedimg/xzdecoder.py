@@ -1,19 +1,18 @@
-"""Decode xz streams, in this process or as the decoder child process of ``fedimg.xzproc``.
+"""The xz decoder child process of ``fedimg.xzproc``: ``python -m fedimg.xzdecoder RAW_SIZE STEP``.
 
-``XzStreams`` decompresses concatenated xz streams with stream padding, a
-bounded output per step (``fedimg.download`` streams with it too).
-
-Run as ``python -m fedimg.xzdecoder RAW_SIZE STEP``, this module is the child
-process that decodes a single-block image out of the uploading process's
-GIL: it reads the compressed file on stdin, decodes it in steps of at most
-``STEP`` raw bytes, cuts the output into 512 KiB EBS blocks and writes to
-stdout only the non-zero ones, with their index (gigabytes of zeros never
-cross the pipe), then its end report. It imports nothing but the standard
-library and ``fedimg.ebsblocks``, so it starts in about a tenth of a second.
+It decodes a single-block image out of the uploading process's GIL: it
+reads the compressed file on stdin, decodes it with ``fedimg.xzlib``'s
+``block_decoder`` (liblzma straight into 512 KiB EBS blocks; else the
+standard library's ``lzma`` in steps of at most ``STEP`` raw bytes, cut into
+blocks) and writes to stdout only the non-zero blocks, with their index
+(gigabytes of zeros never cross the pipe), then its end report. It imports
+nothing but the standard library and two small fedimg modules, so it starts
+in about a tenth of a second.
 
 The protocol, on stdout: frames of a ``HEADER`` (kind, a, b), some with a payload.
 
-- ``HELLO`` (a = ``PROTOCOL``): first, once the child runs.
+- ``HELLO`` (a = ``PROTOCOL``, b = ``LIBLZMA`` or ``STDLIB``, the decoder):
+  first, once the child runs.
 - ``BLOCK`` (a = block index, b = raw bytes decoded so far) + 512 KiB of data.
 - ``RAW`` (b = raw bytes decoded so far): at least every ``PROGRESS_BYTES``.
 - ``END`` (b = raw bytes decoded): the input ended cleanly as exactly
@@ -30,7 +29,6 @@ fails to write, and exits.
 
 from __future__ import annotations
 
-import lzma
 import os
 import queue
 import struct
@@ -39,69 +37,17 @@ import threading
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from fedimg.ebsblocks import Reblocker
+from fedimg.xzlib import BlockDecoder, LiblzmaBlocks, XzDataError, block_decoder, load_liblzma
 
 HEADER = struct.Struct("<cQQ")
 HELLO, BLOCK, RAW, END, ERROR = b"H", b"B", b"R", b"E", b"X"
 PROTOCOL = 1
+STDLIB, LIBLZMA = 0, 1  # HELLO's b: the decoder the child uses
 READ_SIZE = 1 << 20  # compressed bytes read from stdin at a time, at most
 PREFETCH = 8  # pieces of input read ahead, at most (8 MiB: ~0.4 s of decoding)
 PROGRESS_BYTES = 8 << 20  # raw bytes between two reports of progress, at most
 USAGE = 2  # exit status for bad arguments
 MODULE = "fedimg.xzdecoder"  # what ``python -m`` runs
-
-
-class XzDataError(ValueError):
-    """The data is not a valid xz file of the declared size (the message says how)."""
-
-
-class XzStreams:
-    """Decompresses concatenated xz streams with padding, at most ``max_length`` per step."""
-
-    def __init__(self, max_length: int) -> None:
-        self.max_length = max_length
-        self._dec: lzma.LZMADecompressor | None = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
-        self._padding = 0  # zero bytes seen since the last stream ended
-        self.streams = 0
-
-    def feed(self, data: bytes) -> Iterator[bytes]:
-        """Yield the raw output for compressed ``data`` (each piece <= max_length)."""
-        while data:
-            if self._dec is None:
-                stripped = data.lstrip(b"\0")
-                self._padding += len(data) - len(stripped)
-                if not stripped:
-                    return
-                if self._padding % 4:
-                    raise XzDataError("xz stream padding is not a multiple of 4")
-                self._padding = 0
-                self._dec = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
-                data = stripped
-            dec = self._dec
-            try:
-                out = dec.decompress(data, self.max_length)
-                if out:
-                    yield out
-                while not dec.eof and not dec.needs_input:
-                    out = dec.decompress(b"", self.max_length)
-                    if out:
-                        yield out
-            except lzma.LZMAError as exc:
-                raise XzDataError(f"xz data is corrupt: {exc}") from exc
-            if not dec.eof:
-                return
-            self.streams += 1
-            data = dec.unused_data
-            self._dec = None
-
-    def finish(self) -> None:
-        """Raise XzDataError unless the input ended cleanly between streams."""
-        if self._dec is not None:
-            if self.streams == 0:
-                raise XzDataError("not an xz file, or it ends before its first stream")
-            raise XzDataError("xz stream is truncated")
-        if self._padding % 4:
-            raise XzDataError("xz stream padding is not a multiple of 4")
 
 
 # ---------------------------------------------------------------------------
@@ -114,44 +60,58 @@ class _Frames:
     def __init__(self, out: BinaryIO) -> None:
         self.out = out
 
-    def send(self, kind: bytes, a: int = 0, b: int = 0, payload: bytes = b"") -> None:
+    def send(self, kind: bytes, a: int = 0, b: int = 0, payload: bytes | memoryview = b"") -> None:
         self.out.write(HEADER.pack(kind, a, b))
         if payload:
             self.out.write(payload)
         self.out.flush()
 
 
-def decode(source: BinaryIO, frames: _Frames, raw_size: int, step: int) -> None:
-    """Decode all of ``source`` into frames: blocks, progress, and END or ERROR."""
-    xz = XzStreams(step)
-    reblocker = Reblocker()
-    produced = 0
+def decode(
+    source: BinaryIO,
+    frames: _Frames,
+    raw_size: int,
+    step: int,
+    decoder: BlockDecoder | None = None,
+) -> None:
+    """Decode all of ``source`` into frames: blocks, progress, and END or ERROR.
+
+    ``decoder`` (default: liblzma's, else the standard library's) is closed on the way out.
+    """
+    blocks = decoder if decoder is not None else block_decoder(step, load_liblzma())
+    try:
+        _decode(source, frames, raw_size, blocks)
+    finally:
+        blocks.close()
+
+
+def _decode(source: BinaryIO, frames: _Frames, raw_size: int, blocks: BlockDecoder) -> None:
     reported = 0
     try:
         for data in _prefetched(source):
-            for out in xz.feed(data):
-                produced += len(out)
+            for item in blocks.feed(data):
+                produced = blocks.produced
                 if produced > raw_size:
                     raise XzDataError(f"decompresses to more than the declared {raw_size} bytes")
-                for index, block in reblocker.push(out):
-                    frames.send(BLOCK, index, produced, block)
+                if item is not None:
+                    frames.send(BLOCK, item[0], produced, item[1])
                     reported = produced
-                if produced - reported >= PROGRESS_BYTES:
+                elif produced - reported >= PROGRESS_BYTES:
                     frames.send(RAW, 0, produced)
                     reported = produced
     except XzDataError as exc:
         frames.send(ERROR, 0, *_message(exc))
         return
     try:
-        xz.finish()
-        if produced != raw_size:
-            raise XzDataError(f"decompresses to {produced} bytes, declared {raw_size}")
+        last = list(blocks.finish())
+        if blocks.produced != raw_size:
+            raise XzDataError(f"decompresses to {blocks.produced} bytes, declared {raw_size}")
     except XzDataError as exc:
         frames.send(ERROR, 1, *_message(exc))
         return
-    for index, block in reblocker.finish():
-        frames.send(BLOCK, index, produced, block)
-    frames.send(END, 0, produced)
+    for index, block in last:
+        frames.send(BLOCK, index, blocks.produced, block)
+    frames.send(END, 0, blocks.produced)
 
 
 def _prefetched(source: BinaryIO) -> Iterator[bytes]:
@@ -197,9 +157,10 @@ def main(argv: list[str]) -> int:
         print(f"usage: python -m {MODULE} RAW_SIZE STEP (positive)", file=sys.stderr)
         return USAGE
     frames = _Frames(sys.stdout.buffer)
+    decoder = block_decoder(step, load_liblzma())
     try:
-        frames.send(HELLO, PROTOCOL)
-        decode(sys.stdin.buffer, frames, raw_size, step)
+        frames.send(HELLO, PROTOCOL, LIBLZMA if isinstance(decoder, LiblzmaBlocks) else STDLIB)
+        decode(sys.stdin.buffer, frames, raw_size, step, decoder)
     except BrokenPipeError:
         # The parent went away or stopped reading: nobody to report to.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -10,8 +10,8 @@ thread and 16 botocore writers each time it came back from ``lzma``. Here:
 - a feeder thread downloads the file once (the caller's ``pieces``: the
   HTTP stream with its resumes, or the spool of a server that ignored
   Range), hashes it in file order and writes it to the child's stdin;
-- the child (``python -m fedimg.xzdecoder``, the standard library's
-  ``lzma``; started with ``subprocess``, never a fork of this threaded
+- the child (``python -m fedimg.xzdecoder``: liblzma, else the standard
+  library's ``lzma``; started with ``subprocess``, never a fork of this threaded
   process) decodes it and writes back only the non-zero 512 KiB EBS blocks
   with their index, and its end report (``fedimg.xzdecoder`` describes the
   frames);
@@ -26,7 +26,7 @@ thread and 16 botocore writers each time it came back from ``lzma``. Here:
 Feeding and reading are different threads, so neither pipe can fill up
 against the other. Memory, whatever the image: one download piece, the
 pipes (``PIPE_SIZE`` each), ``FRAMES_AHEAD`` blocks, and in the child its
-decoder (the dictionary, 8 MiB at ``xz -6``), one step and 8 MiB of input
+decoder (the dictionary, 8 MiB at ``xz -6``), one block (or step) and 8 MiB of input
 read ahead. The child is always reaped: it exits at the end of its input;
 ``close()`` (which ``upload_snapshot`` calls on any failure, and the
 ``blocks()`` generator on its way out) kills it if it still runs and waits
@@ -60,7 +60,7 @@ from fedimg.ebsblocks import BLOCK_SIZE, Reblocker
 from fedimg.rawio import ChecksumMismatch, CorruptImage, DownloadError, Spool, check_sha256
 from fedimg.readahead import drain, put_until
 from fedimg.snapshot import BlockSource
-from fedimg.xzdecoder import BLOCK, END, ERROR, HEADER, HELLO, MODULE, PROTOCOL, RAW
+from fedimg.xzdecoder import BLOCK, END, ERROR, HEADER, HELLO, LIBLZMA, MODULE, PROTOCOL, RAW
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,7 @@ class ChildRaw:
         self.log_context = log_context
         self.command = command or [sys.executable, "-m", MODULE]
         self.pid = 0  # the child's, once started
+        self.decoder = ""  # what the child decodes with, once started: "liblzma" or "lzma"
         self._pieces = pieces
         self._fallback = fallback
         self._fallback_source: Iterable[bytes] | BlockSource | None = None
@@ -194,7 +195,7 @@ class ChildRaw:
         for pipe in (proc.stdin, proc.stdout):
             _grow_pipe(pipe)
         try:
-            kind, version, _ = self._header(time.monotonic() + START_SECONDS)
+            kind, version, decoder = self._header(time.monotonic() + START_SECONDS)
         except (_ChildGone, TimeoutError) as exc:
             self._warn_fallback(f"no HELLO from process {proc.pid}: {exc}")
             self._end_child()
@@ -202,11 +203,13 @@ class ChildRaw:
             return False
         if kind != HELLO or version != PROTOCOL:
             raise DownloadError(self.url, f"xz decoder process said {kind!r} {version}, not HELLO")
+        self.decoder = "liblzma" if decoder == LIBLZMA else "lzma"
         log.info(
-            "%s: decoding %s in xz decoder process %d (%d bytes raw)",
+            "%s: decoding %s in xz decoder process %d (%s, %d bytes raw)",
             self.log_context,
             self.url,
             proc.pid,
+            self.decoder,
             self.raw_size,
         )
         return True

@@ -40,7 +40,15 @@ from fedimg.download import (
 from fedimg.ebsblocks import BLOCK_SIZE
 from fedimg.readahead import ReadAhead
 from fedimg.xzdecoder import BLOCK as BLOCK_FRAME
-from fedimg.xzdecoder import END, ERROR, HEADER, HELLO, RAW, XzDataError, XzStreams
+from fedimg.xzdecoder import END, ERROR, HEADER, HELLO, RAW
+from fedimg.xzlib import (
+    BlockDecoder,
+    LiblzmaBlocks,
+    StdlibBlocks,
+    XzDataError,
+    XzStreams,
+    load_liblzma,
+)
 from fedimg.xzproc import ChildRaw
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,10 +101,28 @@ def test_choose_reader(raw_size: int, parts: int | None, spooled: bool, expected
 Frame = tuple[bytes, int, int, bytes]
 
 
-def run_decoder(data: bytes, raw_size: int, step: int = STEP) -> list[Frame]:
+MakeDecoder = Callable[[int], BlockDecoder]
+
+
+def liblzma_blocks(step: int) -> BlockDecoder:
+    lib = load_liblzma()
+    assert lib is not None, "liblzma, which the standard library's lzma uses, must load"
+    return LiblzmaBlocks(lib)
+
+
+@pytest.fixture(params=[liblzma_blocks, StdlibBlocks], ids=["liblzma", "lzma"])
+def make_decoder(request: pytest.FixtureRequest) -> MakeDecoder:
+    """Each of the child's two decoders: what they send must not differ."""
+    return request.param
+
+
+def run_decoder(
+    data: bytes, raw_size: int, make_decoder: MakeDecoder, step: int = STEP
+) -> list[Frame]:
     """What the decoder writes for ``data``, as (kind, a, b, payload) frames."""
     out = io.BytesIO()
-    xzdecoder.decode(io.BytesIO(data), xzdecoder._Frames(out), raw_size, step)
+    decoder = make_decoder(step)
+    xzdecoder.decode(io.BytesIO(data), xzdecoder._Frames(out), raw_size, step, decoder)
     return parse_frames(out.getvalue())
 
 
@@ -118,8 +144,10 @@ def blocks_of(frames: list[Frame]) -> dict[int, str]:
 
 
 @pytest.mark.parametrize("step", [1000, STEP, 3 * BLOCK])
-def test_the_decoder_sends_only_the_non_zero_blocks(image: ImageFacts, step: int) -> None:
-    frames = run_decoder(image.path.read_bytes(), image.raw_size, step)
+def test_the_decoder_sends_only_the_non_zero_blocks(
+    image: ImageFacts, step: int, make_decoder: MakeDecoder
+) -> None:
+    frames = run_decoder(image.path.read_bytes(), image.raw_size, make_decoder, step)
     assert blocks_of(frames) == image.block_digests  # the partial last one zero-padded
     assert [a for kind, a, _, _ in frames if kind == BLOCK_FRAME] == list(image.nonzero_blocks)
     assert frames[-1][:3] == (END, 0, image.raw_size)
@@ -127,9 +155,11 @@ def test_the_decoder_sends_only_the_non_zero_blocks(image: ImageFacts, step: int
     assert counts == sorted(counts), "raw bytes decoded only grow"
 
 
-def test_the_decoder_reports_progress_through_zeros(tmp_path: Path) -> None:
+def test_the_decoder_reports_progress_through_zeros(
+    tmp_path: Path, make_decoder: MakeDecoder
+) -> None:
     facts = build_raw_xz(tmp_path / "zeros.raw.xz", 40 * BLOCK, {39: b"last"})
-    frames = run_decoder(facts.path.read_bytes(), facts.raw_size)
+    frames = run_decoder(facts.path.read_bytes(), facts.raw_size, make_decoder)
     progress = [b for kind, _, b, _ in frames if kind == RAW]
     assert len(progress) >= 2 and progress[-1] < facts.raw_size
     assert all(
@@ -139,12 +169,14 @@ def test_the_decoder_reports_progress_through_zeros(tmp_path: Path) -> None:
     assert blocks_of(frames) == facts.block_digests
 
 
-def test_the_decoder_reads_concatenated_streams_with_padding(tmp_path: Path) -> None:
+def test_the_decoder_reads_concatenated_streams_with_padding(
+    tmp_path: Path, make_decoder: MakeDecoder
+) -> None:
     a = build_raw_xz(tmp_path / "a.raw.xz", 3 * BLOCK + 5, {3: b"a"})
     b = build_raw_xz(tmp_path / "b.raw.xz", 4 * BLOCK, {0: b"b", 2: b"c"})
     concatenate_streams(tmp_path / "ab.raw.xz", [a.path, b.path], padding=8)
     data = (tmp_path / "ab.raw.xz").read_bytes()
-    frames = run_decoder(data, a.raw_size + b.raw_size)
+    frames = run_decoder(data, a.raw_size + b.raw_size, make_decoder)
     raw = lzma.decompress(a.path.read_bytes()) + lzma.decompress(b.path.read_bytes())
     expected = {
         i: hashlib.sha256(raw[i * BLOCK : (i + 1) * BLOCK].ljust(BLOCK, b"\0")).hexdigest()
@@ -189,8 +221,9 @@ def test_the_decoder_reports_bad_data(
     declared: int,
     at_end: int,
     says: str,
+    make_decoder: MakeDecoder,
 ) -> None:
-    frames = run_decoder(mangle(noisy.path.read_bytes()), noisy.raw_size + declared)
+    frames = run_decoder(mangle(noisy.path.read_bytes()), noisy.raw_size + declared, make_decoder)
     kind, a, b, message = frames[-1]
     assert (kind, a, b) == (ERROR, at_end, len(message))
     assert says in message.decode()
@@ -288,6 +321,7 @@ def test_the_child_decodes_an_image_downloaded_over_http(
             got[item[0]] = item[1]
     assert digests(got) == image.block_digests
     assert raw.raw_done == image.raw_size == seen[-1] and seen == sorted(seen)
+    assert raw.decoder == "liblzma"  # the library the standard library's lzma is built on
     assert raw.returncode == 0
     assert_reaped(raw.pid)
 
