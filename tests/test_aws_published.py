@@ -51,16 +51,23 @@ def test_the_release_becomes_the_fedora_image_uploader_message() -> None:
     assert f"eu-west-1 as {COPY}" in str(real)
 
 
+LOWER = "abcdefghijklmnopqrstuvwxyz"
+# The languages of r"[a-z]{2}-[a-z]{4,9}-[1-9]" and r"ami-[0-9a-f]{17}", built from
+# text strategies: st.from_regex draws the same strings at a tenth of the speed.
+REGION_NAMES = st.builds(
+    "{}-{}-{}".format,
+    st.text(LOWER, min_size=2, max_size=2),
+    st.text(LOWER, min_size=4, max_size=9),
+    st.integers(min_value=1, max_value=9),
+)
+AMI_IDS = st.text("0123456789abcdef", min_size=17, max_size=17).map("ami-{}".format)
+
+
 @given(
     release=st.integers(min_value=1, max_value=999),
     arch=st.sampled_from(["x86_64", "aarch64"]),
     subvariant=st.from_regex(r"\A[A-Za-z0-9_-]{1,20}\Z"),
-    regions=st.dictionaries(
-        st.from_regex(r"\A[a-z]{2}-[a-z]{4,9}-[1-9]\Z"),
-        st.from_regex(r"\Aami-[0-9a-f]{17}\Z"),
-        min_size=1,
-        max_size=30,
-    ),
+    regions=st.dictionaries(REGION_NAMES, AMI_IDS, min_size=1, max_size=30),
 )
 def test_every_announcement_validates_against_the_real_schema(
     release: int, arch: str, subvariant: str, regions: dict[str, str]
