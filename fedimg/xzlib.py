@@ -45,28 +45,44 @@ TRUNCATED = "xz stream is truncated"
 BAD_PADDING = "xz stream padding is not a multiple of 4"
 
 
+class _Padding:
+    """Zero bytes between and after xz streams: a multiple of 4 before a stream and at the end."""
+
+    def __init__(self) -> None:
+        self.count = 0  # zero bytes seen since the last stream ended
+
+    def strip(self, data: bytes) -> bytes:
+        """``data`` after its leading padding (b"" if that is all of it); XzDataError if a
+        stream starts after padding that is not a multiple of 4."""
+        stripped = data.lstrip(b"\0")
+        self.count += len(data) - len(stripped)
+        if stripped:
+            self.finish()
+            self.count = 0
+        return stripped
+
+    def finish(self) -> None:
+        if self.count % 4:
+            raise XzDataError(BAD_PADDING)
+
+
 class XzStreams:
     """Decompresses concatenated xz streams with padding, at most ``max_length`` per step."""
 
     def __init__(self, max_length: int) -> None:
         self.max_length = max_length
         self._dec: lzma.LZMADecompressor | None = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
-        self._padding = 0  # zero bytes seen since the last stream ended
+        self._padding = _Padding()
         self.streams = 0
 
     def feed(self, data: bytes) -> Iterator[bytes]:
         """Yield the raw output for compressed ``data`` (each piece <= max_length)."""
         while data:
             if self._dec is None:
-                stripped = data.lstrip(b"\0")
-                self._padding += len(data) - len(stripped)
-                if not stripped:
+                data = self._padding.strip(data)
+                if not data:
                     return
-                if self._padding % 4:
-                    raise XzDataError(BAD_PADDING)
-                self._padding = 0
                 self._dec = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
-                data = stripped
             dec = self._dec
             try:
                 out = dec.decompress(data, self.max_length)
@@ -88,8 +104,7 @@ class XzStreams:
         """Raise XzDataError unless the input ended cleanly between streams."""
         if self._dec is not None:
             raise XzDataError(NOT_XZ if self.streams == 0 else TRUNCATED)
-        if self._padding % 4:
-            raise XzDataError(BAD_PADDING)
+        self._padding.finish()
 
 
 # ---------------------------------------------------------------------------
@@ -247,7 +262,7 @@ class LiblzmaBlocks:
         self._zero = bytes(block_size)
         self._index = 0  # of the block in the buffer
         self._in_stream = False
-        self._padding = 0
+        self._padding = _Padding()
         self._input = b""  # what liblzma reads from: kept alive while it does
         self._stream.next_out = self._address
         self._stream.avail_out = block_size
@@ -257,15 +272,10 @@ class LiblzmaBlocks:
         stream = self._stream
         while data:
             if not self._in_stream:
-                stripped = data.lstrip(b"\0")
-                self._padding += len(data) - len(stripped)
-                if not stripped:
+                data = self._padding.strip(data)
+                if not data:
                     return
-                if self._padding % 4:
-                    raise XzDataError(BAD_PADDING)
-                self._padding = 0
                 self._begin_stream()
-                data = stripped
             self._input = data
             stream.next_in = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
             stream.avail_in = len(data)
@@ -292,8 +302,7 @@ class LiblzmaBlocks:
     def finish(self) -> Iterator[Block]:
         if self._in_stream:
             raise XzDataError(NOT_XZ if self.streams == 0 else TRUNCATED)
-        if self._padding % 4:
-            raise XzDataError(BAD_PADDING)
+        self._padding.finish()
         filled = self.block_size - self._stream.avail_out
         if filled:
             ctypes.memset(self._address + filled, 0, self.block_size - filled)
