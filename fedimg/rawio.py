@@ -1,6 +1,7 @@
 """What reading an image over HTTP shares between the streaming and the parallel readers.
 
-The errors (``DownloadError`` and its kinds), the sha256 check, the HTTP
+The errors (``DownloadError`` and its kinds), the sha256 check, the
+holding back of the last block until the download is verified, the HTTP
 status check, the ``Spool`` a Range-less server's file is kept in, and the
 default chunk size. ``fedimg.download`` (the probe and the streaming path)
 and ``fedimg.xzparallel`` (multi-block images) both build on this module and
@@ -13,12 +14,15 @@ import logging
 import os
 import re
 import tempfile
-from typing import IO
+from collections.abc import Callable, Iterable, Iterator
+from typing import IO, TypeVar
 
 import requests
 import urllib3.exceptions
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 # Raw bytes per decompression step. 256 KiB stays in the CPU cache, and so costs
@@ -45,6 +49,27 @@ class CorruptImage(DownloadError):
 
 class ImageTooLarge(DownloadError):
     """The image's xz index claims more raw bytes than the largest volume allowed."""
+
+
+def held_back(items: Iterable[T | None], verify: Callable[[], None]) -> Iterator[T | None]:
+    """``items``, the last one (not None) held back until ``verify()`` returned.
+
+    How an upload releases nothing unverified: the snapshot cannot be
+    completed without its last block, and that block comes only once the
+    whole download checked out (``verify`` raises otherwise). Nones (progress,
+    waiting) pass at once.
+    """
+    held: T | None = None
+    for item in items:
+        if item is None:
+            yield None
+            continue
+        if held is not None:
+            yield held
+        held = item
+    verify()
+    if held is not None:
+        yield held
 
 
 def check_sha256(sha256: str) -> str:

@@ -51,6 +51,7 @@ from fedimg.rawio import (
     DownloadError,
     Spool,
     check_sha256,
+    held_back,
     raise_for_status,
 )
 from fedimg.readahead import drain
@@ -560,28 +561,26 @@ class ParallelRaw:
         ]
         for thread in self._threads:
             thread.start()
-        running = len(self._threads)
-        held: tuple[int, bytes] | None = None
         try:
-            while running:
-                self._raise_if_failed()
-                try:
-                    item = self._out.get(timeout=POLL)
-                except queue.Empty:
-                    yield None
-                    continue
-                if isinstance(item, _Done):
-                    running -= 1
-                    continue
-                if held is not None:
-                    yield held
-                held = item
-            self._raise_if_failed()
-            self._verify()
-            if held is not None:
-                yield held
+            yield from held_back(self._decoded(), self._verify)
         finally:
             self.close()
+
+    def _decoded(self) -> Iterator[tuple[int, bytes] | None]:
+        """The workers' blocks as they come (None while waiting), until every worker is done."""
+        running = len(self._threads)
+        while running:
+            self._raise_if_failed()
+            try:
+                item = self._out.get(timeout=POLL)
+            except queue.Empty:
+                yield None
+                continue
+            if isinstance(item, _Done):
+                running -= 1
+                continue
+            yield item
+        self._raise_if_failed()
 
     def close(self) -> None:
         """Stop the workers (bounded wait) and drop the spool; safe to call again."""

@@ -57,7 +57,14 @@ from pathlib import Path
 from typing import IO
 
 from fedimg.ebsblocks import BLOCK_SIZE, Reblocker
-from fedimg.rawio import ChecksumMismatch, CorruptImage, DownloadError, Spool, check_sha256
+from fedimg.rawio import (
+    ChecksumMismatch,
+    CorruptImage,
+    DownloadError,
+    Spool,
+    check_sha256,
+    held_back,
+)
 from fedimg.readahead import drain, put_until
 from fedimg.snapshot import BlockSource
 from fedimg.xzdecoder import BLOCK, END, ERROR, HEADER, HELLO, LIBLZMA, MODULE, PROTOCOL, RAW
@@ -266,7 +273,10 @@ class ChildRaw:
         self._reader = threading.Thread(target=self._read_frames, name="xz-frames", daemon=True)
         self._feeder.start()
         self._reader.start()
-        held: tuple[int, bytes] | None = None
+        return held_back(self._child_blocks(), self._verify)
+
+    def _child_blocks(self) -> Iterator[tuple[int, bytes] | None]:
+        """The blocks of the child's frames (None for progress or waiting), up to its END."""
         while True:
             self._raise_if_feeder_failed()
             try:
@@ -279,22 +289,17 @@ class ChildRaw:
             kind, a, b, payload = frame
             if kind == BLOCK:
                 self._raw = b
-                if held is not None:
-                    yield held
-                held = (a, payload)
+                yield a, payload
             elif kind == RAW:
                 self._raw = b
                 yield None
             elif kind == END:
                 self._raw = b
-                break
+                return
             elif kind == ERROR:
                 self._fail(at_end=bool(a), message=payload)
             else:
                 raise DownloadError(self.url, f"xz decoder process sent a frame {kind!r}")
-        self._verify()
-        if held is not None:
-            yield held
 
     def _read_frames(self) -> None:
         """The reader thread: the child's frames into a bounded queue, until END or ERROR.
