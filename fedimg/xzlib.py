@@ -282,7 +282,8 @@ class LiblzmaBlocks:
             while True:
                 ret = self._code(self._ref, LZMA_RUN)
                 if stream.avail_out == 0:
-                    yield self._full_block()
+                    self.produced = (self._index + 1) * self.block_size
+                    yield self._take_block()
                 if ret == LZMA_STREAM_END:
                     break
                 if ret not in (LZMA_OK, LZMA_NO_CHECK, LZMA_GET_CHECK):
@@ -306,11 +307,9 @@ class LiblzmaBlocks:
         filled = self.block_size - self._stream.avail_out
         if filled:
             ctypes.memset(self._address + filled, 0, self.block_size - filled)
-            if not self._zero.startswith(self._view):
-                yield self._index, self._view
-            self._index += 1
-            self._stream.next_out = self._address
-            self._stream.avail_out = self.block_size
+            block = self._take_block()
+            if block is not None:
+                yield block
 
     def close(self) -> None:
         """Free liblzma's decoder (idempotent)."""
@@ -327,11 +326,10 @@ class LiblzmaBlocks:
         stream.next_out, stream.avail_out = next_out, avail_out
         self._in_stream = True
 
-    def _full_block(self) -> Block | None:
-        """The full buffer: the block, or None if it is all zero; the buffer is reset."""
+    def _take_block(self) -> Block | None:
+        """The buffer's block, or None if it is all zero; the next block starts in the buffer."""
         index = self._index
         self._index += 1
-        self.produced = self._index * self.block_size
         self._stream.next_out = self._address
         self._stream.avail_out = self.block_size
         if self._zero.startswith(self._view):
