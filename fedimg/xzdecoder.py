@@ -5,9 +5,12 @@ reads the compressed file on stdin, decodes it with ``fedimg.xzlib``'s
 ``block_decoder`` (liblzma straight into 512 KiB EBS blocks; else the
 standard library's ``lzma`` in steps of at most ``STEP`` raw bytes, cut into
 blocks) and writes to stdout only the non-zero blocks, with their index
-(gigabytes of zeros never cross the pipe), then its end report. It imports
-nothing but the standard library and two small fedimg modules, so it starts
-in about a tenth of a second.
+(gigabytes of zeros never cross the pipe), then its end report. One thread
+does it all: between two decoding steps it moves what the pipes allow, with
+buffers of its own (``fedimg.childio``), so that it decodes on while the
+parent's threads wait for their GIL. It imports nothing but the standard
+library and three small fedimg modules, so it starts in about a tenth of a
+second.
 
 The protocol, on stdout: frames of a ``HEADER`` (kind, a, b), some with a payload.
 
@@ -30,21 +33,16 @@ fails to write, and exits.
 from __future__ import annotations
 
 import os
-import queue
 import struct
 import sys
-import threading
-from collections.abc import Iterator
-from typing import BinaryIO
 
+from fedimg.childio import ChildIO
 from fedimg.xzlib import BlockDecoder, LiblzmaBlocks, XzDataError, block_decoder, load_liblzma
 
 HEADER = struct.Struct("<cQQ")
 HELLO, BLOCK, RAW, END, ERROR = b"H", b"B", b"R", b"E", b"X"
 PROTOCOL = 1
 STDLIB, LIBLZMA = 0, 1  # HELLO's b: the decoder the child uses
-READ_SIZE = 1 << 20  # compressed bytes read from stdin at a time, at most
-PREFETCH = 8  # pieces of input read ahead, at most (8 MiB: ~0.4 s of decoding)
 PROGRESS_BYTES = 8 << 20  # raw bytes between two reports of progress, at most
 USAGE = 2  # exit status for bad arguments
 MODULE = "fedimg.xzdecoder"  # what ``python -m`` runs
@@ -54,92 +52,56 @@ MODULE = "fedimg.xzdecoder"  # what ``python -m`` runs
 # The child process
 
 
-class _Frames:
-    """Writes protocol frames to ``out``, each flushed at once."""
-
-    def __init__(self, out: BinaryIO) -> None:
-        self.out = out
-
-    def send(self, kind: bytes, a: int = 0, b: int = 0, payload: bytes | memoryview = b"") -> None:
-        self.out.write(HEADER.pack(kind, a, b))
-        if payload:
-            self.out.write(payload)
-        self.out.flush()
-
-
-def decode(
-    source: BinaryIO,
-    frames: _Frames,
-    raw_size: int,
-    step: int,
-    decoder: BlockDecoder | None = None,
+def _send(
+    io: ChildIO, kind: bytes, a: int = 0, b: int = 0, payload: bytes | memoryview = b""
 ) -> None:
-    """Decode all of ``source`` into frames: blocks, progress, and END or ERROR.
+    io.send(HEADER.pack(kind, a, b), payload)
 
-    ``decoder`` (default: liblzma's, else the standard library's) is closed on the way out.
+
+def decode(io: ChildIO, raw_size: int, step: int, decoder: BlockDecoder | None = None) -> None:
+    """Decode all of ``io``'s input into frames: blocks, progress, and END or ERROR.
+
+    Between two decoding steps ``io`` moves what the pipes allow, so the
+    parent's pauses do not stop the decoding (``fedimg.childio``); every frame
+    is written before this returns. ``decoder`` (default: liblzma's, else the
+    standard library's) is closed on the way out.
     """
     blocks = decoder if decoder is not None else block_decoder(step, load_liblzma())
     try:
-        _decode(source, frames, raw_size, blocks)
+        _decode(io, raw_size, blocks)
     finally:
         blocks.close()
+    io.flush()
 
 
-def _decode(source: BinaryIO, frames: _Frames, raw_size: int, blocks: BlockDecoder) -> None:
+def _decode(io: ChildIO, raw_size: int, blocks: BlockDecoder) -> None:
     reported = 0
     try:
-        for data in _prefetched(source):
+        while data := io.read():
             for item in blocks.feed(data):
                 produced = blocks.produced
                 if produced > raw_size:
                     raise XzDataError(f"decompresses to more than the declared {raw_size} bytes")
                 if item is not None:
-                    frames.send(BLOCK, item[0], produced, item[1])
+                    _send(io, BLOCK, item[0], produced, item[1])
                     reported = produced
                 elif produced - reported >= PROGRESS_BYTES:
-                    frames.send(RAW, 0, produced)
+                    _send(io, RAW, 0, produced)
                     reported = produced
+                io.pump()
     except XzDataError as exc:
-        frames.send(ERROR, 0, *_message(exc))
+        _send(io, ERROR, 0, *_message(exc))
         return
     try:
         last = list(blocks.finish())
         if blocks.produced != raw_size:
             raise XzDataError(f"decompresses to {blocks.produced} bytes, declared {raw_size}")
     except XzDataError as exc:
-        frames.send(ERROR, 1, *_message(exc))
+        _send(io, ERROR, 1, *_message(exc))
         return
     for index, block in last:
-        frames.send(BLOCK, index, blocks.produced, block)
-    frames.send(END, 0, blocks.produced)
-
-
-def _prefetched(source: BinaryIO) -> Iterator[bytes]:
-    """The pieces of ``source``, read ahead by a thread: up to ``PREFETCH`` pieces.
-
-    The parent writes the input from a thread that competes for its GIL and
-    its core; reading ahead here keeps this process decoding through the
-    parent's pauses instead of waiting on an empty pipe.
-    """
-    pieces: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=PREFETCH)
-    read = source.read1 if hasattr(source, "read1") else source.read
-
-    def reader() -> None:
-        try:
-            while data := read(READ_SIZE):
-                pieces.put(data)
-            pieces.put(b"")
-        except BaseException as exc:  # noqa: BLE001 - raised by the decoding thread
-            pieces.put(exc)
-
-    threading.Thread(target=reader, name="xz-input", daemon=True).start()
-    while True:
-        item = pieces.get()
-        if isinstance(item, BaseException):
-            raise item
-        if not item:
-            return
-        yield item
+        _send(io, BLOCK, index, blocks.produced, block)
+    _send(io, END, 0, blocks.produced)
 
 
 def _message(exc: XzDataError) -> tuple[int, bytes]:
@@ -156,11 +118,11 @@ def main(argv: list[str]) -> int:
     except ValueError:
         print(f"usage: python -m {MODULE} RAW_SIZE STEP (positive)", file=sys.stderr)
         return USAGE
-    frames = _Frames(sys.stdout.buffer)
     decoder = block_decoder(step, load_liblzma())
     try:
-        frames.send(HELLO, PROTOCOL, LIBLZMA if isinstance(decoder, LiblzmaBlocks) else STDLIB)
-        decode(sys.stdin.buffer, frames, raw_size, step, decoder)
+        io = ChildIO(sys.stdin.fileno(), sys.stdout.fileno())
+        _send(io, HELLO, PROTOCOL, LIBLZMA if isinstance(decoder, LiblzmaBlocks) else STDLIB)
+        decode(io, raw_size, step, decoder)
     except BrokenPipeError:
         # The parent went away or stopped reading: nobody to report to.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

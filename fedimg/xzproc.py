@@ -26,12 +26,14 @@ thread and 16 botocore writers each time it came back from ``lzma``. Here:
 Feeding and reading are different threads, so neither pipe can fill up
 against the other. Memory, whatever the image: one download piece, the
 pipes (``PIPE_SIZE`` each), ``FRAMES_AHEAD`` blocks, and in the child its
-decoder (the dictionary, 8 MiB at ``xz -6``), one block (or step) and 8 MiB of input
-read ahead. The child is always reaped: it exits at the end of its input;
-``close()`` (which ``upload_snapshot`` calls on any failure, and the
-``blocks()`` generator on its way out) kills it if it still runs and waits
-for it. If this process dies instead, the child sees its input end or its
-output closed, and exits.
+decoder (the dictionary, 8 MiB at ``xz -6``), one block (or step), and at most
+32 MiB of input read ahead and 32 MiB of frames not yet written
+(``fedimg.childio``: the child decodes on through this process's pauses).
+The child is always reaped: it exits at the end of its input; ``close()``
+(which ``upload_snapshot`` calls on any failure, and the ``blocks()``
+generator on its way out) kills it if it still runs and waits for it. If
+this process dies instead, the child sees its input end or its output
+closed, and exits.
 
 A child that cannot start (no interpreter, no ``HELLO`` within
 ``START_SECONDS``) costs one warning: ``fallback`` (the in-process path) is

@@ -1,6 +1,6 @@
 """The xz decoder child process (fedimg.xzdecoder) and its parent side (fedimg.xzproc).
 
-The decoding loop is tested in this process on bytes (frames parsed back);
+The decoding loop is tested in this process through real pipes (frames parsed back);
 ChildRaw against real child processes and a real loopback HTTP server
 (devel.images.ImageServer). Upload-level tests (moto) are in test_snapshot.py.
 """
@@ -8,7 +8,6 @@ ChildRaw against real child processes and a real loopback HTTP server
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
 import lzma
 import os
@@ -25,6 +24,7 @@ import requests
 
 from devel.images import BLOCK, ImageFacts, ImageServer, Route, build_raw_xz, concatenate_streams
 from fedimg import xzdecoder
+from fedimg.childio import ChildIO
 from fedimg.download import (
     CHILD,
     PARALLEL,
@@ -50,6 +50,7 @@ from fedimg.xzlib import (
     load_liblzma,
 )
 from fedimg.xzproc import ChildRaw
+from tests.pipes import Pipes
 
 ROOT = Path(__file__).resolve().parent.parent
 STEP = 64 * 1024
@@ -119,11 +120,12 @@ def make_decoder(request: pytest.FixtureRequest) -> MakeDecoder:
 def run_decoder(
     data: bytes, raw_size: int, make_decoder: MakeDecoder, step: int = STEP
 ) -> list[Frame]:
-    """What the decoder writes for ``data``, as (kind, a, b, payload) frames."""
-    out = io.BytesIO()
-    decoder = make_decoder(step)
-    xzdecoder.decode(io.BytesIO(data), xzdecoder._Frames(out), raw_size, step, decoder)
-    return parse_frames(out.getvalue())
+    """What the decoder writes for ``data`` through real pipes, as (kind, a, b, payload) frames."""
+    with Pipes() as pipes:
+        pipes.feed(data)
+        pipes.drain()
+        xzdecoder.decode(ChildIO(pipes.in_r, pipes.out_w), raw_size, step, make_decoder(step))
+    return parse_frames(bytes(pipes.received))
 
 
 def parse_frames(stream: bytes) -> list[Frame]:
@@ -507,6 +509,7 @@ def test_a_child_breaking_the_protocol(
 ORPHAN = """
 import sys, threading
 from fedimg.xzproc import ChildRaw
+from tests.pipes import Pipes
 data = open(sys.argv[1], "rb").read()
 
 def pieces():
