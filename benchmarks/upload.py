@@ -334,7 +334,8 @@ def run_rounds(
                     print(
                         f"round {n + 1} {name}: {what} {t.wall[-1]:.2f} s ({t.cpu[-1]:.2f} s CPU "
                         f"this process, decoder child {t.child_cpu[-1]:.2f} s{extra}, "
-                        f"load {t.load[-1]:.1f}), {t.sent[-1]} blocks sent"
+                        f"load {t.load[-1]:.1f}), {t.sent[-1]} blocks sent, "
+                        f"RSS {rss_mib():.0f} MiB, peak so far {peak_rss_mib():.0f} MiB"
                     )
                     if text:
                         print(text)

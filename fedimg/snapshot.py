@@ -33,6 +33,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from fedimg.arenas import limit_arenas
 from fedimg.aws import error_code, tag_list
 from fedimg.ebsblocks import BLOCK_SIZE, Reblocker
 
@@ -315,6 +316,7 @@ def upload_snapshot(
     """
     if workers < 1:
         raise ValueError(f"workers must be at least 1, not {workers}")
+    limit_arenas()  # before this upload's threads allocate: fedimg.arenas says why
     if not MIN_TIMEOUT_MINUTES <= timeout_minutes <= MAX_TIMEOUT_MINUTES:
         raise ValueError(
             f"timeout_minutes must be {MIN_TIMEOUT_MINUTES}..{MAX_TIMEOUT_MINUTES}, "
