@@ -10,9 +10,7 @@ by ``xz -T1`` (a single block):
 - ``xz -dc FILE > /dev/null`` and ``xz -T0 -dc FILE > /dev/null``;
 - the production upload path (probe_raw_size + stream_raw + upload_snapshot,
   from a loopback HTTP server), once with a real ``moto_server`` through
-  AwsClients and AWS_ENDPOINT_URL (keeping its HTTP connections open between
-  calls, as AWS does: ``devel.motoextra.keep_connections_alive``), once with a
-  fake AWS costing no CPU.
+  AwsClients and AWS_ENDPOINT_URL, once with a fake AWS costing no CPU.
 
 Every upload is checked: blocks sent == the image's non-zero blocks, and
 every block stored (read back from moto_server) equal to the image's.
@@ -304,9 +302,7 @@ def run_rounds(
     """Every measurement ``--repeat`` times, interleaved: ((image, what) -> timings, RSS before)."""
     timings: dict[tuple[str, str], Timings] = {}
     fake = FakeAws(args.fake_latency / 1000)
-    # moto_server keeps its connections open between calls, as AWS does (botocore keeps
-    # them): werkzeug's own server closes each one, a cost the uploader never has.
-    with ImageServer() as server, MotoServer(keep_alive=True) as moto:
+    with ImageServer() as server, MotoServer() as moto:
         os.environ.update(moto.env())
         urls = {name: server.add(f"{name}.raw.xz", Route(f.path)) for name, f in images.items()}
         rss_before = rss_mib()

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 import threading
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -162,105 +161,9 @@ def install() -> None:
     ServiceQuotasBackend.get_service_quota = get_service_quota
 
 
-class _CountedInput:
-    """A request body's stream that counts what the application read of it."""
-
-    def __init__(self, stream: Any) -> None:
-        self.stream = stream
-        self.taken = 0
-
-    def read(self, size: int = -1) -> bytes:
-        data: bytes = self.stream.read(size)
-        self.taken += len(data)
-        return data
-
-    def readline(self, size: int = -1) -> bytes:
-        data: bytes = self.stream.readline(size)
-        self.taken += len(data)
-        return data
-
-    def readinto(self, buffer: Any) -> int:
-        count: int = self.stream.readinto(buffer)
-        self.taken += count
-        return count
-
-
-class _NoDrain:
-    """werkzeug's after-response drain, made a no-op (see ``keep_connections_alive``)."""
-
-    EVENT_READ = 1
-
-    def DefaultSelector(self) -> _NoDrain:
-        return self
-
-    def register(self, *_: Any) -> None:
-        return None
-
-    def select(self, timeout: float | None = None) -> list[Any]:
-        return []
-
-    def close(self) -> None:
-        return None
-
-
-def keep_connections_alive() -> None:
-    """moto_server keeps HTTP/1.1 connections open between requests, as AWS does.
-
-    werkzeug's development server answers every request with ``Connection:
-    close``, and then reads whatever the client sends for 10 ms and drops it:
-    each botocore call opened a TCP connection and moto_server a thread, CPU
-    that AWS never costs the uploader (botocore keeps its connections). Here a
-    request is answered without closing, after the rest of its body, whatever
-    the application left unread, is read (exactly its Content-Length; a
-    chunked body still closes the connection), so the next request on the
-    connection starts where it should. Used by ``benchmarks/upload.py``
-    (``MotoServer(keep_alive=True)``), not by the test stacks.
-    """
-    from werkzeug import serving
-
-    handler = serving.WSGIRequestHandler
-    if getattr(handler, "_fedimg_keep_alive", False):
-        return
-    make_environ, run_wsgi = handler.make_environ, handler.run_wsgi
-    send_header = handler.send_header
-    serving.selectors = _NoDrain()  # type: ignore[assignment]
-
-    def counted_environ(self: Any) -> Any:
-        environ = make_environ(self)
-        self._fedimg_body = None
-        if not environ.get("wsgi.input_terminated"):
-            environ["wsgi.input"] = self._fedimg_body = _CountedInput(environ["wsgi.input"])
-        return environ
-
-    def run_and_finish_body(self: Any) -> None:
-        run_wsgi(self)
-        body = self._fedimg_body
-        if body is None:  # chunked: its end is unknown here
-            self.close_connection = True
-            return
-        length = int(self.headers.get("Content-Length") or 0)
-        while body.taken < length and not self.close_connection:
-            if not body.read(min(length - body.taken, 1 << 20)):
-                self.close_connection = True
-
-    def keep_open(self: Any, keyword: str, value: str) -> None:
-        closing = keyword.lower() == "connection" and value.lower() == "close"
-        if closing and getattr(self, "_fedimg_body", None) is not None:
-            return
-        send_header(self, keyword, value)
-
-    handler.make_environ = counted_environ  # type: ignore[method-assign]
-    handler.run_wsgi = run_and_finish_body  # type: ignore[method-assign]
-    handler.send_header = keep_open  # type: ignore[method-assign]
-    handler._fedimg_keep_alive = True  # type: ignore[attr-defined]
-
-
 def main() -> None:
-    """``moto_server`` with the stand-ins installed (same arguments, and ``--keep-alive``)."""
+    """``moto_server`` with the stand-ins installed (same arguments)."""
     install()
-    if "--keep-alive" in sys.argv:
-        sys.argv.remove("--keep-alive")
-        keep_connections_alive()
     from moto.server import main as moto_main
 
     moto_main()
@@ -270,10 +173,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = [
-    "install",
-    "keep_connections_alive",
-    "public_ami_quota",
-    "reset",
-    "set_public_ami_quota",
-]
+__all__ = ["install", "public_ami_quota", "reset", "set_public_ami_quota"]

@@ -36,15 +36,10 @@ class MotoServer:
     """Start ``moto_server`` and stop it (and its temp dir) on exit."""
 
     def __init__(
-        self,
-        host: str = "127.0.0.1",
-        port: int | None = None,
-        record: bool = False,
-        keep_alive: bool = False,
+        self, host: str = "127.0.0.1", port: int | None = None, record: bool = False
     ) -> None:
         self.host = host
         self.record = record
-        self.keep_alive = keep_alive  # HTTP/1.1 connections kept open (devel.motoextra)
         self.port = port or free_port()
         self.url = f"http://{host}:{self.port}"
         self._dir: Path | None = None
@@ -85,7 +80,6 @@ class MotoServer:
                 self.host,
                 "-p",
                 str(self.port),
-                *(["--keep-alive"] if self.keep_alive else []),
             ],
             cwd=self._dir,
             env=env,
