@@ -58,19 +58,17 @@ def _send(
     io.send(HEADER.pack(kind, a, b), payload)
 
 
-def decode(io: ChildIO, raw_size: int, step: int, decoder: BlockDecoder | None = None) -> None:
+def decode(io: ChildIO, raw_size: int, decoder: BlockDecoder) -> None:
     """Decode all of ``io``'s input into frames: blocks, progress, and END or ERROR.
 
     Between two decoding steps ``io`` moves what the pipes allow, so the
     parent's pauses do not stop the decoding (``fedimg.childio``); every frame
-    is written before this returns. ``decoder`` (default: liblzma's, else the
-    standard library's) is closed on the way out.
+    is written before this returns. ``decoder`` is closed on the way out.
     """
-    blocks = decoder if decoder is not None else block_decoder(step, load_liblzma())
     try:
-        _decode(io, raw_size, blocks)
+        _decode(io, raw_size, decoder)
     finally:
-        blocks.close()
+        decoder.close()
     io.flush()
 
 
@@ -122,7 +120,7 @@ def main(argv: list[str]) -> int:
     try:
         io = ChildIO(sys.stdin.fileno(), sys.stdout.fileno())
         _send(io, HELLO, PROTOCOL, LIBLZMA if isinstance(decoder, LiblzmaBlocks) else STDLIB)
-        decode(io, raw_size, step, decoder)
+        decode(io, raw_size, decoder)
     except BrokenPipeError:
         # The parent went away or stopped reading: nobody to report to.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -124,7 +124,7 @@ def run_decoder(
     with Pipes() as pipes:
         pipes.feed(data)
         pipes.drain()
-        xzdecoder.decode(ChildIO(pipes.in_r, pipes.out_w), raw_size, step, make_decoder(step))
+        xzdecoder.decode(ChildIO(pipes.in_r, pipes.out_w), raw_size, make_decoder(step))
     return parse_frames(bytes(pipes.received))
 
 
