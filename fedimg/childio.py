@@ -86,11 +86,7 @@ class ChildIO:
         written = 0
         if not self._output:
             try:
-                written = (
-                    os.writev(self.out_fd, [header, payload])
-                    if payload
-                    else os.write(self.out_fd, header)
-                )
+                written = os.writev(self.out_fd, [header, payload])
             except BlockingIOError:
                 written = 0
         if written < len(header):
