@@ -36,6 +36,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from fedimg.arenas import limit_arenas
 from fedimg.aws import error_code, tag_list
 from fedimg.ebsblocks import BLOCK_SIZE, Reblocker
+from fedimg.priority import background_thread
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +235,7 @@ class _BlockWriter:
             raise self.error
 
     def _run(self) -> None:
+        background_thread()  # the decoder first: this thread mostly waits on the network
         while not self.abort.is_set():
             item = self._queue.get()
             if isinstance(item, _Stop):

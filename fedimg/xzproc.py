@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import IO
 
 from fedimg.ebsblocks import BLOCK_SIZE, Reblocker
+from fedimg.priority import background_thread
 from fedimg.rawio import (
     ChecksumMismatch,
     CorruptImage,
@@ -309,6 +310,7 @@ class ChildRaw:
         It keeps the pipe drained while the calling thread waits for the GIL
         or for a writer, so the child seldom waits to write.
         """
+        background_thread()  # the child first: its 32 MiB buffer waits for this thread
         try:
             while not self._stop.is_set():
                 kind, a, b = self._frame_header()
@@ -321,6 +323,7 @@ class ChildRaw:
 
     def _feed(self) -> None:
         """The feeder thread: the compressed file, hashed in order, into the child's stdin."""
+        background_thread()  # the child first: it reads 32 MiB ahead of this thread
         proc = self._proc
         assert proc is not None and proc.stdin is not None
         stdin = proc.stdin

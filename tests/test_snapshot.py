@@ -35,6 +35,7 @@ from fedimg.download import (
     stream_raw,
 )
 from fedimg.http import make_session
+from fedimg.priority import BACKGROUND_NICE
 from fedimg.snapshot import (
     BLOCK_SIZE,
     Reblocker,
@@ -553,6 +554,23 @@ def test_blocks_in_flight_are_bounded(aws: Aws) -> None:
         worker.join(timeout=30)
     assert outcome["result"].blocks_sent == blocks
     assert state["max"] == bound + 1
+
+
+def test_the_block_writers_give_the_cpu_to_the_decoder_first(aws: Aws) -> None:
+    """Every put is made from a thread at the background nice value; the caller keeps its own."""
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen: list[int] = []
+
+    def record(**_: Any) -> None:
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    aws.ebs.meta.events.register("before-send.ebs.PutSnapshotBlock", record)
+    blocks = [bytes([n + 1]) * BLOCK for n in range(6)]
+    result = upload(aws, iter(blocks), len(blocks) * BLOCK, workers=3)
+
+    assert result.blocks_sent == len(seen) == 6
+    assert set(seen) == {BACKGROUND_NICE} != {mine}
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
 
 
 # ---------------------------------------------------------------------------

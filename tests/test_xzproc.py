@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ import pytest
 import requests
 
 from devel.images import BLOCK, ImageFacts, ImageServer, Route, build_raw_xz, concatenate_streams
-from fedimg import xzdecoder
+from fedimg import xzdecoder, xzproc
 from fedimg.childio import ChildIO
 from fedimg.download import (
     CHILD,
@@ -38,6 +39,7 @@ from fedimg.download import (
     stream_raw,
 )
 from fedimg.ebsblocks import BLOCK_SIZE
+from fedimg.priority import BACKGROUND_NICE
 from fedimg.readahead import ReadAhead
 from fedimg.xzdecoder import BLOCK as BLOCK_FRAME
 from fedimg.xzdecoder import END, ERROR, HEADER, HELLO, RAW
@@ -325,6 +327,28 @@ def test_the_child_decodes_an_image_downloaded_over_http(
     assert raw.raw_done == image.raw_size == seen[-1] and seen == sorted(seen)
     assert raw.decoder == "liblzma"  # the library the standard library's lzma is built on
     assert raw.returncode == 0
+    assert_reaped(raw.pid)
+
+
+def test_the_feeder_and_the_reader_give_the_cpu_to_the_child_first(
+    noisy: ImageFacts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = xzproc.background_thread
+    asked: dict[str, int] = {}
+
+    def spy() -> bool:
+        done = real()
+        asked[threading.current_thread().name] = os.getpriority(
+            os.PRIO_PROCESS, threading.get_native_id()
+        )
+        return done
+
+    monkeypatch.setattr(xzproc, "background_thread", spy)
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    raw = from_bytes(noisy.path.read_bytes(), noisy.raw_size)
+    assert digests(drain(raw)) == noisy.block_digests
+    assert asked == {"xz-feeder": BACKGROUND_NICE, "xz-frames": BACKGROUND_NICE}
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
     assert_reaped(raw.pid)
 
 
