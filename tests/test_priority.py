@@ -9,11 +9,16 @@ from collections.abc import Callable
 
 import pytest
 
-from fedimg.priority import BACKGROUND_NICE, background_thread
+from fedimg.priority import BACKGROUND_STEP, background_thread
 
 
 def nice_of_this_thread() -> int:
     return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+def nice_of_the_process() -> int:
+    """The main thread's nice value (its thread id is the process id)."""
+    return os.getpriority(os.PRIO_PROCESS, os.getpid())
 
 
 def in_a_thread(*steps: Callable[[], object]) -> list[object]:
@@ -36,33 +41,47 @@ def in_a_thread(*steps: Callable[[], object]) -> list[object]:
     return results
 
 
-def test_the_calling_thread_only_gets_the_background_nice_value() -> None:
+def test_the_calling_thread_only_goes_background_steps_below_the_process() -> None:
     mine = nice_of_this_thread()
-    assert mine < BACKGROUND_NICE  # else this test would show nothing
-    before, raised, after = in_a_thread(nice_of_this_thread, background_thread, nice_of_this_thread)
-    assert (before, raised, after) == (mine, True, BACKGROUND_NICE)
+    process = nice_of_the_process()
+    expected = min(19, process + BACKGROUND_STEP)
+    assert expected > process  # 0 in a shell, 10 under make test's nice -n 10
+    before, lowered, after = in_a_thread(
+        nice_of_this_thread, background_thread, nice_of_this_thread
+    )
+    assert (before, lowered, after) == (mine, True, expected)
     assert nice_of_this_thread() == mine
-    assert in_a_thread(nice_of_this_thread) == [mine]  # a new thread starts from the process's
+    assert in_a_thread(nice_of_this_thread) == [mine]  # a new thread starts from its creator's
 
 
-def test_a_nice_value_is_raised_never_lowered() -> None:
-    base = nice_of_this_thread()  # 10 under make test's nice -n 10
-    assert base <= BACKGROUND_NICE - 3
-    results = in_a_thread(
-        lambda: background_thread(base + 2),
-        nice_of_this_thread,
-        lambda: background_thread(base + 1),
-        nice_of_this_thread,
-        lambda: background_thread(base + 3),
+def test_it_is_idempotent_and_never_lowers_a_nice_value() -> None:
+    process = nice_of_the_process()
+    assert process + 5 <= 19
+    again = in_a_thread(
+        lambda: background_thread(2),
+        lambda: background_thread(2),
         nice_of_this_thread,
     )
-    assert results == [True, base + 2, True, base + 2, True, base + 3]
+    assert again == [True, True, process + 2]
+
+    def already_lower() -> None:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), process + 5)
+
+    assert in_a_thread(already_lower, lambda: background_thread(2), nice_of_this_thread) == [
+        None,
+        True,
+        process + 5,
+    ]
 
 
-@pytest.mark.parametrize("nice", [0, -5, 20])
-def test_bad_nice_values_are_refused(nice: int) -> None:
-    with pytest.raises(ValueError, match="nice must be 1 to 19"):
-        background_thread(nice)
+def test_the_nice_value_stops_at_19() -> None:
+    assert in_a_thread(lambda: background_thread(19), nice_of_this_thread) == [True, 19]
+
+
+@pytest.mark.parametrize("step", [0, -5, 20])
+def test_bad_steps_are_refused(step: int) -> None:
+    with pytest.raises(ValueError, match="step must be 1 to 19"):
+        background_thread(step)
 
 
 def test_elsewhere_than_linux_nothing_changes(monkeypatch: pytest.MonkeyPatch) -> None:
