@@ -189,7 +189,10 @@ def compose(tree: ComposeTree) -> Iterator[ComposeServer]:
 
 
 def use_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bus: dict[str, Any]) -> None:
-    monkeypatch.setenv("FEDMSG_CONFIG", str(write_fedmsg_config(tmp_path, {**bus, **SETTINGS})))
+    """The CLI's fedmsg config: ``bus``, SETTINGS, and a state directory of the test's own."""
+    state = {"fedimg.state_dir": str(tmp_path / "state")}  # not the default /var/lib/fedimg
+    config = write_fedmsg_config(tmp_path, {**bus, **SETTINGS, **state})
+    monkeypatch.setenv("FEDMSG_CONFIG", str(config))
 
 
 def requested(server: ComposeServer) -> int:
