@@ -318,12 +318,12 @@ def upload_snapshot(
     """
     if workers < 1:
         raise ValueError(f"workers must be at least 1, not {workers}")
-    limit_arenas()  # before this upload's threads allocate: fedimg.arenas says why
     if not MIN_TIMEOUT_MINUTES <= timeout_minutes <= MAX_TIMEOUT_MINUTES:
         raise ValueError(
             f"timeout_minutes must be {MIN_TIMEOUT_MINUTES}..{MAX_TIMEOUT_MINUTES}, "
             f"not {timeout_minutes}"
         )
+    limit_arenas()  # before this upload's threads allocate: fedimg.arenas says why
     size_gib = volume_size_gib(raw_size)
     total = blocks_total(raw_size)
     deadline = _clock() + timeout_minutes * 60

@@ -535,7 +535,6 @@ def test_a_child_breaking_the_protocol(
 ORPHAN = """
 import sys, threading
 from fedimg.xzproc import ChildRaw
-from tests.pipes import Pipes
 data = open(sys.argv[1], "rb").read()
 
 def pieces():
