@@ -84,14 +84,23 @@ def parse_recording(lines: Iterable[str]) -> list[AwsCall]:
 
     moto's recorder appends each entry and its newline in two writes without a
     lock, so concurrent requests can leave two entries on one line: decode
-    every JSON object of a line, not just one.
+    every JSON object of a line, not just one. A last line without its newline
+    may still be being written by a request in progress: its entries that are
+    whole count, and a cut one is left for a later read. Anywhere else, an
+    entry that does not decode is an error.
     """
     decoder = json.JSONDecoder()
     calls = []
     for line in lines:
         text, at = line.strip(), 0
+        being_written = not line.endswith("\n")
         while at < len(text):
-            entry, end = decoder.raw_decode(text, at)
+            try:
+                entry, end = decoder.raw_decode(text, at)
+            except json.JSONDecodeError:
+                if being_written:
+                    break
+                raise
             at = end + len(text[end:]) - len(text[end:].lstrip())
             call = call_of(entry)
             if call is not None:

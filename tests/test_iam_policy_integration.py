@@ -1020,6 +1020,33 @@ def test_a_recording_with_interleaved_entries_is_read_whole() -> None:
     ]
 
 
+def test_a_recording_read_while_moto_writes_skips_only_the_entry_being_written() -> None:
+    """A test reads the recording while moto answers an earlier test's calls: the last line
+    can end mid-entry. Its whole entries count; a cut entry elsewhere is still an error."""
+    from devel.awscalls import parse_recording
+
+    whole = json.dumps(
+        {
+            "headers": {
+                "Authorization": (
+                    "AWS4-HMAC-SHA256 Credential=k/20260101/us-east-1/ec2/aws4_request"
+                ),
+                "User-Agent": "Boto3/1 fedimg/3",
+            },
+            "method": "POST",
+            "url": "http://moto/?Action=CopyImage",
+            "body": "",
+        }
+    )
+    cut = whole[: len(whole) // 2]
+    assert [c.action for c in parse_recording([whole + "\n", whole + cut])] == [
+        "ec2:CopyImage",
+        "ec2:CopyImage",
+    ]
+    with pytest.raises(json.JSONDecodeError):
+        parse_recording([cut + "\n", whole + "\n"])
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.timeout(600)  # the first test of the session to ask starts the run
